@@ -1,0 +1,518 @@
+"""Small training helpers shared by every strategy script. Not a framework: a strategy script owns its loop.
+
+A typical script reads:
+
+    args = build_parser(__doc__).parse_args()
+    run = Run(args, strategy="all_at_once")
+    run.start(weighting=weighting)                 # resumes here with --resume, rule state included
+    for batch in run.batches():
+        losses = run.task_losses(batch)            # trunk once, one loss per task
+        loss = weighting(losses)                   # the strategy's rule
+        run.step(loss, losses)                     # NaN/Inf guard, backward, clip, optimizer step
+        run.log_step(losses, weights=...)          # what the rule decided
+        if run.at_eval():
+            run.validate()                         # val metrics, LR schedule, best model
+            run.save_checkpoint()
+    run.finish()                                   # test metrics of the best model, summary.json
+
+Resuming is exact on CPU: the data order is a function of (seed, epoch), the checkpoint holds the model,
+optimizer, scheduler, every RNG and the position inside the epoch, and metrics.jsonl is cut back to
+the checkpoint's step.
+"""
+import argparse
+import io
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from common.data import TASKS, H5Dataset, collate
+from common.evaluate import evaluate_predictions
+from common.model import MODEL_SIZES, HCAModel
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO / "data_prep" / "synthetic"
+
+
+# ---------------------------------------------------------------- arguments
+def build_parser(description=None):
+    """The arguments every strategy takes. Scripts add their own with parser.add_argument."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=str(DEFAULT_DATA),
+                   help="folder with train.h5, val.h5, test.h5 (default: the synthetic set, made if missing)")
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=5e-4,
+                   help="Adam learning rate (the original used 1.5e-5 for a pretrained BERT-base)")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--clip-grad", type=float, default=1.0, help="max global grad norm, 0 = off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated subset of " + ",".join(TASKS))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=str(REPO / "results"), help="results root; a run writes <out>/<strategy>/<run>/")
+    p.add_argument("--run", default=None, help="run name (default seed<seed>)")
+    p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    p.add_argument("--model-size", default="small", choices=sorted(MODEL_SIZES))
+    p.add_argument("--bert-path", default=None, help="Hugging Face style BERT folder to initialise the text encoder")
+    p.add_argument("--eval-every", type=int, default=0, help="validate every N steps (0 = once per epoch)")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="also checkpoint every N steps")
+    p.add_argument("--log-every", type=int, default=20, help="write a train line to metrics.jsonl every N steps")
+    p.add_argument("--max-steps", type=int, default=0, help="stop after N optimizer steps (0 = no limit; smoke tests)")
+    p.add_argument("--on-nonfinite", choices=("stop", "skip"), default="stop",
+                   help="a NaN/Inf loss or gradient stops the run with a report, or skips the batch (counted)")
+    p.add_argument("--bucket", action="store_true", help="length-bucketed batches (less padding)")
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    return p
+
+
+def parse_tasks(text):
+    tasks = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks:
+        raise SystemExit(f"--tasks: unknown task(s) {unknown}; choose from {','.join(TASKS)}")
+    return tasks
+
+
+# ---------------------------------------------------------------- seeding and data order
+def set_seed(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def epoch_batches(n, batch_size, seed, epoch, lengths=None):
+    """The batches (lists of indices) of one epoch: a function of (seed, epoch) only, so that a
+    resumed run sees exactly the batches it would have seen. With lengths, batches hold clips of
+    similar length (less padding) and are then shuffled."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n, generator=g).tolist()
+    if lengths is None:
+        return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    chunk = batch_size * 50  # sort inside large random chunks: similar lengths, still shuffled
+    batches = []
+    for i in range(0, n, chunk):
+        part = sorted(order[i:i + chunk], key=lambda j: lengths[j])
+        batches += [part[k:k + batch_size] for k in range(0, len(part), batch_size)]
+    perm = torch.randperm(len(batches), generator=g).tolist()
+    return [batches[k] for k in perm]
+
+
+def ensure_data(path):
+    """The default synthetic data is made on first use; other data must already exist."""
+    path = Path(path)
+    if all((path / f"{s}.h5").exists() for s in ("train", "val", "test")):
+        return path
+    if path.resolve() == DEFAULT_DATA.resolve():
+        from data_prep.synthesize import ensure_default_data
+        ensure_default_data(str(path))
+        return path
+    raise SystemExit(f"--data {path}: expected train.h5, val.h5 and test.h5 (see data_prep/build_h5.py)")
+
+
+def device_batch(batch, device):
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------- numerics guard
+class NonFiniteError(FloatingPointError):
+    pass
+
+
+def first_nonfinite_module(model, batch, active_modalities=None):
+    """Rerun the forward with hooks and name the first module whose output is not finite."""
+    found = []
+
+    def hook(module, _inputs, output):
+        outs = output if isinstance(output, (tuple, list)) else (output,)
+        for o in outs:
+            if torch.is_tensor(o) and o.is_floating_point() and not torch.isfinite(o).all() and not found:
+                found.append(name_of[module])
+
+    name_of = {m: n or "<model>" for n, m in model.named_modules()}
+    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    try:
+        with torch.no_grad():
+            model(batch, active_modalities=active_modalities)
+    finally:
+        for h in handles:
+            h.remove()
+    bad_params = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    where = f"first non-finite output: {found[0]}" if found else "all module outputs finite on rerun"
+    if bad_params:
+        where += f"; non-finite parameters: {bad_params[:3]}"
+    return where
+
+
+# ---------------------------------------------------------------- the run
+class Run:
+    """Model, optimizer, data and bookkeeping of one training run (see the module docstring)."""
+
+    def __init__(self, args, strategy, tasks=None, run_name=None):
+        self.args = args
+        self.strategy = strategy
+        self.tasks = tasks or parse_tasks(args.tasks)
+        self.task_columns = torch.tensor([TASKS.index(t) for t in self.tasks])
+        self.device = torch.device(args.device)
+        self.dir = Path(args.out) / strategy / (run_name or args.run or f"seed{args.seed}")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        set_seed(args.seed)
+        data = ensure_data(args.data)
+        self.train_set = H5Dataset(data / "train.h5")
+        self.val_set = H5Dataset(data / "val.h5")
+        self.test_set = H5Dataset(data / "test.h5")
+        self.model = HCAModel(MODEL_SIZES[args.model_size], tasks=self.tasks, bert_path=args.bert_path).to(self.device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+        # as the original: halve the LR when mean validation F1 stops improving for 2 evaluations
+        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, mode="max", factor=0.5, patience=2)
+        self.lengths = self.train_set.text_lengths() if args.bucket else None
+        self.steps_per_epoch = math.ceil(len(self.train_set) / args.batch_size)
+        self.eval_every = args.eval_every or self.steps_per_epoch
+        self.total_steps = args.epochs * self.steps_per_epoch
+        if args.max_steps:
+            self.total_steps = min(self.total_steps, args.max_steps)
+        self.active_modalities = None  # a strategy may switch modalities off (modality_curriculum)
+        self.stateful = {}
+        self.progress = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_val": -1.0, "best_step": 0,
+                         "nonfinite_skips": 0, "train_seconds": 0.0, "evals": 0}
+        self._pending = []  # train lines not yet written
+        self._stop_requested = False
+        self._last_val = None
+        self._t_start = None
+
+    # -- extra trainable parameters of a rule (learned loss weights, uncertainty's log-variances)
+    def add_parameters(self, params, lr=None, weight_decay=0.0):
+        params = [p for p in params]
+        if params:
+            self.optimizer.add_param_group({"params": params, "lr": lr or self.args.lr, "weight_decay": weight_decay})
+
+    def start(self, **stateful):
+        """Register the objects of the rule that carry state (anything with state_dict/load_state_dict),
+        then resume from the last checkpoint when --resume was given."""
+        self.stateful.update(stateful)
+        ckpt_path = self.dir / "checkpoint.pt"
+        metrics_path = self.dir / "metrics.jsonl"
+        if self.args.resume and ckpt_path.exists():
+            self._load_checkpoint(ckpt_path)
+            self._cut_metrics(metrics_path, self.progress["step"])
+            print(f"[{self.strategy}] resumed from {ckpt_path} at step {self.progress['step']}", flush=True)
+        else:
+            if ckpt_path.exists():
+                print(f"[{self.strategy}] starting fresh in {self.dir} (use --resume to continue it)", flush=True)
+            for f in ("checkpoint.pt", "best.pt", "metrics.jsonl", "summary.json"):
+                (self.dir / f).unlink(missing_ok=True)
+            self.log({"event": "start", "strategy": self.strategy, "tasks": self.tasks, "args": vars(self.args),
+                      "train_clips": len(self.train_set), "steps_per_epoch": self.steps_per_epoch})
+        # a SIGINT/SIGTERM finishes the current step, checkpoints and exits: nothing is lost
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._request_stop)
+        return self
+
+    def _request_stop(self, signum, _frame):
+        if self._stop_requested:  # second Ctrl-C: leave at once
+            raise KeyboardInterrupt
+        self._stop_requested = True
+        print(f"\n[{self.strategy}] signal {signum}: checkpointing after this step", file=sys.stderr, flush=True)
+
+    # -- data
+    def loader(self, batches, dataset):
+        # an own generator: a DataLoader otherwise draws its worker seed from the global RNG, which
+        # would shift the dropout masks of a resumed run
+        return torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
+                                           num_workers=self.args.num_workers, generator=torch.Generator())
+
+    def batches(self):
+        """Yield training batches on the device until the step budget is spent, resuming mid-epoch."""
+        self._t_start = time.perf_counter()
+        while self.progress["step"] < self.total_steps:
+            epoch = self.progress["epoch"]
+            plan = epoch_batches(len(self.train_set), self.args.batch_size, self.args.seed, epoch, self.lengths)
+            for batch in self.loader(plan[self.progress["batch_in_epoch"]:], self.train_set):
+                if self.progress["step"] >= self.total_steps:
+                    break
+                # counted before the strategy's step, so a checkpoint taken inside it resumes after this batch
+                self.progress["batch_in_epoch"] += 1
+                yield device_batch(batch, self.device)
+                self._show_progress()
+                if self._stop_requested:
+                    self.save_checkpoint()
+                    print(f"[{self.strategy}] stopped at step {self.progress['step']}; rerun with --resume",
+                          flush=True)
+                    sys.exit(130)
+                if self.progress["step"] % self.args.checkpoint_every == 0 and not self.at_eval():
+                    self.save_checkpoint()
+            else:
+                self.progress["epoch"] += 1
+                self.progress["batch_in_epoch"] = 0
+
+    @property
+    def step_count(self):
+        return self.progress["step"]
+
+    @property
+    def epoch(self):
+        return self.progress["epoch"]
+
+    def at_eval(self):
+        s = self.progress["step"]
+        return s > 0 and (s % self.eval_every == 0 or s == self.total_steps)
+
+    # -- forward and losses
+    def task_losses(self, batch, reduction="mean"):
+        """Run the trunk once and return the per-task cross-entropy losses, a tensor [T] (or [B, T] with
+        reduction="none"). Cross-entropy on logits, not BCE on softmax: it does not saturate."""
+        logits = self.model(batch, active_modalities=self.active_modalities)  # [B, T, 2]
+        return losses_from_logits(logits, batch["labels"][:, self.task_columns.to(logits.device)], reduction)
+
+    def check_finite(self, losses, batch=None):
+        """True when every loss is finite. Otherwise stop with a report (or count a skip)."""
+        if torch.isfinite(losses).all():
+            return True
+        bad = [t for t, v in zip(self.tasks, losses.detach().reshape(-1, len(self.tasks)).T) if not torch.isfinite(v).all()]
+        where = first_nonfinite_module(self.model, batch, self.active_modalities) if batch is not None else ""
+        return self._nonfinite(f"non-finite loss at step {self.progress['step']} for task(s) {bad}; {where}")
+
+    def check_finite_grads(self):
+        for name, p in self.model.named_parameters():
+            if p.grad is not None and not torch.isfinite(p.grad).all():
+                return self._nonfinite(f"non-finite gradient at step {self.progress['step']} in {name}")
+        return True
+
+    def _nonfinite(self, report):
+        self.log({"event": "nonfinite", "step": self.progress["step"], "report": report})
+        if self.args.on_nonfinite == "stop":
+            self.flush_log()
+            raise NonFiniteError(report + " (use --on-nonfinite skip to skip such batches)")
+        self.progress["nonfinite_skips"] += 1
+        print(f"\n[{self.strategy}] skipped batch: {report}", file=sys.stderr, flush=True)
+        self.optimizer.zero_grad(set_to_none=True)
+        return False
+
+    def step(self, loss=None, losses=None, batch=None):
+        """One optimizer step. With loss: zero grads, backward, guard, clip, step. With loss=None the
+        strategy has already written the .grad fields (gradient aggregation) and only the guard, clip
+        and step run. The step counter advances even for a skipped batch, so schedules stay aligned."""
+        ok = True
+        if losses is not None:
+            ok = self.check_finite(losses, batch)
+        if ok and loss is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        if ok:
+            ok = self.check_finite_grads()
+        if ok:
+            if self.args.clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.clip_grad)
+            self.optimizer.step()
+        self.progress["step"] += 1
+        return ok
+
+    # -- evaluation
+    @torch.no_grad()
+    def predict(self, dataset):
+        """Positive-class probabilities [N, T] and labels [N, T] of a dataset, model in eval mode."""
+        self.model.eval()
+        scores, labels = [], []
+        plan = [list(range(i, min(i + 64, len(dataset)))) for i in range(0, len(dataset), 64)]
+        for batch in self.loader(plan, dataset):
+            batch = device_batch(batch, self.device)
+            logits = self.model(batch, active_modalities=self.active_modalities)
+            scores.append(torch.softmax(logits.float(), dim=-1)[..., 1].cpu())
+            labels.append(batch["labels"][:, self.task_columns.to(batch["labels"].device)].cpu())
+        self.model.train()
+        return torch.cat(scores).numpy(), torch.cat(labels).numpy()
+
+    def evaluate(self, dataset):
+        scores, labels = self.predict(dataset)
+        return evaluate_predictions(labels, scores, self.tasks)
+
+    def validate(self, **extra):
+        """Validate, step the LR schedule on mean macro F1 (the original's model selection metric),
+        keep the best model, log. Returns the metrics ({"per_task": ..., "mean": ...})."""
+        metrics = self.evaluate(self.val_set)
+        score = metrics["mean"]["f1_macro"]
+        self.scheduler.step(score)
+        self.progress["evals"] += 1
+        improved = score > self.progress["best_val"]
+        if improved:
+            self.progress["best_val"] = score
+            self.progress["best_step"] = self.progress["step"]
+            atomic_save({"model": self.model.state_dict(), "step": self.progress["step"]}, self.dir / "best.pt")
+        self._last_val = score
+        self.log({"event": "val", "step": self.progress["step"], "epoch": self.progress["epoch"],
+                  "lr": self.optimizer.param_groups[0]["lr"], "best": improved, **metrics, **extra})
+        return metrics
+
+    # -- logging
+    def log(self, record):
+        self.flush_log()
+        with open(self.dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(_jsonable(record)) + "\n")
+
+    def log_step(self, losses=None, **decisions):
+        """Record the losses and what the rule decided; written every --log-every steps."""
+        s = self.progress["step"]
+        if s % self.args.log_every == 0 or s == self.total_steps:
+            rec = {"event": "train", "step": s, "epoch": self.progress["epoch"]}
+            if losses is not None:
+                rec["losses"] = dict(zip(self.tasks, losses.detach().float().cpu().tolist()))
+            rec.update(decisions)
+            self._pending.append(rec)
+
+    def flush_log(self):
+        if self._pending:
+            with open(self.dir / "metrics.jsonl", "a") as f:
+                for rec in self._pending:
+                    f.write(json.dumps(_jsonable(rec)) + "\n")
+            self._pending = []
+
+    @staticmethod
+    def _cut_metrics(path, step):
+        """Drop lines written after the checkpoint: the resumed run writes them again, identically."""
+        if not path.exists():
+            return
+        keep = [line for line in path.read_text().splitlines()
+                if json.loads(line).get("step", 0) <= step and json.loads(line).get("event") != "end"]
+        path.write_text("".join(line + "\n" for line in keep))
+
+    def _show_progress(self):
+        if self.args.quiet or not sys.stderr.isatty():
+            return
+        s, tot = self.progress["step"], self.total_steps
+        rate = s / max(time.perf_counter() - self._t_start, 1e-9) if self._t_start else 0
+        val = f" val mF1 {self._last_val:.3f}" if self._last_val is not None else ""
+        print(f"\r[{self.strategy}] epoch {self.progress['epoch'] + 1}/{self.args.epochs} step {s}/{tot}"
+              f"{val} {rate:.1f} it/s   ", end="", file=sys.stderr, flush=True)
+
+    # -- checkpoints
+    def save_checkpoint(self):
+        self.flush_log()
+        now = time.perf_counter()
+        if self._t_start is not None:
+            self.progress["train_seconds"] += now - self._t_start
+            self._t_start = now
+        state = {
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(), "progress": dict(self.progress),
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            "strategy": {k: v.state_dict() for k, v in self.stateful.items()},
+            "active_modalities": self.active_modalities,
+        }
+        if torch.cuda.is_available():
+            state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+        atomic_save(state, self.dir / "checkpoint.pt")
+
+    def _load_checkpoint(self, path):
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.progress.update(state["progress"])
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+        if "cuda" in state["rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.active_modalities = state.get("active_modalities")
+        missing = set(self.stateful) - set(state["strategy"])
+        if missing:
+            raise RuntimeError(f"{path}: checkpoint has no state for {sorted(missing)}")
+        for k, obj in self.stateful.items():
+            obj.load_state_dict(state["strategy"][k])
+
+    # -- the end
+    def finish(self, decisions=None):
+        """Evaluate the best model on val and test, write summary.json, print the per-task test table."""
+        self.flush_log()
+        if self._t_start is not None:
+            self.progress["train_seconds"] += time.perf_counter() - self._t_start
+            self._t_start = None
+        if not sys.stderr.isatty() or self.args.quiet:
+            pass
+        else:
+            print(file=sys.stderr)
+        best = self.dir / "best.pt"
+        if best.exists():
+            self.model.load_state_dict(torch.load(best, map_location=self.device, weights_only=False)["model"])
+        val = self.evaluate(self.val_set)
+        test = self.evaluate(self.test_set)
+        steps = max(self.progress["step"], 1)
+        summary = {
+            "strategy": self.strategy, "run": self.dir.name, "tasks": self.tasks, "seed": self.args.seed,
+            "model_size": self.args.model_size, "data": str(self.args.data),
+            "steps": self.progress["step"], "epochs": self.progress["step"] / self.steps_per_epoch,
+            "best_step": self.progress["best_step"], "train_seconds": self.progress["train_seconds"],
+            "seconds_per_step": self.progress["train_seconds"] / steps,
+            "seconds_per_epoch": self.progress["train_seconds"] / steps * self.steps_per_epoch,
+            "nonfinite_skips": self.progress["nonfinite_skips"],
+            "val": val, "test": test, "decisions": decisions or {},
+        }
+        atomic_write_text(self.dir / "summary.json", json.dumps(_jsonable(summary), indent=2))
+        self.log({"event": "end", "step": self.progress["step"], "test_mean": test["mean"]})
+        print(format_metrics(test, self.tasks, title=f"{self.strategy} {self.dir.name}: test metrics (best val model)"))
+        print(f"results in {self.dir}")
+        return summary
+
+
+def losses_from_logits(logits, labels, reduction="mean"):
+    """Per-task cross-entropy. logits [B, T, 2], labels [B, T] (0/1) -> [T] (mean) or [B, T] (none)."""
+    B, T, _ = logits.shape
+    per_item = F.cross_entropy(logits.reshape(B * T, 2).float(), labels.reshape(B * T), reduction="none")
+    per_item = per_item.view(B, T)
+    return per_item if reduction == "none" else per_item.mean(0)
+
+
+def format_metrics(metrics, tasks, title=""):
+    from tabulate import tabulate
+    rows = [[t] + [metrics["per_task"][t][m] for m in ("f1_pos", "f1_macro", "accuracy", "ap")] for t in tasks]
+    rows.append(["mean"] + [metrics["mean"][m] for m in ("f1_pos", "f1_macro", "accuracy", "ap")])
+    table = tabulate(rows, headers=["task", "F1 pos", "F1 macro", "accuracy", "AP"], floatfmt=".3f")
+    return (title + "\n" if title else "") + table
+
+
+# ---------------------------------------------------------------- files
+def atomic_save(obj, path):
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+    path = Path(path)
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def atomic_write_bytes(path, data):
+    tmp = Path(str(path) + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path, text):
+    atomic_write_bytes(path, text.encode())
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, Path):
+        return str(x)
+    if torch.is_tensor(x):
+        return _jsonable(x.detach().cpu().tolist())
+    if isinstance(x, (np.generic,)):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None if math.isnan(x) else str(x)
+    return x
