@@ -266,11 +266,23 @@ class Run:
         return s > 0 and (s % self.eval_every == 0 or s == self.total_steps)
 
     # -- forward and losses
+    def forward(self, batch):
+        """Trunk once -> fused representation z [B, 3H] -> logits [B, T, 2]."""
+        fused = self.model.trunk(batch, active_modalities=self.active_modalities)
+        return fused, self.model.classify(fused)
+
+    def losses_from_logits(self, logits, batch, reduction="mean"):
+        return losses_from_logits(logits, batch["labels"][:, self.task_columns.to(logits.device)], reduction)
+
     def task_losses(self, batch, reduction="mean"):
         """Run the trunk once and return the per-task cross-entropy losses, a tensor [T] (or [B, T] with
         reduction="none"). Cross-entropy on logits, not BCE on softmax: it does not saturate."""
-        logits = self.model(batch, active_modalities=self.active_modalities)  # [B, T, 2]
-        return losses_from_logits(logits, batch["labels"][:, self.task_columns.to(logits.device)], reduction)
+        _, logits = self.forward(batch)
+        return self.losses_from_logits(logits, batch, reduction)
+
+    def skip_step(self):
+        """Count a step that made no update (a skipped non-finite batch), so schedules stay aligned."""
+        self.progress["step"] += 1
 
     def check_finite(self, losses, batch=None):
         """True when every loss is finite. Otherwise stop with a report (or count a skip)."""
