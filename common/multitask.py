@@ -69,6 +69,7 @@ class MultiTaskUpdate:
             self.task_grads = gradagg.TaskGradBuffer(params, self.T)
         self.generator = torch.Generator().manual_seed(getattr(args, "seed", 0) + 7919)  # PCGrad's random order
         self.last = {}
+        self.conflicts_total = 0  # conflicting gradient pairs summed over steps (PCGrad), checkpointed
 
     # -- the step
     def step(self, batch, task_mask=None):
@@ -129,6 +130,7 @@ class MultiTaskUpdate:
         order = gradagg.pcgrad_order(self.T, self.generator)
         coeffs = gradagg.pcgrad_coefficients(G, order)
         self.last["pcgrad_conflicts"] = int((G[active][:, active] < 0).sum().item() // 2)
+        self.conflicts_total += self.last["pcgrad_conflicts"]
         # heads and rule parameters: the plain gradient of the summed terms (cheap: no trunk backward)
         own = [p for p in self.head_and_rule_params if p.requires_grad]
         head_grads = torch.autograd.grad(terms.sum(), own, retain_graph=True, allow_unused=True)
@@ -146,8 +148,9 @@ class MultiTaskUpdate:
 
     def state_dict(self):
         w = self.weighting.state_dict()
-        return {"weighting": w, "generator": self.generator.get_state()}
+        return {"weighting": w, "generator": self.generator.get_state(), "conflicts_total": self.conflicts_total}
 
     def load_state_dict(self, state):
         self.weighting.load_state_dict(state["weighting"])
         self.generator.set_state(state["generator"])
+        self.conflicts_total = state["conflicts_total"]

@@ -24,9 +24,12 @@ class StopAndGo:
         self.stopped = [False] * len(self.tasks)
 
     def observe(self, scores):
-        """scores: {task: value} (higher is better). Returns the transitions [(task, "stop"|"go")]."""
+        """scores: {task: value} (higher is better); tasks left out (not yet introduced by a curriculum)
+        are not judged. Returns the transitions [(task, "stop"|"go")]."""
         changes = []
         for i, t in enumerate(self.tasks):
+            if t not in scores:
+                continue
             s, best = scores[t], self.best[i]
             if self.stopped[i] and best > -math.inf and s < best * (1 - self.restart):
                 self.stopped[i] = False

@@ -329,21 +329,22 @@ class Run:
 
     # -- evaluation
     @torch.no_grad()
-    def predict(self, dataset):
+    def predict(self, dataset, model=None):
         """Positive-class probabilities [N, T] and labels [N, T] of a dataset, model in eval mode."""
-        self.model.eval()
+        model = model or self.model
+        model.eval()
         scores, labels = [], []
         plan = [list(range(i, min(i + 64, len(dataset)))) for i in range(0, len(dataset), 64)]
         for batch in self.loader(plan, dataset):
             batch = device_batch(batch, self.device)
-            logits = self.model(batch, active_modalities=self.active_modalities)
+            logits = model(batch, active_modalities=self.active_modalities)
             scores.append(torch.softmax(logits.float(), dim=-1)[..., 1].cpu())
             labels.append(batch["labels"][:, self.task_columns.to(batch["labels"].device)].cpu())
-        self.model.train()
+        model.train()
         return torch.cat(scores).numpy(), torch.cat(labels).numpy()
 
-    def evaluate(self, dataset):
-        scores, labels = self.predict(dataset)
+    def evaluate(self, dataset, model=None):
+        scores, labels = self.predict(dataset, model)
         return evaluate_predictions(labels, scores, self.tasks)
 
     def validate(self, **extra):

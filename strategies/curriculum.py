@@ -1,0 +1,116 @@
+"""curriculum: introduce the tasks one by one, easiest first (or hardest first), then train all together
+with Dynamic Stop-and-Go, as in 12-in-1 (Lu et al., CVPR 2020).
+
+1. Difficulty. --difficulty probe (default): a short probe trains a copy of the model on all tasks for
+   --probe-steps steps and measures each task's validation score; difficulty = 1 - score.
+   --difficulty single_task: 1 - the single-task model's validation score (results/single_task/seed<seed>).
+2. Order. --order easy: easiest first (curriculum); --order hard: hardest first (anti-curriculum).
+3. Schedule. The k-th task of the order enters at step k * --entry-every (default: all tasks are in by
+   half of the budget). Entered tasks train under stop-and-go (common/schedulers.py), which judges a task
+   only once it has entered.
+
+12-in-1 reports that no curriculum did as well or better; this script is the experiment, not a claim.
+
+    python strategies/curriculum.py --order easy
+    python strategies/curriculum.py --order hard --weighting uncertainty
+"""
+import copy
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from common.multitask import MultiTaskUpdate, add_update_args  # noqa: E402
+from common.schedulers import StopAndGo  # noqa: E402
+from common.train import Run, build_parser, epoch_batches  # noqa: E402
+
+
+def curriculum_order(difficulty, order="easy"):
+    """Tasks sorted by difficulty: ascending for "easy" (curriculum), descending for "hard"."""
+    return sorted(difficulty, key=lambda t: difficulty[t], reverse=(order == "hard"))
+
+
+def entered(step, tasks, planned_order, entry_every):
+    """Bool [T] over `tasks`: which tasks have entered by this step."""
+    return torch.tensor([step >= planned_order.index(t) * entry_every for t in tasks])
+
+
+def probe_difficulty(run, steps, lr, metric):
+    """Train a copy of the model on all tasks for a few steps; difficulty = 1 - its validation score."""
+    model = copy.deepcopy(run.model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    plan = epoch_batches(len(run.train_set), run.args.batch_size, run.args.seed, epoch=-1)[:steps]
+    for batch in run.loader(plan, run.train_set):
+        batch = {k: (v.to(run.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        losses = run.losses_from_logits(model(batch), batch)
+        optimizer.zero_grad(set_to_none=True)
+        losses.sum().backward()
+        optimizer.step()
+    scores = run.evaluate(run.val_set, model=model)["per_task"]
+    return {t: 1.0 - scores[t][metric] for t in run.tasks}
+
+
+class Plan:
+    """The measured difficulties and the resulting order: computed once, checkpointed."""
+
+    def __init__(self):
+        self.difficulty, self.order = None, None
+
+    def state_dict(self):
+        return {"difficulty": self.difficulty, "order": self.order}
+
+    def load_state_dict(self, state):
+        self.difficulty, self.order = state["difficulty"], state["order"]
+
+
+def main(argv=None):
+    parser = add_update_args(build_parser(__doc__))
+    parser.add_argument("--order", choices=("easy", "hard"), default="easy")
+    parser.add_argument("--difficulty", choices=("probe", "single_task"), default="probe")
+    parser.add_argument("--probe-steps", type=int, default=60)
+    parser.add_argument("--entry-every", type=int, default=0, help="steps between task entries (0 = auto)")
+    parser.add_argument("--metric", default="f1_macro")
+    parser.add_argument("--stop-gap", type=int, default=4)
+    parser.set_defaults(eval_every=40)
+    args = parser.parse_args(argv)
+
+    run = Run(args, strategy=f"curriculum_{args.order}")
+    entry_every = args.entry_every or max(run.total_steps // (2 * len(run.tasks)), 1)
+    plan, rule = Plan(), StopAndGo(run.tasks, stop_gap=args.stop_gap)
+    update = MultiTaskUpdate(run, args.weighting, args.aggregator, args.grad_space, args)
+    run.start(plan=plan, rule=rule, update=update)
+
+    if plan.order is None:  # not resumed: measure, then fix the order for the whole run
+        if args.difficulty == "single_task":
+            path = Path(args.out) / "single_task" / f"seed{args.seed}" / "summary.json"
+            per_task = json.loads(path.read_text())["val"]["per_task"]
+            plan.difficulty = {t: 1.0 - per_task[t][args.metric] for t in run.tasks}
+        else:
+            plan.difficulty = probe_difficulty(run, args.probe_steps, args.lr, args.metric)
+        plan.order = curriculum_order(plan.difficulty, args.order)
+        run.log({"event": "curriculum", "difficulty": plan.difficulty, "order": plan.order,
+                 "entry_steps": {t: plan.order.index(t) * entry_every for t in run.tasks}})
+    print(f"[curriculum] order ({args.order} first): {' -> '.join(plan.order)}, one task every {entry_every} steps")
+
+    for batch in run.batches():
+        step = run.step_count
+        is_in = entered(step, run.tasks, plan.order, entry_every)
+        active = is_in & rule.active(step)
+        losses = update.step(batch, active)
+        run.log_step(losses, entered=is_in, states=rule.states(), **update.decisions())
+        if run.at_eval():
+            metrics = run.validate(entered=is_in, states=rule.states())
+            scores = {t: metrics["per_task"][t][args.metric] for t, on in zip(run.tasks, is_in) if on}
+            for task, state in rule.observe(scores):
+                run.log({"event": "transition", "step": run.step_count, "task": task, "state": state})
+            run.save_checkpoint()
+
+    return run.finish(decisions={"order": plan.order, "difficulty": plan.difficulty, "entry_every": entry_every,
+                                 "final_states": rule.states()})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""gradnorm: GradNorm (Chen, Badrinarayanan, Lee, Rabinovich, ICML 2018, "GradNorm: Gradient
+Normalization for Adaptive Loss Balancing in Deep Multitask Networks").
+
+Task weights w_t (summing to T) are learned so that each task's gradient norm on the last shared layer W
+follows its relative training rate:
+
+    G_t  = || grad_W (w_t L_t) ||                     per-task norms: the diagonal of the Gram matrix
+    r_t  = (L_t / L_t(0)) / mean_s (L_s / L_s(0))     of the per-task gradients (common/gradagg.py,
+    G_t* = mean(G) * r_t ** alpha   (constant)        the csrc/ kernel where built)
+    w   <- Adam step on sum_t |G_t - G_t*|, then renormalise to sum T
+    model update: sum_t w_t L_t
+
+--grad-space params (default) takes W = the last shared layer (the LayerNorms after the pooling, see
+HCAModel.last_shared_parameters), as the paper; its per-task gradients only need backward passes through
+the heads, so it costs little. --grad-space representation uses the fused representation instead.
+
+    python strategies/gradnorm.py
+    python strategies/gradnorm.py --gradnorm-alpha 0.5
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common.multitask import MultiTaskUpdate, add_update_args  # noqa: E402
+from common.train import Run, build_parser  # noqa: E402
+
+
+def main(argv=None):
+    parser = add_update_args(build_parser(__doc__), weighting="gradnorm", grad_space="params")
+    args = parser.parse_args(argv)
+
+    run = Run(args, strategy="gradnorm")
+    update = MultiTaskUpdate(run, args.weighting, args.aggregator, args.grad_space, args)
+    run.start(update=update)
+
+    for batch in run.batches():
+        losses = update.step(batch)          # updates w from the gradient norms, then the model with w
+        run.log_step(losses, **update.decisions())
+        if run.at_eval():
+            run.validate(weights=update.weighting.weights())
+            run.save_checkpoint()
+
+    final = dict(zip(run.tasks, update.weighting.weights().tolist()))
+    return run.finish(decisions={"final_weights": final})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""pcgrad: projecting conflicting gradients (Yu, Kumar, Gupta, Levine, Hausman, Finn, NeurIPS 2020,
+"Gradient Surgery for Multi-Task Learning").
+
+For each task i, over the other tasks j in a random order: if g_i . g_j < 0, remove from g_i its
+component along g_j:  g_i <- g_i - (g_i . g_j / ||g_j||^2) g_j.  The shared update is sum_i g_i; the
+task heads get their own gradients.
+
+Each projected g_i is a combination of the original gradients, so the projections are done on the
+T x T Gram matrix: one pass over the T x P gradients forms the Gram matrix, PCGrad runs in T x T
+coefficient space, one pass writes sum_i c_i g_i into .grad (common/gradagg.py; the csrc/ kernel
+where built).
+
+--grad-space representation (default): per-task gradients of the fused representation z [B, 3H]; one
+backward through the trunk with the combined gradient. --grad-space params: per-task gradients of all
+shared parameters (exact, T backward passes through the trunk). The default was chosen by measurement
+(make bench, whole training step): see the README's numbers.
+
+    python strategies/pcgrad.py
+    python strategies/pcgrad.py --grad-space params --weighting uncertainty
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common.multitask import MultiTaskUpdate, add_update_args  # noqa: E402
+from common.train import Run, build_parser  # noqa: E402
+
+
+def main(argv=None):
+    parser = add_update_args(build_parser(__doc__), aggregator="pcgrad")
+    args = parser.parse_args(argv)
+
+    run = Run(args, strategy="pcgrad")
+    update = MultiTaskUpdate(run, args.weighting, args.aggregator, args.grad_space, args)
+    run.start(update=update)
+
+    for batch in run.batches():
+        losses = update.step(batch)                  # per-task grads -> Gram -> projections -> .grad
+        run.log_step(losses, **update.decisions())
+        if run.at_eval():
+            run.validate()
+            run.save_checkpoint()
+
+    return run.finish(decisions={"conflicting_pairs_per_step": update.conflicts_total / max(run.step_count, 1),
+                                 "grad_space": args.grad_space})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""single_task: one model per task, same trunk, same budget (epochs, batch size, learning rate).
+
+Each task gets its own HCA model with one head, trained on that task's loss alone. The per-task runs
+are written to results/single_task/seed<seed>/<task>/, and their test and validation metrics are
+gathered in results/single_task/seed<seed>/summary.json: the single-task references of the multi-task
+gain Delta_m in `make compare`, and the difficulty references of dynamic_sampling and curriculum.
+
+    python strategies/single_task.py                 # all five tasks in turn
+    python strategies/single_task.py --task gory
+    python strategies/single_task.py --resume        # finished tasks are kept, the interrupted one resumes
+"""
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from common.data import TASKS  # noqa: E402
+from common.evaluate import METRIC_NAMES  # noqa: E402
+from common.train import Run, atomic_write_text, build_parser, format_metrics, parse_tasks  # noqa: E402
+
+
+def train_one(args, task):
+    run = Run(args, strategy="single_task", tasks=[task], run_name=f"seed{args.seed}/{task}")
+    run.start()
+    for batch in run.batches():
+        losses = run.task_losses(batch)              # [1]: this model has one head
+        run.step(losses.sum(), losses, batch)
+        run.log_step(losses)
+        if run.at_eval():
+            run.validate()
+            run.save_checkpoint()
+    return run.finish()
+
+
+def gather(summaries, tasks):
+    """One summary over the per-task models, shaped like any other strategy's summary.json."""
+    def merged(split):
+        per_task = {t: summaries[t][split]["per_task"][t] for t in tasks}
+        mean = {m: float(np.nanmean([per_task[t][m] for t in tasks])) for m in METRIC_NAMES}
+        return {"per_task": per_task, "mean": mean}
+    first = summaries[tasks[0]]
+    seconds = sum(s["train_seconds"] for s in summaries.values())
+    steps = sum(s["steps"] for s in summaries.values())
+    return {
+        "strategy": "single_task", "run": f"seed{first['seed']}", "tasks": tasks, "seed": first["seed"],
+        "model_size": first["model_size"], "data": first["data"], "steps": steps,
+        "epochs": first["epochs"], "train_seconds": seconds, "seconds_per_step": seconds / max(steps, 1),
+        "seconds_per_epoch": sum(s["seconds_per_epoch"] for s in summaries.values()),
+        "nonfinite_skips": sum(s["nonfinite_skips"] for s in summaries.values()),
+        "val": merged("val"), "test": merged("test"),
+        "decisions": {"best_step": {t: summaries[t]["best_step"] for t in tasks}},
+    }
+
+
+def main(argv=None):
+    parser = build_parser(__doc__)
+    parser.add_argument("--task", default=None, help="train only this task (default: every task of --tasks)")
+    args = parser.parse_args(argv)
+    tasks = parse_tasks(args.task or args.tasks)
+    root = Path(args.out) / "single_task" / f"seed{args.seed}"
+
+    summaries = {}
+    for task in tasks:
+        done = root / task / "summary.json"
+        if args.resume and done.exists():
+            print(f"[single_task] {task}: finished earlier, kept ({done})")
+            summaries[task] = json.loads(done.read_text())
+        else:
+            summaries[task] = train_one(args, task)
+
+    # the combined summary: every task trained so far for this seed (a --task run adds its task)
+    for task_dir in sorted(p for p in root.iterdir() if (p / "summary.json").exists()):
+        summaries.setdefault(task_dir.name, json.loads((task_dir / "summary.json").read_text()))
+    all_tasks = [t for t in TASKS if t in summaries]
+    summary = gather(summaries, all_tasks)
+    atomic_write_text(root / "summary.json", json.dumps(summary, indent=2))
+    print(format_metrics(summary["test"], all_tasks, title="single_task: test metrics, one model per task"))
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,97 @@
+"""Training helpers: exact resume, the NaN/Inf guard, the data order."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.train import NonFiniteError, Run, build_parser, epoch_batches
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def args_for(tiny_data, tmp_path, *extra):
+    return build_parser().parse_args(
+        ["--data", str(tiny_data), "--out", str(tmp_path), "--model-size", "tiny", "--epochs", "2",
+         "--batch-size", "8", "--eval-every", "5", "--checkpoint-every", "3", "--quiet", *extra])
+
+
+def test_epoch_batches_depend_only_on_seed_and_epoch():
+    a = epoch_batches(50, 8, seed=1, epoch=3)
+    assert a == epoch_batches(50, 8, seed=1, epoch=3)
+    assert a != epoch_batches(50, 8, seed=1, epoch=4)
+    assert sorted(i for b in a for i in b) == list(range(50))
+    lengths = [i % 7 for i in range(50)]
+    bucketed = epoch_batches(50, 8, seed=1, epoch=0, lengths=lengths)
+    assert sorted(i for b in bucketed for i in b) == list(range(50))
+
+
+def run_script(tiny_data, out, *extra, check=True):
+    cmd = [sys.executable, str(REPO / "strategies" / "all_at_once.py"), "--data", str(tiny_data), "--out", str(out),
+           "--model-size", "tiny", "--epochs", "2", "--batch-size", "8", "--eval-every", "5",
+           "--checkpoint-every", "3", "--quiet", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, check=check, timeout=300)
+
+
+def summary_of(out):
+    return json.loads((out / "all_at_once" / "seed0" / "summary.json").read_text())
+
+
+def test_interrupted_run_resumes_to_identical_metrics(tiny_data, tmp_path):
+    full = tmp_path / "full"
+    run_script(tiny_data, full)
+    part = tmp_path / "part"
+    # stop after 7 steps (between checkpoints at 6 and the eval at 10), then resume to the end
+    run_script(tiny_data, part, "--max-steps", "7")
+    ckpt = torch.load(part / "all_at_once" / "seed0" / "checkpoint.pt", weights_only=False)
+    assert ckpt["progress"]["step"] == 6
+    run_script(tiny_data, part, "--resume")
+    a, b = summary_of(full), summary_of(part)
+    assert a["steps"] == b["steps"] > 7
+    assert a["test"] == b["test"]
+    assert a["val"] == b["val"]
+    lines = lambda d: [json.loads(x) for x in (d / "all_at_once" / "seed0" / "metrics.jsonl").read_text().splitlines()]
+    vals = lambda d: [(r["step"], r["mean"]) for r in lines(d) if r["event"] == "val"]
+    assert vals(full) == vals(part)
+
+
+def test_sigterm_checkpoints_and_resume_finishes(tiny_data, tmp_path):
+    import signal
+    import time
+    cmd = [sys.executable, str(REPO / "strategies" / "all_at_once.py"), "--data", str(tiny_data), "--out", str(tmp_path),
+           "--model-size", "tiny", "--epochs", "50", "--batch-size", "8", "--checkpoint-every", "1000", "--quiet"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ckpt_dir = tmp_path / "all_at_once" / "seed0"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (ckpt_dir / "metrics.jsonl").exists():
+        time.sleep(0.2)
+    time.sleep(3)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    step = torch.load(ckpt_dir / "checkpoint.pt", weights_only=False)["progress"]["step"]
+    assert step > 0
+    assert "rerun with --resume" in out
+
+
+def test_nonfinite_loss_stops_with_report_or_skips(tiny_data, tmp_path):
+    run = Run(args_for(tiny_data, tmp_path), strategy="guard")
+    run.start()
+    batch = next(run.batches())
+    with torch.no_grad():  # poison one parameter of the video branch
+        name, p = next((n, p) for n, p in run.model.named_parameters() if "video" in n)
+        p.fill_(float("nan"))
+    losses = run.task_losses(batch)
+    with pytest.raises(NonFiniteError) as err:
+        run.step(losses.sum(), losses, batch)
+    msg = str(err.value)
+    assert "step 0" in msg and "binary" in msg and "video" in msg
+
+    run.args.on_nonfinite = "skip"
+    before = [p.detach().clone() for p in run.model.parameters()]
+    assert run.step(losses.sum(), losses, batch) is False
+    assert run.progress["nonfinite_skips"] == 1
+    after = list(run.model.parameters())
+    assert all(torch.equal(a, b) or torch.isnan(a).all() for a, b in zip(before, after))
