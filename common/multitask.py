@@ -18,10 +18,13 @@ Gradient space (PCGrad and GradNorm):
 import torch
 
 from common import gradagg
-from common.weighting import EqualWeights, GradNormWeights, LearnedWeights, UncertaintyWeights
+from common import aggregators
+from common.train import Run, build_parser
+from common.weighting import (DWAWeights, EqualWeights, FAMOWeights, GradNormWeights, LearnedWeights, RandomWeights,
+                              UncertaintyWeights)
 
-WEIGHTINGS = ("equal", "learned", "uncertainty", "gradnorm")
-AGGREGATORS = ("sum", "pcgrad")
+WEIGHTINGS = ("equal", "learned", "uncertainty", "gradnorm", "dwa", "rlw", "famo")
+AGGREGATORS = ("sum",) + tuple(aggregators.AGGREGATORS)  # pcgrad, mgda, cagrad, nash_mtl, imtl, aligned_mtl
 
 
 def add_update_args(parser, weighting="equal", aggregator="sum", grad_space="representation"):
@@ -32,6 +35,7 @@ def add_update_args(parser, weighting="equal", aggregator="sum", grad_space="rep
                    help="where per-task gradients are taken for pcgrad and gradnorm")
     g.add_argument("--gradnorm-alpha", type=float, default=1.5)
     g.add_argument("--gradnorm-lr", type=float, default=0.025)
+    g.add_argument("--dwa-tau", type=float, default=2.0)
     g.add_argument("--weights-lr", type=float, default=None, help="lr of learned / uncertainty weights")
     return parser
 
@@ -45,6 +49,12 @@ def make_weighting(name, num_tasks, args=None):
         return UncertaintyWeights(num_tasks)
     if name == "gradnorm":
         return GradNormWeights(num_tasks, alpha=getattr(args, "gradnorm_alpha", 1.5), lr=getattr(args, "gradnorm_lr", 0.025))
+    if name == "dwa":
+        return DWAWeights(num_tasks, tau=getattr(args, "dwa_tau", 2.0))
+    if name == "rlw":
+        return RandomWeights(num_tasks, seed=getattr(args, "seed", 0))
+    if name == "famo":
+        return FAMOWeights(num_tasks)
     raise ValueError(f"unknown weighting {name!r}; choose from {WEIGHTINGS}")
 
 
@@ -62,12 +72,13 @@ class MultiTaskUpdate:
         model = run.model
         self.shared = model.shared_parameters()
         self.head_and_rule_params = model.head_parameters() + list(self.weighting.parameters())
-        self.needs_task_grads = aggregator == "pcgrad" or weighting == "gradnorm"
+        self.needs_task_grads = aggregator != "sum" or weighting == "gradnorm"
         if self.needs_task_grads and grad_space == "params":
-            # PCGrad needs all shared parameters; GradNorm only the last shared layer (as the paper)
-            params = self.shared if aggregator == "pcgrad" else model.last_shared_parameters()
+            # aggregators need all shared parameters; GradNorm only the last shared layer (as the paper)
+            params = self.shared if aggregator != "sum" else model.last_shared_parameters()
             self.task_grads = gradagg.TaskGradBuffer(params, self.T)
-        self.generator = torch.Generator().manual_seed(getattr(args, "seed", 0) + 7919)  # PCGrad's random order
+        # what an aggregator keeps between steps: PCGrad's random order generator, Nash-MTL's warm start
+        self.ctx = {"generator": torch.Generator().manual_seed(getattr(args, "seed", 0) + 7919)}
         self.last = {}
         self.conflicts_total = 0  # conflicting gradient pairs summed over steps (PCGrad), checkpointed
 
@@ -89,6 +100,8 @@ class MultiTaskUpdate:
         if not run.check_finite(losses.masked_fill(~active, 0.0), batch):
             run.skip_step()
             return losses.detach()
+        if hasattr(self.weighting, "observe"):  # DWA, RLW, FAMO follow the losses over time
+            self.weighting.observe(losses.detach(), active, run.epoch)
         terms = self.weighting.terms(losses, active)
 
         if self.weighting_name == "gradnorm":
@@ -96,11 +109,17 @@ class MultiTaskUpdate:
             self.last["gradnorm_targets"] = self.weighting.update(losses, norms, active)
             terms = self.weighting.terms(losses, active)
 
+        run.optimizer.zero_grad(set_to_none=True)
         if self.aggregator == "sum":
-            run.step(terms.sum(), batch=batch)
+            terms.sum().backward()
         else:
-            self._pcgrad_backward(terms, active, fused)
-            run.step(None, batch=batch)
+            self._aggregate_backward(terms, active, fused)
+        # an inactive task's head gets no gradient at all: with a zero gradient Adam would still move it
+        # by its momentum, and a "stopped" task would keep changing
+        for t in (~active).nonzero().flatten().tolist():
+            for p in run.model.heads[run.tasks[t]].parameters():
+                p.grad = None
+        run.step(None, batch=batch)
         self.last["weights"] = self.weighting.weights()
         self.last["active"] = active.cpu()
         return losses.detach()
@@ -110,7 +129,7 @@ class MultiTaskUpdate:
         """The T x P per-task gradient matrix in the chosen space (inactive tasks: zero rows)."""
         if self.grad_space == "params":
             self.task_grads.fill_from_losses([terms[t] if active[t] else None for t in range(self.T)])
-            return self.task_grads.buffer
+            return self.task_grads.grads
         rows = torch.zeros(self.T, fused.numel(), device=fused.device)
         for t in range(self.T):
             if active[t]:
@@ -122,15 +141,16 @@ class MultiTaskUpdate:
         grads = self._task_gradients(losses, active, fused)   # of the unweighted losses: n_t = ||grad L_t||
         return gradagg.gram(grads).diagonal().clamp(min=0).sqrt()
 
-    def _pcgrad_backward(self, terms, active, fused):
-        run = self.run
-        run.optimizer.zero_grad(set_to_none=True)
+    def _aggregate_backward(self, terms, active, fused):
         grads = self._task_gradients(terms, active, fused)
         G = gradagg.gram(grads)
-        order = gradagg.pcgrad_order(self.T, self.generator)
-        coeffs = gradagg.pcgrad_coefficients(G, order)
-        self.last["pcgrad_conflicts"] = int((G[active][:, active] < 0).sum().item() // 2)
-        self.conflicts_total += self.last["pcgrad_conflicts"]
+        idx = active.nonzero().flatten().cpu()
+        coeffs = torch.zeros(self.T, dtype=torch.float64)
+        # the aggregator sees only the active tasks' Gram matrix (a scheduler may have switched some off)
+        coeffs[idx] = aggregators.AGGREGATORS[self.aggregator](G[idx][:, idx].cpu(), self.ctx)
+        self.last["aggregator_weights"] = coeffs.float()
+        self.last["conflicts"] = int((G[idx][:, idx] < 0).sum().item() // 2)
+        self.conflicts_total += self.last["conflicts"]
         # heads and rule parameters: the plain gradient of the summed terms (cheap: no trunk backward)
         own = [p for p in self.head_and_rule_params if p.requires_grad]
         head_grads = torch.autograd.grad(terms.sum(), own, retain_graph=True, allow_unused=True)
@@ -148,9 +168,42 @@ class MultiTaskUpdate:
 
     def state_dict(self):
         w = self.weighting.state_dict()
-        return {"weighting": w, "generator": self.generator.get_state(), "conflicts_total": self.conflicts_total}
+        return {"weighting": w, "ctx": {k: (v.get_state() if k == "generator" else v) for k, v in self.ctx.items()},
+                "conflicts_total": self.conflicts_total}
 
     def load_state_dict(self, state):
         self.weighting.load_state_dict(state["weighting"])
-        self.generator.set_state(state["generator"])
+        for k, v in state["ctx"].items():
+            if k == "generator":
+                self.ctx["generator"].set_state(v)
+            else:
+                self.ctx[k] = v
         self.conflicts_total = state["conflicts_total"]
+
+
+def run_every_task(strategy, doc, argv=None, **defaults):
+    """The whole script of a loss-weighting or gradient-aggregation strategy: every task on every
+    batch; the rule is the update's (--weighting / --aggregator, defaults given by the script).
+
+        for batch in run.batches():
+            losses = update.step(batch)     # weighting.terms -> backward, or per-task grads -> aggregator
+            ...
+    """
+    parser = add_update_args(build_parser(doc), **defaults)
+    args = parser.parse_args(argv)
+    run = Run(args, strategy=strategy)
+    update = MultiTaskUpdate(run, args.weighting, args.aggregator, args.grad_space, args)
+    run.start(update=update)
+
+    for batch in run.batches():
+        losses = update.step(batch)
+        run.log_step(losses, **update.decisions())          # weights, aggregator weights, conflicts
+        if run.at_eval():
+            run.validate(weights=update.weighting.weights())
+            run.save_checkpoint()
+
+    decisions = {"final_weights": dict(zip(run.tasks, update.weighting.weights().tolist())),
+                 "weighting": args.weighting, "aggregator": args.aggregator}
+    if args.aggregator != "sum":
+        decisions.update(grad_space=args.grad_space, conflicting_pairs_per_step=update.conflicts_total / max(run.step_count, 1))
+    return run.finish(decisions=decisions)

@@ -62,6 +62,9 @@ def build_parser(description=None):
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     p.add_argument("--model-size", default="small", choices=sorted(MODEL_SIZES))
     p.add_argument("--bert-path", default=None, help="Hugging Face style BERT folder to initialise the text encoder")
+    p.add_argument("--init", default=None,
+                   help="start from a checkpoint: ours (results/.../best.pt, a pretraining checkpoint) or the "
+                        "original code's (its names are mapped); missing and unexpected keys are reported")
     p.add_argument("--eval-every", type=int, default=0, help="validate every N steps (0 = once per epoch)")
     p.add_argument("--checkpoint-every", type=int, default=100, help="also checkpoint every N steps")
     p.add_argument("--log-every", type=int, default=20, help="write a train line to metrics.jsonl every N steps")
@@ -170,6 +173,8 @@ class Run:
         self.val_set = H5Dataset(data / "val.h5")
         self.test_set = H5Dataset(data / "test.h5")
         self.model = HCAModel(MODEL_SIZES[args.model_size], tasks=self.tasks, bert_path=args.bert_path).to(self.device)
+        if args.init:
+            self.init_report = load_init(self.model, args.init)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
         # as the original: halve the LR when mean validation F1 stops improving for 2 evaluations
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, mode="max", factor=0.5, patience=2)
@@ -329,22 +334,24 @@ class Run:
 
     # -- evaluation
     @torch.no_grad()
-    def predict(self, dataset, model=None):
-        """Positive-class probabilities [N, T] and labels [N, T] of a dataset, model in eval mode."""
+    def predict(self, dataset, model=None, modalities="current"):
+        """Positive-class probabilities [N, T] and labels [N, T] of a dataset, model in eval mode.
+        modalities: "current" (the run's active modalities), None (all) or a tuple of modalities."""
         model = model or self.model
+        modalities = self.active_modalities if modalities == "current" else modalities
         model.eval()
         scores, labels = [], []
         plan = [list(range(i, min(i + 64, len(dataset)))) for i in range(0, len(dataset), 64)]
         for batch in self.loader(plan, dataset):
             batch = device_batch(batch, self.device)
-            logits = model(batch, active_modalities=self.active_modalities)
+            logits = model(batch, active_modalities=modalities)
             scores.append(torch.softmax(logits.float(), dim=-1)[..., 1].cpu())
             labels.append(batch["labels"][:, self.task_columns.to(batch["labels"].device)].cpu())
         model.train()
         return torch.cat(scores).numpy(), torch.cat(labels).numpy()
 
-    def evaluate(self, dataset, model=None):
-        scores, labels = self.predict(dataset, model)
+    def evaluate(self, dataset, model=None, modalities="current"):
+        scores, labels = self.predict(dataset, model, modalities)
         return evaluate_predictions(labels, scores, self.tasks)
 
     def validate(self, **extra):
@@ -442,6 +449,9 @@ class Run:
             obj.load_state_dict(state["strategy"][k])
 
     # -- the end
+    def write_summary(self, summary):
+        write_json(self.dir / "summary.json", summary)
+
     def finish(self, decisions=None):
         """Evaluate the best model on val and test, write summary.json, print the per-task test table."""
         self.flush_log()
@@ -468,11 +478,59 @@ class Run:
             "nonfinite_skips": self.progress["nonfinite_skips"],
             "val": val, "test": test, "decisions": decisions or {},
         }
-        atomic_write_text(self.dir / "summary.json", json.dumps(_jsonable(summary), indent=2))
+        summary = _jsonable(summary)
+        self.write_summary(summary)
         self.log({"event": "end", "step": self.progress["step"], "test_mean": test["mean"]})
         print(format_metrics(test, self.tasks, title=f"{self.strategy} {self.dir.name}: test metrics (best val model)"))
-        print(f"results in {self.dir}")
+        print(f"summary: {self.dir / 'summary.json'}")
         return summary
+
+
+def merge_summaries(summaries, tasks, strategy):
+    """One summary over several models that each own some of the tasks (single_task: one model per
+    task; task_grouping: one per group), shaped like any run's summary.json. summaries: {name: summary};
+    each task's metrics come from the model that has it."""
+    from common.evaluate import METRIC_NAMES
+    owner = {t: s for s in summaries.values() for t in s["tasks"] if t in tasks}
+
+    def merged(split):
+        per_task = {t: owner[t][split]["per_task"][t] for t in tasks}
+        # an undefined metric (AP without positives) is null in summary.json: left out of the mean
+        mean = {m: float(np.mean([v for t in tasks if (v := per_task[t][m]) is not None] or [np.nan]))
+                for m in METRIC_NAMES}
+        return {"per_task": per_task, "mean": mean}
+    parts = list(summaries.values())
+    seconds = sum(s["train_seconds"] for s in parts)
+    steps = sum(s["steps"] for s in parts)
+    return {
+        "strategy": strategy, "run": f"seed{parts[0]['seed']}", "tasks": list(tasks), "seed": parts[0]["seed"],
+        "model_size": parts[0]["model_size"], "data": parts[0]["data"], "steps": steps,
+        "epochs": parts[0]["epochs"], "train_seconds": seconds, "seconds_per_step": seconds / max(steps, 1),
+        "seconds_per_epoch": sum(s["seconds_per_epoch"] for s in parts),
+        "nonfinite_skips": sum(s["nonfinite_skips"] for s in parts),
+        "val": merged("val"), "test": merged("test"),
+        "decisions": {"models": {name: s["tasks"] for name, s in summaries.items()}},
+    }
+
+
+def load_init(model, path):
+    """Load a checkpoint into the model non-strictly and report what did not match. Our checkpoints hold
+    {"model": state_dict}; the original code's hold {"model_state": ...} with its own parameter names."""
+    from common.model import load_original_checkpoint
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(state, dict) and "model" in state:
+        result = model.load_state_dict(state["model"], strict=False)
+        missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
+    else:
+        missing, unexpected = load_original_checkpoint(model, state)
+    trunk_missing = [k for k in missing if not k.startswith("heads.")]
+    print(f"[init] {path}: {len(missing)} missing keys ({len(trunk_missing)} in the trunk), "
+          f"{len(unexpected)} unexpected keys", flush=True)
+    for k in trunk_missing[:10]:
+        print(f"[init]   missing: {k}")
+    for k in unexpected[:10]:
+        print(f"[init]   unexpected: {k}")
+    return {"missing": missing, "unexpected": unexpected}
 
 
 def losses_from_logits(logits, labels, reduction="mean"):
@@ -511,6 +569,11 @@ def atomic_write_bytes(path, data):
 
 def atomic_write_text(path, text):
     atomic_write_bytes(path, text.encode())
+
+
+def write_json(path, obj):
+    """Atomically write JSON; NaN becomes null so that the file stays valid JSON."""
+    atomic_write_text(path, json.dumps(_jsonable(obj), indent=2))
 
 
 def _jsonable(x):

@@ -22,28 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.multitask import MultiTaskUpdate, add_update_args  # noqa: E402
-from common.train import Run, build_parser  # noqa: E402
-
-
-def main(argv=None):
-    parser = add_update_args(build_parser(__doc__), weighting="gradnorm", grad_space="params")
-    args = parser.parse_args(argv)
-
-    run = Run(args, strategy="gradnorm")
-    update = MultiTaskUpdate(run, args.weighting, args.aggregator, args.grad_space, args)
-    run.start(update=update)
-
-    for batch in run.batches():
-        losses = update.step(batch)          # updates w from the gradient norms, then the model with w
-        run.log_step(losses, **update.decisions())
-        if run.at_eval():
-            run.validate(weights=update.weighting.weights())
-            run.save_checkpoint()
-
-    final = dict(zip(run.tasks, update.weighting.weights().tolist()))
-    return run.finish(decisions={"final_weights": final})
-
+from common.multitask import run_every_task  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    run_every_task("gradnorm", __doc__, weighting="gradnorm", grad_space="params")

@@ -23,28 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.multitask import MultiTaskUpdate, add_update_args  # noqa: E402
-from common.train import Run, build_parser  # noqa: E402
-
-
-def main(argv=None):
-    parser = add_update_args(build_parser(__doc__), aggregator="pcgrad")
-    args = parser.parse_args(argv)
-
-    run = Run(args, strategy="pcgrad")
-    update = MultiTaskUpdate(run, args.weighting, args.aggregator, args.grad_space, args)
-    run.start(update=update)
-
-    for batch in run.batches():
-        losses = update.step(batch)                  # per-task grads -> Gram -> projections -> .grad
-        run.log_step(losses, **update.decisions())
-        if run.at_eval():
-            run.validate()
-            run.save_checkpoint()
-
-    return run.finish(decisions={"conflicting_pairs_per_step": update.conflicts_total / max(run.step_count, 1),
-                                 "grad_space": args.grad_space})
-
+from common.multitask import run_every_task  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    run_every_task("pcgrad", __doc__, aggregator="pcgrad")

@@ -15,11 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np  # noqa: E402
-
 from common.data import TASKS  # noqa: E402
-from common.evaluate import METRIC_NAMES  # noqa: E402
-from common.train import Run, atomic_write_text, build_parser, format_metrics, parse_tasks  # noqa: E402
+from common.train import Run, build_parser, format_metrics, merge_summaries, parse_tasks, write_json  # noqa: E402
 
 
 def train_one(args, task):
@@ -33,26 +30,6 @@ def train_one(args, task):
             run.validate()
             run.save_checkpoint()
     return run.finish()
-
-
-def gather(summaries, tasks):
-    """One summary over the per-task models, shaped like any other strategy's summary.json."""
-    def merged(split):
-        per_task = {t: summaries[t][split]["per_task"][t] for t in tasks}
-        mean = {m: float(np.nanmean([per_task[t][m] for t in tasks])) for m in METRIC_NAMES}
-        return {"per_task": per_task, "mean": mean}
-    first = summaries[tasks[0]]
-    seconds = sum(s["train_seconds"] for s in summaries.values())
-    steps = sum(s["steps"] for s in summaries.values())
-    return {
-        "strategy": "single_task", "run": f"seed{first['seed']}", "tasks": tasks, "seed": first["seed"],
-        "model_size": first["model_size"], "data": first["data"], "steps": steps,
-        "epochs": first["epochs"], "train_seconds": seconds, "seconds_per_step": seconds / max(steps, 1),
-        "seconds_per_epoch": sum(s["seconds_per_epoch"] for s in summaries.values()),
-        "nonfinite_skips": sum(s["nonfinite_skips"] for s in summaries.values()),
-        "val": merged("val"), "test": merged("test"),
-        "decisions": {"best_step": {t: summaries[t]["best_step"] for t in tasks}},
-    }
 
 
 def main(argv=None):
@@ -75,9 +52,10 @@ def main(argv=None):
     for task_dir in sorted(p for p in root.iterdir() if (p / "summary.json").exists()):
         summaries.setdefault(task_dir.name, json.loads((task_dir / "summary.json").read_text()))
     all_tasks = [t for t in TASKS if t in summaries]
-    summary = gather(summaries, all_tasks)
-    atomic_write_text(root / "summary.json", json.dumps(summary, indent=2))
+    summary = merge_summaries(summaries, all_tasks, "single_task")
+    write_json(root / "summary.json", summary)
     print(format_metrics(summary["test"], all_tasks, title="single_task: test metrics, one model per task"))
+    print(f"summary: {root / 'summary.json'}")
     return summary
 
 

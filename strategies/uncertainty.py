@@ -15,28 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.multitask import MultiTaskUpdate, add_update_args  # noqa: E402
-from common.train import Run, build_parser  # noqa: E402
-
-
-def main(argv=None):
-    parser = add_update_args(build_parser(__doc__), weighting="uncertainty")
-    args = parser.parse_args(argv)
-
-    run = Run(args, strategy="uncertainty")
-    update = MultiTaskUpdate(run, args.weighting, args.aggregator, args.grad_space, args)
-    run.start(update=update)
-
-    for batch in run.batches():
-        losses = update.step(batch)                      # all tasks, weighted by exp(-s_t)
-        run.log_step(losses, log_vars=update.weighting.log_vars, **update.decisions())
-        if run.at_eval():
-            run.validate(weights=update.weighting.weights())
-            run.save_checkpoint()
-
-    final = dict(zip(run.tasks, update.weighting.weights().tolist()))
-    return run.finish(decisions={"final_weights": final})
-
+from common.multitask import run_every_task  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    run_every_task("uncertainty", __doc__, weighting="uncertainty")

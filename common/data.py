@@ -1,0 +1,231 @@
+"""HDF5 split files -> padded batches with masks.
+
+One split is one .h5 file written by data_prep/build_h5.py. Each modality is stored ragged (no padding
+on disk): the rows of clip i are `data[offsets[i]:offsets[i+1]]`. A batch is padded to its own longest
+item, and every padded position is False in its mask, so padding never reaches attention or pooling as
+if it were data. A modality that a clip lacks has length 0 and `present` False.
+
+    ds = H5Dataset("data_prep/synthetic/train.h5")
+    loader = make_loader(ds, batch_size=16, shuffle=True, seed=0, bucket=True)
+    for batch in loader: ...   # keys: see collate()
+"""
+import math
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+import torch
+
+TASKS = ("binary", "mature", "gory", "slapstick", "sarcasm")   # label column order everywhere
+MODALITIES = ("text", "video", "audio")
+VIDEO_DIM = 1024   # I3D rgb + flow (summed)
+AUDIO_DIM = 128    # VGGish
+
+# The original code's limits; longer inputs are cut when read.
+MAX_TEXT_LEN = 512
+MAX_VIDEO_SEGMENTS = 36
+MAX_AUDIO_SEGMENTS = 63
+PAD_ID = 0  # bert-base-cased [PAD]
+
+_REQUIRED = ("clip_ids", "labels", "present", "text_ids", "text_offsets", "video", "video_offsets",
+             "audio", "audio_offsets")
+_LIMITS = {"text": MAX_TEXT_LEN, "video": MAX_VIDEO_SEGMENTS, "audio": MAX_AUDIO_SEGMENTS}
+_DATA_KEY = {"text": "text_ids", "video": "video", "audio": "audio"}
+
+
+class H5Dataset(torch.utils.data.Dataset):
+    """One split. Small metadata (ids, labels, offsets) is read at once; the feature arrays are read
+    per item from a file handle opened lazily in each process (h5py handles must not cross a fork)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise FileNotFoundError(f"{self.path}: no such HDF5 split (make one with data_prep/build_h5.py)")
+        with h5py.File(self.path, "r") as f:
+            missing = [k for k in _REQUIRED if k not in f]
+            if missing:
+                raise ValueError(f"{self.path}: not a split file of data_prep/build_h5.py, missing datasets {missing}")
+            self.clip_ids = [s.decode("utf-8") if isinstance(s, bytes) else str(s) for s in f["clip_ids"][:]]
+            self.labels = f["labels"][:].astype(np.int64)
+            self.present = f["present"][:].astype(bool)
+            self.offsets = {m: f[f"{m}_offsets"][:].astype(np.int64) for m in MODALITIES}
+        n = len(self.clip_ids)
+        if self.labels.shape != (n, len(TASKS)) or self.present.shape != (n, len(MODALITIES)):
+            raise ValueError(f"{self.path}: labels {self.labels.shape} / present {self.present.shape} "
+                             f"do not match {n} clip ids")
+        for m, off in self.offsets.items():
+            if off.shape != (n + 1,) or off[0] != 0 or np.any(np.diff(off) < 0):
+                raise ValueError(f"{self.path}: {m}_offsets is not a monotone (N+1,) array starting at 0")
+        self._file = None
+        self._pid = None
+        self._data = None
+
+    def __len__(self):
+        return len(self.clip_ids)
+
+    def _h5(self):
+        # reopen after a fork/spawn: a handle inherited from the parent is not safe to use
+        if self._file is None or self._pid != os.getpid():
+            self._file = h5py.File(self.path, "r")
+            self._pid = os.getpid()
+            self._data = {m: self._file[_DATA_KEY[m]] for m in MODALITIES}   # looked up once, not per item
+        return self._data
+
+    def _rows(self, data, modality, i):
+        start, end = self.offsets[modality][i], self.offsets[modality][i + 1]
+        end = min(end, start + _LIMITS[modality])
+        return data[modality][start:end]
+
+    def __getitem__(self, i):
+        n = len(self)
+        i = int(i)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"index {i} out of range for {n} clips in {self.path}")
+        data = self._h5()
+        return dict(
+            text=torch.from_numpy(self._rows(data, "text", i).astype(np.int64)),
+            video=torch.from_numpy(np.ascontiguousarray(self._rows(data, "video", i), dtype=np.float32)),
+            audio=torch.from_numpy(np.ascontiguousarray(self._rows(data, "audio", i), dtype=np.float32)),
+            labels=torch.from_numpy(self.labels[i].copy()),
+            present=torch.from_numpy(self.present[i].copy()),
+            index=i,
+            clip_id=self.clip_ids[i],
+        )
+
+    def lengths(self, modality="text"):
+        """Per-clip length of a modality after truncation (what a batch will hold)."""
+        return np.minimum(np.diff(self.offsets[modality]), _LIMITS[modality])
+
+    def text_lengths(self):
+        return self.lengths("text")
+
+    def close(self):
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+            self._data = None
+
+    def __getstate__(self):
+        # an open h5py handle cannot be pickled (spawned DataLoader workers); the copy reopens lazily
+        state = self.__dict__.copy()
+        state.update(_file=None, _pid=None, _data=None)
+        return state
+
+    def __repr__(self):
+        return f"H5Dataset({str(self.path)!r}, n={len(self)})"
+
+
+def _pad(seqs, length, trailing_shape, dtype):
+    # numpy, not torch: small copies through torch's intra-op thread pool are slow on a busy 2-core box;
+    # zeros is the pad value of every modality (PAD_ID is 0 for text)
+    out = np.zeros((len(seqs), length, *trailing_shape), dtype)
+    mask = np.zeros((len(seqs), length), bool)
+    for b, s in enumerate(seqs):
+        k = min(len(s), length)
+        out[b, :k] = s[:k].numpy()
+        mask[b, :k] = True
+    return torch.from_numpy(out), torch.from_numpy(mask)
+
+
+def collate(items, pad_text_to=None):
+    """Items of H5Dataset -> one batch padded to the longest item (at least length 1, so that a
+    modality that every item lacks still has a well-formed, all-False mask).
+
+    pad_text_to: pad (or cut, as the original code did) text to this fixed length instead; the
+    benchmark uses 500 to reproduce the original code's cost.
+    """
+    if not items:
+        raise ValueError("collate: empty batch")
+    texts = [it["text"][:MAX_TEXT_LEN] for it in items]
+    videos = [it["video"][:MAX_VIDEO_SEGMENTS] for it in items]
+    audios = [it["audio"][:MAX_AUDIO_SEGMENTS] for it in items]
+    lt = pad_text_to if pad_text_to is not None else max(1, max(len(t) for t in texts))
+    if lt < 1:
+        raise ValueError(f"collate: pad_text_to must be >= 1, got {pad_text_to}")
+    text_ids, text_mask = _pad(texts, lt, (), np.int64)
+    video, video_mask = _pad(videos, max(1, max(len(v) for v in videos)), (VIDEO_DIM,), np.float32)
+    audio, audio_mask = _pad(audios, max(1, max(len(a) for a in audios)), (AUDIO_DIM,), np.float32)
+    return dict(
+        text_ids=text_ids, text_mask=text_mask,
+        video=video, video_mask=video_mask,
+        audio=audio, audio_mask=audio_mask,
+        present=torch.stack([it["present"] for it in items]),
+        labels=torch.stack([it["labels"] for it in items]),
+        index=torch.tensor([it["index"] for it in items], dtype=torch.long),
+        clip_ids=[it["clip_id"] for it in items],
+    )
+
+
+class LengthBucketSampler(torch.utils.data.Sampler):
+    """Batches of clips with similar text length (less padding), in a seeded random order.
+
+    An epoch's batches are a function of (seed, epoch) only: indices are shuffled, cut into chunks of
+    `batch_size * chunk_batches`, sorted by length inside each chunk, cut into batches, and the batches
+    shuffled. Each pass over the sampler uses the current epoch and then advances it; `set_epoch(e)`
+    chooses the epoch of the next pass (e.g. when resuming). Same scheme as common.train.epoch_batches.
+    shuffle=False: one sort over all clips, batches in length order.
+    """
+
+    def __init__(self, lengths, batch_size, seed=0, shuffle=True, drop_last=False, chunk_batches=50):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.lengths = np.asarray(lengths)
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.chunk = self.batch_size * chunk_batches
+        self.epoch = 0
+
+    def set_epoch(self, epoch):
+        self.epoch = int(epoch)
+
+    def batches(self, epoch):
+        n = len(self.lengths)
+        if not self.shuffle:
+            order = sorted(range(n), key=lambda j: (self.lengths[j], j))
+            out = [order[k:k + self.batch_size] for k in range(0, n, self.batch_size)]
+        else:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            order = torch.randperm(n, generator=g).tolist()
+            out = []
+            for i in range(0, n, self.chunk):
+                part = sorted(order[i:i + self.chunk], key=lambda j: self.lengths[j])
+                out += [part[k:k + self.batch_size] for k in range(0, len(part), self.batch_size)]
+            out = [out[k] for k in torch.randperm(len(out), generator=g).tolist()]
+        if self.drop_last:
+            out = [b for b in out if len(b) == self.batch_size]
+        return out
+
+    def __iter__(self):
+        epoch = self.epoch
+        self.epoch += 1
+        yield from self.batches(epoch)
+
+    def __len__(self):
+        n = len(self.lengths)
+        if not self.drop_last:
+            return math.ceil(n / self.batch_size)
+        # with shuffling only the last chunk can leave a short batch; without, only the very last batch
+        if self.shuffle:
+            full_chunks, rest = divmod(n, self.chunk)
+            return full_chunks * (self.chunk // self.batch_size) + rest // self.batch_size
+        return n // self.batch_size
+
+
+def make_loader(path_or_dataset, batch_size, shuffle, seed, bucket=False, num_workers=0):
+    """A DataLoader over one split with collate(); its order depends only on seed (and on how many
+    epochs were already drawn from it)."""
+    ds = path_or_dataset if isinstance(path_or_dataset, torch.utils.data.Dataset) else H5Dataset(path_or_dataset)
+    # an own generator: otherwise the loader draws its shuffling and worker seeds from the global RNG
+    g = torch.Generator().manual_seed(int(seed))
+    common = dict(collate_fn=collate, num_workers=num_workers, generator=g,
+                  persistent_workers=num_workers > 0)
+    if bucket:
+        lengths = ds.text_lengths() if hasattr(ds, "text_lengths") else [len(ds[i]["text"]) for i in range(len(ds))]
+        sampler = LengthBucketSampler(lengths, batch_size, seed=seed, shuffle=shuffle)
+        return torch.utils.data.DataLoader(ds, batch_sampler=sampler, **common)
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=shuffle, **common)

@@ -1,0 +1,20 @@
+"""mgda: Multiple Gradient Descent Algorithm (Sener, Koltun, NeurIPS 2018, "Multi-Task Learning as
+Multi-Objective Optimization").
+
+The update is the min-norm point of the convex hull of the per-task gradients,
+d = sum_t w_t g_t, w = argmin_{w in simplex} w^T G w (Frank-Wolfe on the Gram matrix G,
+common/aggregators.py:mgda_weights); it is a common descent direction when one exists.
+--grad-space representation (default) is the paper's MGDA-UB: gradients of the shared representation,
+one backward through the trunk; --grad-space params is the exact MGDA.
+
+    python strategies/mgda.py
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from common.multitask import run_every_task  # noqa: E402
+
+if __name__ == "__main__":
+    run_every_task("mgda", __doc__, aggregator="mgda")

@@ -1,0 +1,63 @@
+"""make compare: statistics, and a tiny end-to-end comparison over two strategies and two seeds."""
+import csv
+import json
+import math
+
+import pytest
+
+from common import compare
+
+
+def test_paired_t_test_matches_closed_form_for_two_degrees_of_freedom():
+    t, p = compare.paired_t_test([1.0, 2.0, 3.0], [0.0, 0.0, 0.0])
+    assert t == pytest.approx(2 / (1 / math.sqrt(3)))
+    assert p == pytest.approx(1 - abs(t) / math.sqrt(2 + t * t), rel=1e-9)  # Student t, df = 2
+
+
+def test_paired_t_test_large_df_near_normal():
+    import numpy as np
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=200)
+    t, p = compare.paired_t_test(a + 0.1, a - 0.1 + rng.normal(scale=1.0, size=200))
+    z = abs(t)
+    normal_p = math.erfc(z / math.sqrt(2))
+    assert p == pytest.approx(normal_p, abs=0.01)
+
+
+def test_discovery_finds_every_strategy_script():
+    names = compare.discover()
+    assert {"all_at_once", "stop_and_go", "pcgrad", "single_task"} <= set(names)
+
+
+def test_tiny_compare_end_to_end_and_reuse(tiny_data, tmp_path, capsys):
+    argv = ["--only", "all_at_once,round_robin", "--seeds", "2", "--out", str(tmp_path), "--data", str(tiny_data),
+            "--extra", "--model-size tiny --epochs 1 --batch-size 8"]
+    compare.main(argv)
+    md = (tmp_path / "compare.md").read_text()
+    rows = list(csv.DictReader(open(tmp_path / "compare.csv")))
+    assert {(r["strategy"], r["seed"]) for r in rows} == {
+        ("all_at_once", "0"), ("all_at_once", "1"), ("all_at_once_learned", "0"), ("all_at_once_learned", "1"),
+        ("round_robin", "0"), ("round_robin", "1")}
+    # the table's numbers are those of the runs' summary.json files
+    for r in rows:
+        summary = json.loads((tmp_path / "runs" / "quick" / r["strategy"] / f"seed{r['seed']}" / "summary.json").read_text())
+        assert float(r["mean_f1_pos"]) == pytest.approx(summary["test"]["mean"]["f1_pos"], abs=1e-12)
+        assert float(r["f1_pos_gory"]) == pytest.approx(summary["test"]["per_task"]["gory"]["f1_pos"], abs=1e-12)
+    rr = [json.loads((tmp_path / "runs/quick/round_robin" / f"seed{s}" / "summary.json").read_text()) for s in (0, 1)]
+    mean = sum(s["test"]["mean"]["f1_pos"] for s in rr) / 2
+    assert f"{mean:.3f} ±" in md.split("| round_robin")[1].split("\n")[0]
+
+    # rerunning reuses the finished runs: no script is started again
+    mtimes = {p: p.stat().st_mtime for p in (tmp_path / "runs" / "quick").glob("*/seed*/summary.json")}
+    capsys.readouterr()
+    compare.main(argv)
+    assert {p: p.stat().st_mtime for p in mtimes} == mtimes
+
+
+def test_failed_run_is_shown_and_others_continue(tiny_data, tmp_path):
+    # --lr -1 makes Adam raise at construction: every run fails, the compare still writes its table
+    argv = ["--only", "round_robin", "--seeds", "1", "--out", str(tmp_path), "--data", str(tiny_data),
+            "--extra", "--model-size tiny --epochs 1 --lr -1"]
+    compare.main(argv)
+    md = (tmp_path / "compare.md").read_text()
+    assert "failed" in md and "learning rate" in md.lower()

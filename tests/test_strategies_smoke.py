@@ -1,0 +1,35 @@
+"""Every strategy script runs a few steps on tiny data, then resumes from its checkpoint and finishes."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted(p.stem for p in (REPO / "strategies").glob("*.py") if not p.stem.startswith("_"))
+EXTRA = {"curriculum": ["--probe-steps", "2", "--entry-every", "1"], "dynamic_sampling": ["--interval", "2"]}
+
+
+def run(script, tiny_data, out, *args):
+    cmd = [sys.executable, str(REPO / "strategies" / f"{script}.py"), "--data", str(tiny_data), "--out", str(out),
+           "--model-size", "tiny", "--epochs", "1", "--batch-size", "4", "--eval-every", "2",
+           "--checkpoint-every", "2", "--log-every", "1", "--quiet", *EXTRA.get(script, []), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_script_runs_and_resumes(script, tiny_data, tmp_path):
+    first = run(script, tiny_data, tmp_path, "--max-steps", "4")
+    resumed = run(script, tiny_data, tmp_path, "--max-steps", "6", "--resume")
+    summaries = [line.split("summary: ", 1)[1] for line in resumed.splitlines() if line.startswith("summary: ")]
+    assert summaries, resumed
+    summary = json.loads(Path(summaries[-1]).read_text())
+    assert "test" in summary and summary["test"]["mean"]["f1_macro"] >= 0
+    if script != "single_task":
+        assert "resumed from" in resumed
+    if script not in ("single_task", "task_grouping", "sequential"):  # several models / early phase ends
+        assert summary["steps"] == 6
+    assert "summary: " in first
