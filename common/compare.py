@@ -15,6 +15,7 @@ import argparse
 import csv
 import json
 import math
+import os
 import subprocess
 import sys
 import time
@@ -270,7 +271,9 @@ def main(argv=None):
     root = out / "runs" / args.profile
     log_dir = root / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    extra = PROFILES[args.profile] + (["--data", args.data] if args.data else []) + args.extra.split()
+    threads = max(1, (os.cpu_count() or 1) // max(args.jobs, 1))  # parallel jobs share the cores
+    extra = (PROFILES[args.profile] + ["--threads", str(threads)] + (["--data", args.data] if args.data else [])
+             + args.extra.split())
     names = discover([x for x in args.only.split(",") if x])
     plan = planned_runs(names, seeds)
     index_path = root / "index.json"

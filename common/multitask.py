@@ -71,7 +71,7 @@ class MultiTaskUpdate:
         run.add_parameters(self.weighting.parameters(), lr=getattr(args, "weights_lr", None))
         model = run.model
         self.shared = model.shared_parameters()
-        self.head_and_rule_params = model.head_parameters() + list(self.weighting.parameters())
+        self.head_and_rule_params = run.head_parameters() + list(self.weighting.parameters())
         self.needs_task_grads = aggregator != "sum" or weighting == "gradnorm"
         if self.needs_task_grads and grad_space == "params":
             # aggregators need all shared parameters; GradNorm only the last shared layer (as the paper)
@@ -87,13 +87,13 @@ class MultiTaskUpdate:
         """task_mask: None (all tasks, all samples), bool [T] (these tasks), or bool [B, T] (sample b
         counts for task t: batches composed per sampling ratios). Returns the per-task losses."""
         run = self.run
-        fused, logits = run.forward(batch)
-        per_item = run.losses_from_logits(logits, batch, reduction="none")  # [B, T]
+        fused, per_item, valid = run.per_item_losses(batch)        # [B, 3H], [B, T], [B, T]
         if task_mask is None:
             task_mask = torch.ones(self.T, dtype=torch.bool)
         task_mask = task_mask.to(per_item.device)
         if task_mask.dim() == 1:
             task_mask = task_mask.expand_as(per_item)
+        task_mask = task_mask & valid
         counts = task_mask.sum(0)
         active = counts > 0
         losses = (per_item * task_mask).sum(0) / counts.clamp(min=1)
@@ -117,7 +117,7 @@ class MultiTaskUpdate:
         # an inactive task's head gets no gradient at all: with a zero gradient Adam would still move it
         # by its momentum, and a "stopped" task would keep changing
         for t in (~active).nonzero().flatten().tolist():
-            for p in run.model.heads[run.tasks[t]].parameters():
+            for p in run.head_parameters(run.tasks[t]):
                 p.grad = None
         run.step(None, batch=batch)
         self.last["weights"] = self.weighting.weights()

@@ -31,7 +31,7 @@ class StopAndGo:
             if t not in scores:
                 continue
             s, best = scores[t], self.best[i]
-            if self.stopped[i] and best > -math.inf and s < best * (1 - self.restart):
+            if self.stopped[i] and best > -math.inf and s < best - abs(best) * self.restart:
                 self.stopped[i] = False
                 self.no_improve[i] = 0
                 changes.append((t, "go"))

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from common.data import TASKS, H5Dataset, collate
 from common.evaluate import evaluate_predictions
 from common.model import MODEL_SIZES, HCAModel
+from common.pretrain import PRETRAIN_TASKS, PretrainObjective
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO / "data_prep" / "synthetic"
@@ -57,6 +58,10 @@ def build_parser(description=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated subset of " + ",".join(TASKS))
     p.add_argument("--device", default="cpu")
+    p.add_argument("--stage", choices=("finetune", "pretrain"), default="finetune",
+                   help="pretrain: train the pretraining tasks (common/pretrain.py) with this strategy; "
+                        "fine-tune from its best.pt with --init")
+    p.add_argument("--pretrain-tasks", default=",".join(PRETRAIN_TASKS))
     p.add_argument("--out", default=str(REPO / "results"), help="results root; a run writes <out>/<strategy>/<run>/")
     p.add_argument("--run", default=None, help="run name (default seed<seed>)")
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
@@ -73,15 +78,18 @@ def build_parser(description=None):
                    help="a NaN/Inf loss or gradient stops the run with a report, or skips the batch (counted)")
     p.add_argument("--bucket", action="store_true", help="length-bucketed batches (less padding)")
     p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
+    # fault injection for the resume tests: exit abruptly (no checkpoint, like a kill -9) after step N
+    p.add_argument("--crash-after-step", type=int, default=0, help=argparse.SUPPRESS)
     return p
 
 
-def parse_tasks(text):
+def parse_tasks(text, known=TASKS, flag="--tasks"):
     tasks = [t.strip() for t in text.split(",") if t.strip()]
-    unknown = [t for t in tasks if t not in TASKS]
+    unknown = [t for t in tasks if t not in known]
     if unknown or not tasks:
-        raise SystemExit(f"--tasks: unknown task(s) {unknown}; choose from {','.join(TASKS)}")
+        raise SystemExit(f"{flag}: unknown task(s) {unknown}; choose from {','.join(known)}")
     return tasks
 
 
@@ -161,23 +169,36 @@ class Run:
 
     def __init__(self, args, strategy, tasks=None, run_name=None):
         self.args = args
-        self.strategy = strategy
-        self.tasks = tasks or parse_tasks(args.tasks)
-        self.task_columns = torch.tensor([TASKS.index(t) for t in self.tasks])
+        self.pretraining = args.stage == "pretrain"
+        self.strategy = strategy + ("_pretrain" if self.pretraining else "")
+        if self.pretraining:
+            self.tasks = tasks or parse_tasks(args.pretrain_tasks, PRETRAIN_TASKS, "--pretrain-tasks")
+        else:
+            self.tasks = tasks or parse_tasks(args.tasks)
+            self.task_columns = torch.tensor([TASKS.index(t) for t in self.tasks])
         self.device = torch.device(args.device)
-        self.dir = Path(args.out) / strategy / (run_name or args.run or f"seed{args.seed}")
+        self.dir = Path(args.out) / self.strategy / (run_name or args.run or f"seed{args.seed}")
         self.dir.mkdir(parents=True, exist_ok=True)
+        if args.threads:
+            torch.set_num_threads(args.threads)
         set_seed(args.seed)
         data = ensure_data(args.data)
         self.train_set = H5Dataset(data / "train.h5")
         self.val_set = H5Dataset(data / "val.h5")
         self.test_set = H5Dataset(data / "test.h5")
-        self.model = HCAModel(MODEL_SIZES[args.model_size], tasks=self.tasks, bert_path=args.bert_path).to(self.device)
+        config = MODEL_SIZES[args.model_size]
+        # pretraining keeps every fine-tuning head in the model, so that its checkpoint is a whole model
+        self.model = HCAModel(config, tasks=TASKS if self.pretraining else self.tasks,
+                              bert_path=args.bert_path).to(self.device)
         if args.init:
             self.init_report = load_init(self.model, args.init)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
         # as the original: halve the LR when mean validation F1 stops improving for 2 evaluations
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, mode="max", factor=0.5, patience=2)
+        self.objective = None
+        if self.pretraining:  # the pretraining heads and the corruption's generator, checkpointed by start()
+            self.objective = PretrainObjective(config, self.tasks, seed=args.seed).to(self.device)
+            self.add_parameters(self.objective.parameters())
         self.lengths = self.train_set.text_lengths() if args.bucket else None
         self.steps_per_epoch = math.ceil(len(self.train_set) / args.batch_size)
         self.eval_every = args.eval_every or self.steps_per_epoch
@@ -186,7 +207,7 @@ class Run:
             self.total_steps = min(self.total_steps, args.max_steps)
         self.active_modalities = None  # a strategy may switch modalities off (modality_curriculum)
         self.stateful = {}
-        self.progress = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_val": -1.0, "best_step": 0,
+        self.progress = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_val": -math.inf, "best_step": 0,
                          "nonfinite_skips": 0, "train_seconds": 0.0, "evals": 0}
         self._pending = []  # train lines not yet written
         self._stop_requested = False
@@ -203,6 +224,8 @@ class Run:
         """Register the objects of the rule that carry state (anything with state_dict/load_state_dict),
         then resume from the last checkpoint when --resume was given."""
         self.stateful.update(stateful)
+        if self.objective is not None:
+            self.stateful["pretrain_objective"] = self.objective
         ckpt_path = self.dir / "checkpoint.pt"
         metrics_path = self.dir / "metrics.jsonl"
         if self.args.resume and ckpt_path.exists():
@@ -247,6 +270,8 @@ class Run:
                 self.progress["batch_in_epoch"] += 1
                 yield device_batch(batch, self.device)
                 self._show_progress()
+                if self.args.crash_after_step and self.progress["step"] >= self.args.crash_after_step:
+                    os._exit(3)
                 if self._stop_requested:
                     self.save_checkpoint()
                     print(f"[{self.strategy}] stopped at step {self.progress['step']}; rerun with --resume",
@@ -271,19 +296,30 @@ class Run:
         return s > 0 and (s % self.eval_every == 0 or s == self.total_steps)
 
     # -- forward and losses
-    def forward(self, batch):
-        """Trunk once -> fused representation z [B, 3H] -> logits [B, T, 2]."""
-        fused = self.model.trunk(batch, active_modalities=self.active_modalities)
-        return fused, self.model.classify(fused)
+    def per_item_losses(self, batch, model=None, generator=None):
+        """Trunk once -> fused representation z [B, 3H] and per-clip task losses [B, T], with which of
+        them are scored (bool [B, T]; all of them when fine-tuning). Cross-entropy on logits, not BCE on
+        softmax: it does not saturate. When pretraining, the batch is corrupted first (common/pretrain.py)."""
+        model = model or self.model
+        if self.pretraining:
+            return self.objective(model, batch, self.active_modalities, generator)
+        fused = model.trunk(batch, active_modalities=self.active_modalities)
+        per_item = self.losses_from_logits(model.classify(fused), batch, reduction="none")
+        return fused, per_item, torch.ones_like(per_item, dtype=torch.bool)
 
     def losses_from_logits(self, logits, batch, reduction="mean"):
         return losses_from_logits(logits, batch["labels"][:, self.task_columns.to(logits.device)], reduction)
 
-    def task_losses(self, batch, reduction="mean"):
-        """Run the trunk once and return the per-task cross-entropy losses, a tensor [T] (or [B, T] with
-        reduction="none"). Cross-entropy on logits, not BCE on softmax: it does not saturate."""
-        _, logits = self.forward(batch)
-        return self.losses_from_logits(logits, batch, reduction)
+    def task_losses(self, batch, model=None, generator=None):
+        """The per-task losses [T] of a batch: the mean over the clips each task scores."""
+        _, per_item, valid = self.per_item_losses(batch, model, generator)
+        return masked_mean(per_item, valid)
+
+    def head_parameters(self, task=None):
+        """The parameters that belong to one task (or to all tasks): its head, not the trunk."""
+        if self.pretraining:
+            return self.objective.task_parameters(task)
+        return list(self.model.heads[task].parameters()) if task else self.model.head_parameters()
 
     def skip_step(self):
         """Count a step that made no update (a skipped non-finite batch), so schedules stay aligned."""
@@ -351,21 +387,52 @@ class Run:
         return torch.cat(scores).numpy(), torch.cat(labels).numpy()
 
     def evaluate(self, dataset, model=None, modalities="current"):
+        """Per-task and mean metrics; each per-task dict and the mean carry a "score" (higher is better)
+        that model selection and the schedulers read: macro F1 when fine-tuning, minus the loss when
+        pretraining."""
+        if self.pretraining:
+            return self.evaluate_pretraining(dataset, model, modalities)
         scores, labels = self.predict(dataset, model, modalities)
-        return evaluate_predictions(labels, scores, self.tasks)
+        metrics = evaluate_predictions(labels, scores, self.tasks)
+        for m in list(metrics["per_task"].values()) + [metrics["mean"]]:
+            m["score"] = m["f1_macro"]
+        return metrics
+
+    @torch.no_grad()
+    def evaluate_pretraining(self, dataset, model=None, modalities="current"):
+        """Mean pretraining losses over a dataset, with a fixed corruption (the same every evaluation)."""
+        model = model or self.model
+        saved, self.active_modalities = self.active_modalities, (self.active_modalities if modalities == "current" else modalities)
+        model.eval()
+        generator = torch.Generator().manual_seed(12345)
+        sums = torch.zeros(len(self.tasks), dtype=torch.float64)
+        counts = torch.zeros(len(self.tasks), dtype=torch.float64)
+        plan = [list(range(i, min(i + 64, len(dataset)))) for i in range(0, len(dataset), 64)]
+        for batch in self.loader(plan, dataset):
+            _, per_item, valid = self.per_item_losses(device_batch(batch, self.device), model, generator)
+            sums += (per_item * valid).sum(0).double().cpu()
+            counts += valid.sum(0).double().cpu()
+        model.train()
+        self.active_modalities = saved
+        losses = (sums / counts.clamp(min=1)).tolist()
+        per_task = {t: {"loss": l, "score": -l} for t, l in zip(self.tasks, losses)}
+        return {"per_task": per_task, "mean": {"loss": float(np.mean(losses)), "score": -float(np.mean(losses))}}
 
     def validate(self, **extra):
-        """Validate, step the LR schedule on mean macro F1 (the original's model selection metric),
-        keep the best model, log. Returns the metrics ({"per_task": ..., "mean": ...})."""
+        """Validate, step the LR schedule on the mean score (macro F1, the original's model selection
+        metric; minus the loss when pretraining), keep the best model, log. Returns the metrics."""
         metrics = self.evaluate(self.val_set)
-        score = metrics["mean"]["f1_macro"]
+        score = metrics["mean"]["score"]
         self.scheduler.step(score)
         self.progress["evals"] += 1
         improved = score > self.progress["best_val"]
         if improved:
             self.progress["best_val"] = score
             self.progress["best_step"] = self.progress["step"]
-            atomic_save({"model": self.model.state_dict(), "step": self.progress["step"]}, self.dir / "best.pt")
+            best = {"model": self.model.state_dict(), "step": self.progress["step"], "stage": self.args.stage}
+            if self.objective is not None:
+                best["pretrain_objective"] = self.objective.state_dict()
+            atomic_save(best, self.dir / "best.pt")
         self._last_val = score
         self.log({"event": "val", "step": self.progress["step"], "epoch": self.progress["epoch"],
                   "lr": self.optimizer.param_groups[0]["lr"], "best": improved, **metrics, **extra})
@@ -464,7 +531,10 @@ class Run:
             print(file=sys.stderr)
         best = self.dir / "best.pt"
         if best.exists():
-            self.model.load_state_dict(torch.load(best, map_location=self.device, weights_only=False)["model"])
+            state = torch.load(best, map_location=self.device, weights_only=False)
+            self.model.load_state_dict(state["model"])
+            if self.objective is not None:
+                self.objective.load_state_dict(state["pretrain_objective"])
         val = self.evaluate(self.val_set)
         test = self.evaluate(self.test_set)
         steps = max(self.progress["step"], 1)
@@ -541,8 +611,16 @@ def losses_from_logits(logits, labels, reduction="mean"):
     return per_item if reduction == "none" else per_item.mean(0)
 
 
+def masked_mean(per_item, valid):
+    """[B, T] values and bool [B, T] -> [T]: each column's mean over its valid rows (0 where none)."""
+    return (per_item * valid).sum(0) / valid.sum(0).clamp(min=1)
+
+
 def format_metrics(metrics, tasks, title=""):
     from tabulate import tabulate
+    if "f1_pos" not in metrics["mean"]:  # pretraining: losses
+        rows = [[t, metrics["per_task"][t]["loss"]] for t in tasks] + [["mean", metrics["mean"]["loss"]]]
+        return (title + "\n" if title else "") + tabulate(rows, headers=["task", "loss"], floatfmt=".4f")
     rows = [[t] + [metrics["per_task"][t][m] for m in ("f1_pos", "f1_macro", "accuracy", "ap")] for t in tasks]
     rows.append(["mean"] + [metrics["mean"][m] for m in ("f1_pos", "f1_macro", "accuracy", "ap")])
     table = tabulate(rows, headers=["task", "F1 pos", "F1 macro", "accuracy", "AP"], floatfmt=".3f")

@@ -12,8 +12,8 @@
 // added in fp64. The error stays near fp32 rounding of a single block
 // (~1e-7 relative) however large P is, unlike one fp32 sum over all of P.
 //
-// Parallel over P with OpenMP (static schedule, so a fixed thread count gives
-// bit-identical results run to run); threads = torch.get_num_threads().
+// Parallel over P with OpenMP, threads = torch.get_num_threads(); results are
+// bit-identical whatever the thread count (fixed summation order).
 
 // ATen + torch's pybind11 casters only: half the compile time of torch/extension.h.
 #include <ATen/ATen.h>
@@ -24,13 +24,10 @@
 #include <cstdint>
 #include <vector>
 
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-
 namespace {
 
-constexpr int64_t kLanes = 32;  // independent fp32 partial sums per dot product
+constexpr int64_t kLanes = 32;   // independent fp32 partial sums per dot product
+constexpr int64_t kGroups = 64;  // fp64 partial Gram matrices (see gram)
 
 // Columns per block: T rows of a block should fit in L1 (32 KiB), so every
 // pair (i, j) re-reads the block from cache, not from memory.
@@ -105,22 +102,21 @@ at::Tensor gram(const at::Tensor& buf) {
   const float* base = buf.data_ptr<float>();
   const int64_t B = block_columns(T);
   const int64_t nblocks = (P + B - 1) / B;
-  const int nthreads = static_cast<int>(std::min<int64_t>(num_threads(), nblocks));
-  // One fp64 upper triangle per thread (padded to a cache line against false
-  // sharing), reduced in thread order below.
-  const size_t slot = static_cast<size_t>((T * T + 7) / 8 * 8);
-  std::vector<double> partial(static_cast<size_t>(nthreads) * slot, 0.0);
+  // Blocks are split into a fixed number of contiguous groups, each with its
+  // own fp64 upper triangle (padded to a cache line against false sharing),
+  // summed in group order: the result does not depend on the thread count or
+  // on which thread ran which group, and a stalled thread (busy machine) only
+  // delays its current group (dynamic schedule).
+  const int64_t ngroups = std::min<int64_t>(nblocks, kGroups);
+  const int64_t slot = (T * T + 7) / 8 * 8;
+  std::vector<double> partial(static_cast<size_t>(ngroups * slot), 0.0);
+  const int nthreads = static_cast<int>(std::min<int64_t>(num_threads(), ngroups));
 
-#pragma omp parallel num_threads(nthreads)
-  {
-#ifdef _OPENMP
-    const int tid = omp_get_thread_num();
-#else
-    const int tid = 0;
-#endif
-    double* acc = partial.data() + static_cast<size_t>(tid) * slot;
-#pragma omp for schedule(static)
-    for (int64_t blk = 0; blk < nblocks; ++blk) {
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 1)
+  for (int64_t grp = 0; grp < ngroups; ++grp) {
+    double* acc = partial.data() + grp * slot;
+    const int64_t first = grp * nblocks / ngroups, last = (grp + 1) * nblocks / ngroups;
+    for (int64_t blk = first; blk < last; ++blk) {
       const int64_t start = blk * B;
       const int64_t n = std::min(B, P - start);
       for (int64_t i = 0; i < T; ++i) {
@@ -136,8 +132,8 @@ at::Tensor gram(const at::Tensor& buf) {
   }
 
   double* g = out.data_ptr<double>();
-  for (int t = 0; t < nthreads; ++t) {
-    const double* acc = partial.data() + static_cast<size_t>(t) * slot;
+  for (int64_t grp = 0; grp < ngroups; ++grp) {
+    const double* acc = partial.data() + grp * slot;
     for (int64_t i = 0; i < T; ++i)
       for (int64_t j = i; j < T; ++j) g[i * T + j] += acc[i * T + j];
   }
@@ -174,7 +170,7 @@ at::Tensor combine(const at::Tensor& buf, const at::Tensor& coeffs, at::Tensor o
   const int64_t nblocks = (P + B - 1) / B;
   const int nthreads = static_cast<int>(std::min<int64_t>(num_threads(), nblocks));
 
-#pragma omp parallel for num_threads(nthreads) schedule(static)
+#pragma omp parallel for num_threads(nthreads) schedule(dynamic, 16)
   for (int64_t blk = 0; blk < nblocks; ++blk) {
     const int64_t start = blk * B;
     const int64_t n = std::min(B, P - start);

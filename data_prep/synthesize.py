@@ -136,6 +136,10 @@ def planted(seed, knobs):
 
 
 def split_sizes(scale=1.0, sizes=None):
+    """{split: clips}: the default sizes (or `sizes`) times scale, at least 1."""
+    unknown = set(sizes or {}) - set(SPLIT_SIZES)
+    if unknown:
+        raise ValueError(f"sizes: unknown split {sorted(unknown)}; choose from train, val, test")
     base = dict(SPLIT_SIZES, **(sizes or {}))
     return {s: max(1, int(round(n * scale))) for s, n in base.items()}
 
@@ -199,7 +203,7 @@ def iter_clips(split, n, seed=0, knobs=None, features=True, plant=None):
     n_video = np.clip(np.rint(rng.normal(27, 7, n)), 4, MAX_VIDEO).astype(int)
     n_audio = np.clip(np.rint(n_video * MAX_AUDIO / MAX_VIDEO + rng.normal(0, 3, n)), 3, MAX_AUDIO).astype(int)
     ids = _video_ids(n, rng)
-    offsets = {}
+    video_offset = {}   # (video id, modality) -> offset shared by the clips of one video
 
     for i, (vid, clip) in enumerate(ids):
         L = lengths[i]
@@ -221,11 +225,11 @@ def iter_clips(split, n, seed=0, knobs=None, features=True, plant=None):
             arrays = {}
             for m, S, out in (("video", n_video[i], ("rgb", "flow")), ("audio", n_audio[i], ("vggish",))):
                 dim, sigma = plant["dirs"][m].shape[1], knobs["noise"][m]
-                if (vid, m) not in offsets:
-                    offsets = {k: v for k, v in offsets.items() if k[0] == vid}  # keep only the current video
-                    offsets[(vid, m)] = frng.normal(0, VIDEO_OFFSET * sigma, dim).astype(np.float32)
+                if (vid, m) not in video_offset:   # clips of a video are consecutive: forget the previous one
+                    video_offset = {k: v for k, v in video_offset.items() if k[0] == vid}
+                    video_offset[(vid, m)] = frng.normal(0, VIDEO_OFFSET * sigma, dim).astype(np.float32)
                 on = (frng.random((S, len(TASKS))) < SEGMENT_FRACTION) * amp[m][i]     # (S, T)
-                clean = plant["mean"][m] + offsets[(vid, m)] + on.astype(np.float32) @ plant["dirs"][m]
+                clean = plant["mean"][m] + video_offset[(vid, m)] + on.astype(np.float32) @ plant["dirs"][m]
                 noise = frng.standard_normal((len(out), S, dim), dtype=np.float32) * np.float32(sigma / np.sqrt(len(out)))
                 for k, name in enumerate(out):   # rgb and flow each get half, so their sum is `clean`
                     arrays[name] = clean / len(out) + noise[k]

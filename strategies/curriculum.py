@@ -45,7 +45,7 @@ def probe_difficulty(run, steps, lr, metric):
     plan = epoch_batches(len(run.train_set), run.args.batch_size, run.args.seed, epoch=-1)[:steps]
     for batch in run.loader(plan, run.train_set):
         batch = {k: (v.to(run.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-        losses = run.losses_from_logits(model(batch), batch)
+        losses = run.task_losses(batch, model=model)
         optimizer.zero_grad(set_to_none=True)
         losses.sum().backward()
         optimizer.step()
@@ -72,7 +72,7 @@ def main(argv=None):
     parser.add_argument("--difficulty", choices=("probe", "single_task"), default="probe")
     parser.add_argument("--probe-steps", type=int, default=60)
     parser.add_argument("--entry-every", type=int, default=0, help="steps between task entries (0 = auto)")
-    parser.add_argument("--metric", default="f1_macro")
+    parser.add_argument("--metric", default="score", help="per-task validation metric (score = macro F1, or -loss when pretraining)")
     parser.add_argument("--stop-gap", type=int, default=4)
     parser.set_defaults(eval_every=40)
     args = parser.parse_args(argv)

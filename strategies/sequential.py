@@ -68,7 +68,7 @@ def main(argv=None):
     parser.add_argument("--order", default=None, help="task order (default: --tasks order)")
     parser.add_argument("--patience", type=int, default=2, help="evaluations without improvement that end a phase")
     parser.add_argument("--max-task-epochs", type=float, default=0, help="cap per phase (default: epochs / T)")
-    parser.add_argument("--metric", default="f1_macro")
+    parser.add_argument("--metric", default="score", help="per-task validation metric (score = macro F1, or -loss when pretraining)")
     parser.set_defaults(eval_every=40)
     args = parser.parse_args(argv)
 

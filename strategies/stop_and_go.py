@@ -35,7 +35,8 @@ def main(argv=None):
     parser.add_argument("--restart", type=float, default=0.005, help="relative drop below best that restarts a task")
     parser.add_argument("--patience", type=int, default=2, help="non-improving evaluations before stop")
     parser.add_argument("--stop-gap", type=int, default=4, help="a stopped task is trained every N steps")
-    parser.add_argument("--metric", default="f1_macro", choices=("f1_macro", "f1_pos", "accuracy", "ap"))
+    parser.add_argument("--metric", default="score", choices=("score", "f1_macro", "f1_pos", "accuracy", "ap"),
+                        help="per-task validation metric (score = macro F1, or -loss when pretraining)")
     parser.add_argument("--reset-at", default="", help="epochs at which every task goes back to go, e.g. 10,20 (off)")
     add_update_args(parser)
     parser.set_defaults(eval_every=40)  # stop-and-go needs several evaluations per epoch to act

@@ -119,10 +119,13 @@ def measure_affinity(args):
     run.start(affinity=affinity)
     for batch in run.batches():
         if run.step_count % args.affinity_every == 0:
-            run.model.eval()  # no dropout: the lookahead losses differ only by the step taken
-            losses = run.task_losses(batch)
+            # no dropout and (when pretraining) the same corruption: the losses differ only by the step taken
+            run.model.eval()
+            fixed = lambda: torch.Generator().manual_seed(run.step_count)  # noqa: E731
+            losses = run.task_losses(batch, generator=fixed())
             buffer.fill_from_losses(list(losses), retain_graph=False)
-            Z = lookahead_affinity(lambda: run.task_losses(batch), shared, buffer.grads, args.lookahead_lr)
+            Z = lookahead_affinity(lambda: run.task_losses(batch, generator=fixed()), shared, buffer.grads,
+                                   args.lookahead_lr)
             affinity.add(Z)
             run.model.train()
             run.log({"event": "affinity", "step": run.step_count, "Z": Z})

@@ -111,6 +111,21 @@ def test_gram_accurate_at_large_p(backend):
     assert err < (1e-7 if backend == "cpp" else 1e-5), err
 
 
+def test_cpp_results_do_not_depend_on_the_thread_count():
+    require("cpp")
+    buf = make_grads("conflicting", 5, 300_001, seed=2)
+    c = torch.linspace(-1, 1, 5, dtype=torch.float64)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        G1, u1 = ga.gram(buf, backend="cpp"), ga.combine(buf, c, backend="cpp")
+        torch.set_num_threads(max(2, threads))
+        G2, u2 = ga.gram(buf, backend="cpp"), ga.combine(buf, c, backend="cpp")
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(G1, G2) and torch.equal(u1, u2)
+
+
 def test_gram_rejects_bad_input():
     with pytest.raises(ValueError, match="2-D"):
         ga.gram(torch.zeros(10))

@@ -86,3 +86,11 @@ def test_gradnorm_favours_the_slower_task():
     assert targets[1] > targets[0]
     assert gn.w[1] > w_before[1] and gn.w[0] < w_before[0]
     assert not math.isnan(gn.w.sum().item())
+
+
+def test_negative_scores_such_as_minus_loss_are_judged_the_right_way():
+    rule = StopAndGo(TASKS, improve=0.001, restart=0.005, patience=1)
+    feed(rule, [(-2.0, -2.0), (-1.5, -2.0)])           # a improves (loss 2 -> 1.5), b flat -> stop
+    assert rule.states() == {"a": "go", "b": "stop"}
+    assert feed(rule, [(-1.4, -1.995)]) == [[]]         # b slightly better: stays stopped
+    assert feed(rule, [(-1.3, -2.02)]) == [[("b", "go")]]  # b 1% worse than its best: back to go

@@ -43,8 +43,9 @@ def test_interrupted_run_resumes_to_identical_metrics(tiny_data, tmp_path):
     full = tmp_path / "full"
     run_script(tiny_data, full)
     part = tmp_path / "part"
-    # stop after 7 steps (between checkpoints at 6 and the eval at 10), then resume to the end
-    run_script(tiny_data, part, "--max-steps", "7")
+    # killed after step 7 (checkpoints at 3, 5 (eval), 6), then resumed to the end
+    crashed = run_script(tiny_data, part, "--crash-after-step", "7", check=False)
+    assert crashed.returncode == 3
     ckpt = torch.load(part / "all_at_once" / "seed0" / "checkpoint.pt", weights_only=False)
     assert ckpt["progress"]["step"] == 6
     run_script(tiny_data, part, "--resume")

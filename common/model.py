@@ -1,0 +1,430 @@
+"""HCA / HICCAP multi-task model: one shared trunk, one small classifier per task.
+
+Follow one batch through `HCAModel.trunk`:
+  text  [B, Lt] token ids    -> BERT (last hidden layer)                                   -> [B, Lt, H]
+  video [B, Sv, 1024]        -> 2-layer BiLSTM -> dropout+LayerNorm -> Linear+LayerNorm+Dropout -> [B, Sv, H]
+  audio [B, Sa, 128]         -> the same with its own weights                                 -> [B, Sa, H]
+  three branches of hierarchical cross-attention (query <- context 1, then <- context 2, + query):
+      text  <- video <- audio,   audio <- video <- text,   video <- text <- audio
+  attention pooling per branch -> dropout+LayerNorm -> three [B, H] vectors -> fused [B, 3H] (text, audio, video)
+`classify` maps fused to logits [B, T, 2], one pair per task (the loss is the training code's business).
+
+Masks. A modality that is absent for a clip (present False, length 0) or switched off by `active_modalities`
+has an all-False mask, and is then excluded *exactly*: as attention keys it gives a zero context, as a branch
+query it gives an exact zero vector in `fused`. Padded positions never change any output.
+(A zero context still passes its step's dropout+LayerNorm, which then outputs the LayerNorm's bias; the
+query modality itself reaches the pooled vector through the branch's residual.)
+
+Deviations from the original code (GitHub RiTUAL-UH/Comic-Mischief-Prediction), all deliberate:
+  - BERT gets the text mask (the original calls BERT without one, so padding tokens are attended to);
+  - the BiLSTMs give what packed sequences give (the original runs them over the zero padding, so its
+    backward direction starts in the padding);
+  - attention pooling uses the real masks (the original passes all-ones masks, so padding is pooled) and a
+    max-subtracted masked softmax (the original's exp(score)/(sum+1e-10) overflows for scores above ~88);
+  - a cross-attention step whose keys are all masked returns a zero context (BERT's -10000 mask would
+    otherwise give a uniform average over padding);
+  - heads are Linear-ReLU-Dropout-Linear (the original: four Linear layers with BatchNorm, no activation);
+  - the projections of the LSTM outputs are computed once per batch (the original calls them once per use,
+    so in training each use draws its own dropout mask);
+  - dropout on CPU uses a cheaper random mask (common.bert.dropout; p rounded to a multiple of 1/256);
+  - the pooling vector v is initialised N(0, 1/H) (the original: U(0, 1), which makes pooling nearly an argmax).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from common.bert import BertConfig, BertEncoder, Dropout, additive_mask, attention
+from common.data import MODALITIES, TASKS
+
+
+@dataclass
+class HCAConfig:
+    # text encoder (BERT-base-cased sizes by default)
+    vocab_size: int = 28996
+    hidden: int = 768
+    bert_layers: int = 12
+    bert_heads: int = 12
+    bert_intermediate: int = 3072
+    max_positions: int = 512
+    type_vocab_size: int = 2
+    # video / audio encoders
+    video_dim: int = 1024
+    audio_dim: int = 128
+    lstm_hidden: int = 512          # per direction; the BiLSTM output is 2 * lstm_hidden
+    lstm_layers: int = 2
+    # cross-attention and heads
+    xattn_heads: int = 12
+    head_hidden: int = 200          # the original heads' first layer is 768*3 -> 200
+    # dropouts (values of the original multi-task code)
+    bert_dropout: float = 0.1       # BERT hidden dropout
+    bert_attn_dropout: float = 0.1  # BERT attention-probability dropout
+    lstm_dropout: float = 0.2       # after the BiLSTM, before its LayerNorm
+    proj_dropout: float = 0.3       # after the Linear+LayerNorm projection to `hidden`
+    xattn_dropout: float = 0.1      # on cross-attention probabilities
+    step_dropout: float = 0.2       # after each cross-attention step, before its LayerNorm
+    pool_dropout: float = 0.2       # after attention pooling, before its LayerNorm
+    head_dropout: float = 0.3
+    # branch structure: (query, first context, second context), in the order of the fused vector.
+    # Default = the original binary model and hiccap.md. The original multi-task code's video branch queries
+    # audio first, then text: (("text","video","audio"), ("audio","video","text"), ("video","audio","text")).
+    branches: tuple = (("text", "video", "audio"), ("audio", "video", "text"), ("video", "text", "audio"))
+
+    def bert_config(self) -> BertConfig:
+        return BertConfig(vocab_size=self.vocab_size, hidden=self.hidden, layers=self.bert_layers,
+                          heads=self.bert_heads, intermediate=self.bert_intermediate,
+                          max_positions=self.max_positions, type_vocab_size=self.type_vocab_size,
+                          hidden_dropout=self.bert_dropout, attn_dropout=self.bert_attn_dropout)
+
+
+MODEL_SIZES = {
+    # unit tests: a few thousand parameters outside the embedding table
+    "tiny": HCAConfig(hidden=32, bert_layers=1, bert_heads=2, bert_intermediate=64, lstm_hidden=16,
+                      xattn_heads=2, head_hidden=16),
+    # default for CPU runs: a forward+backward of a realistic batch of 16 in tens of milliseconds on 2 cores
+    "small": HCAConfig(hidden=128, bert_layers=2, bert_heads=4, bert_intermediate=256, lstm_hidden=64,
+                       xattn_heads=4, head_hidden=64),
+    # the paper's sizes (BERT-base, 512-unit LSTMs, 12 heads)
+    "full": HCAConfig(),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Softmax of scores [B, L] over the positions where mask [B, L] is True.
+
+    Max-subtracted (so large scores cannot overflow), exactly 0 on masked positions, and an all-zero row
+    (not NaN, not a uniform average) where no position is valid."""
+    row_ok = mask.any(dim=1, keepdim=True)
+    s = scores.masked_fill(~mask, float("-inf")).masked_fill(~row_ok, 0.0)  # no all -inf row: no NaN
+    return torch.softmax(s, dim=1) * mask
+
+
+class AttentionPooling(nn.Module):
+    """Additive attention pooling: score_i = tanh(u h_i) . v, weights = masked softmax, output sum_i w_i h_i."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.u = nn.Linear(hidden, hidden)
+        self.v = nn.Parameter(torch.randn(hidden) * hidden ** -0.5)
+
+    def forward(self, h, mask):
+        weights = masked_softmax(torch.tanh(self.u(h)) @ self.v, mask)
+        return torch.bmm(weights.unsqueeze(1), h).squeeze(1), weights
+
+
+class CrossAttention(nn.Module):
+    """BERT-style multi-head attention of queries over a context (query/key/value projections, no output
+    projection, additive -10000 mask on padded keys, dropout on the probabilities), as the original's
+    BertOutAttention. A query row whose keys are all masked gets a zero context."""
+
+    def __init__(self, hidden: int, heads: int, dropout: float):
+        super().__init__()
+        if hidden % heads:
+            raise ValueError(f"hidden size {hidden} is not a multiple of xattn_heads {heads}")
+        self.heads, self.head_dim, self.dropout = heads, hidden // heads, dropout
+        self.query = nn.Linear(hidden, hidden)
+        self.key = nn.Linear(hidden, hidden)
+        self.value = nn.Linear(hidden, hidden)
+
+    def split(self, x):  # [B, L, H] -> [B, heads, L, head_dim]
+        return x.view(x.shape[0], x.shape[1], self.heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, q, ctx, key_mask):
+        out = attention(self.split(self.query(q)), self.split(self.key(ctx)), self.split(self.value(ctx)),
+                        additive_mask(key_mask, q.dtype), self.dropout, self.training)
+        out = out.transpose(1, 2).reshape(q.shape)
+        # With every key masked, -10000 everywhere would give a uniform average over padding: zero it instead.
+        return out * key_mask.any(dim=1).to(out.dtype)[:, None, None]
+
+
+class Branch(nn.Module):
+    """query <- context 1, then <- context 2 (one attention module shared by both steps, as the original),
+    dropout+LayerNorm after each step, + query; then attention pooling, dropout+LayerNorm."""
+
+    def __init__(self, c: HCAConfig):
+        super().__init__()
+        self.attn = CrossAttention(c.hidden, c.xattn_heads, c.xattn_dropout)
+        self.norm1 = nn.LayerNorm(c.hidden, eps=1e-5)
+        self.norm2 = nn.LayerNorm(c.hidden, eps=1e-5)
+        self.step_dropout = Dropout(c.step_dropout)
+        self.pool = AttentionPooling(c.hidden)
+        self.pool_dropout = Dropout(c.pool_dropout)
+        self.pool_norm = nn.LayerNorm(c.hidden, eps=1e-5)
+
+    def forward(self, q, q_mask, ctx1, mask1, ctx2, mask2, return_sequence=False):
+        x = self.norm1(self.step_dropout(self.attn(q, ctx1, mask1)))
+        x = self.norm2(self.step_dropout(self.attn(x, ctx2, mask2)))
+        pooled, _ = self.pool(x + q, q_mask)
+        # A clip without this branch's query modality pools nothing (all-zero weights), but LayerNorm(0) is
+        # its bias, a learned constant that would look like evidence to the heads and differ from "no
+        # information". Multiplying by the presence flag makes the branch contribute an exact zero vector,
+        # so an absent or switched-off modality is the same thing for the heads whatever the training did.
+        present = q_mask.any(dim=1).to(pooled.dtype)[:, None]
+        out = self.pool_norm(self.pool_dropout(pooled)) * present
+        return (out, x + q) if return_sequence else out
+
+
+def reverse_within_length(x, lengths):
+    """Reverse each sequence of x [B, S, D] within its own length; padding stays in place. Its own inverse."""
+    t = torch.arange(x.shape[1], device=x.device)[None, :]
+    idx = torch.where(t < lengths[:, None], lengths[:, None] - 1 - t, t)
+    return x.gather(1, idx[..., None].expand_as(x))
+
+
+def run_bilstm(lstm: nn.LSTM, x, mask):
+    """Run a batch_first bidirectional nn.LSTM so that every sequence gives what it would give alone
+    (the result of packed sequences): padding never reaches a real position. Outputs at padding are zero.
+
+    On CPU, pack_padded_sequence is slow (the packed kernel steps through time with ragged batches: 3x
+    the cost of the padded kernel for the audio LSTM). Padding at the end is harmless to the forward
+    direction; the backward direction instead reads each sequence reversed within its length, so that its
+    padding also comes last. Each layer then runs two one-direction calls of the fast padded kernel with
+    the nn.LSTM's own weights (same parameter names as nn.LSTM, so original checkpoints load)."""
+    B, S, _ = x.shape
+    lengths = mask.sum(dim=1)
+    keep = mask[..., None].to(x.dtype)
+    if x.device.type != "cpu":  # cuDNN runs packed sequences efficiently
+        # pack needs lengths >= 1: an absent modality runs on one zero segment, then is zeroed below
+        packed = pack_padded_sequence(x, lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False)
+        out, _ = pad_packed_sequence(lstm(packed)[0], batch_first=True, total_length=S)
+        return out * keep
+    if lstm.dropout or not (lstm.bidirectional and lstm.batch_first and lstm.bias) or lstm.proj_size:
+        raise ValueError("run_bilstm expects a batch_first bidirectional nn.LSTM with biases, no dropout, no projection")
+    h0 = x.new_zeros(1, B, lstm.hidden_size)
+    for layer in range(lstm.num_layers):
+        outs = []
+        for suffix in ("", "_reverse"):
+            weights = [getattr(lstm, f"{name}_l{layer}{suffix}") for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+            inp = x if not suffix else reverse_within_length(x, lengths)
+            # torch.lstm is the kernel nn.LSTM itself calls: (input, (h0, c0), weights, has_biases, num_layers,
+            # dropout, train, bidirectional, batch_first)
+            out = torch.lstm(inp, (h0, h0), weights, True, 1, 0.0, lstm.training, False, True)[0]
+            outs.append(out if not suffix else reverse_within_length(out, lengths))
+        x = torch.cat(outs, dim=-1)
+    return x * keep
+
+
+class SequenceEncoder(nn.Module):
+    """Video or audio: 2-layer BiLSTM (padding-exact) -> dropout+LayerNorm -> Linear+LayerNorm+Dropout."""
+
+    def __init__(self, in_dim: int, c: HCAConfig):
+        super().__init__()
+        self.lstm = nn.LSTM(in_dim, c.lstm_hidden, num_layers=c.lstm_layers, bidirectional=True, batch_first=True)
+        self.lstm_dropout = Dropout(c.lstm_dropout)
+        self.lstm_norm = nn.LayerNorm(2 * c.lstm_hidden, eps=1e-5)
+        self.proj = nn.Linear(2 * c.lstm_hidden, c.hidden)
+        self.proj_norm = nn.LayerNorm(c.hidden, eps=1e-5)
+        self.proj_dropout = Dropout(c.proj_dropout)
+
+    def forward(self, x, mask):
+        S = x.shape[1]
+        lengths = mask.sum(dim=1)
+        if not torch.equal(mask, torch.arange(S, device=mask.device)[None, :] < lengths[:, None]):
+            raise ValueError("segment masks must be True on a prefix (real segments first, then padding)")
+        # Zero the padding (torch.where, not a product, so that NaN/Inf garbage cannot leak in).
+        x = torch.where(mask[..., None], x, torch.zeros((), dtype=x.dtype, device=x.device))
+        out = self.lstm_norm(self.lstm_dropout(run_bilstm(self.lstm, x, mask)))
+        return self.proj_dropout(self.proj_norm(self.proj(out)))
+
+
+def make_head(c: HCAConfig) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(3 * c.hidden, c.head_hidden), nn.ReLU(), Dropout(c.head_dropout),
+                         nn.Linear(c.head_hidden, 2))
+
+
+# ---------------------------------------------------------------------------------------------------------
+class HCAModel(nn.Module):
+    """Hierarchical cross-attention model with one head per task. See the module docstring for the data flow."""
+
+    def __init__(self, config: HCAConfig, tasks=TASKS, bert_path=None):
+        super().__init__()
+        self.config = config
+        self.tasks = tuple(tasks)
+        if not self.tasks or len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"tasks must be distinct and non-empty, got {self.tasks}")
+        if sorted(b[0] for b in config.branches) != sorted(MODALITIES) or \
+                any(sorted(b) != sorted(MODALITIES) for b in config.branches):
+            raise ValueError(f"config.branches must give each modality one branch over the other two: {config.branches}")
+        if bert_path is None:
+            self.text_encoder = BertEncoder(config.bert_config())
+        else:
+            self.text_encoder = BertEncoder.from_pretrained(bert_path)
+            if self.text_encoder.config.hidden != config.hidden:
+                raise ValueError(f"{bert_path}: BERT hidden size {self.text_encoder.config.hidden} != "
+                                 f"config.hidden {config.hidden}; pick a model size with hidden={self.text_encoder.config.hidden}")
+        self.video_encoder = SequenceEncoder(config.video_dim, config)
+        self.audio_encoder = SequenceEncoder(config.audio_dim, config)
+        self.branches = nn.ModuleDict({b[0]: Branch(config) for b in config.branches})
+        self.heads = nn.ModuleDict({t: make_head(config) for t in self.tasks})
+
+    # ----- forward ------------------------------------------------------------------------------------------
+    def effective_masks(self, batch, active_modalities=None) -> dict:
+        """Per modality, the mask actually used: batch mask AND present flag AND switched on."""
+        active = set(MODALITIES) if active_modalities is None else set(active_modalities)
+        if not active <= set(MODALITIES):
+            raise ValueError(f"active_modalities {sorted(active)} must be a subset of {MODALITIES}")
+        for key in ("text_ids", "text_mask", "video", "video_mask", "audio", "audio_mask", "present"):
+            if key not in batch:
+                raise KeyError(f"batch has no {key!r} (keys: {sorted(batch)})")
+        masks = {}
+        for i, m in enumerate(MODALITIES):
+            mask = batch[f"{m}_mask"].bool() & batch["present"][:, i : i + 1].bool()
+            masks[m] = mask if m in active else torch.zeros_like(mask)
+        return masks
+
+    def trunk(self, batch, active_modalities=None, return_sequences=False):
+        """Text encoder, BiLSTMs, hierarchical cross-attention and pooling, once: fused [B, 3*hidden].
+        With return_sequences, also {modality: [B, L, hidden]}, each branch's output before pooling
+        (the pretraining heads predict masked tokens and segments from them)."""
+        masks = self.effective_masks(batch, active_modalities)
+        seqs = {"text": self.text_encoder(batch["text_ids"], masks["text"]),
+                "video": self.video_encoder(batch["video"], masks["video"]),
+                "audio": self.audio_encoder(batch["audio"], masks["audio"])}
+        outs = [self.branches[q](seqs[q], masks[q], seqs[c1], masks[c1], seqs[c2], masks[c2], return_sequence=True)
+                for q, c1, c2 in self.config.branches]
+        fused = torch.cat([pooled for pooled, _ in outs], dim=-1)
+        if return_sequences:
+            return fused, {q: seq for (q, _, _), (_, seq) in zip(self.config.branches, outs)}
+        return fused
+
+    def classify(self, fused) -> torch.Tensor:
+        """fused [B, 3H] -> logits [B, T, 2], tasks in the order of self.tasks."""
+        return torch.stack([self.heads[t](fused) for t in self.tasks], dim=1)
+
+    def forward(self, batch, active_modalities=None) -> torch.Tensor:
+        return self.classify(self.trunk(batch, active_modalities))
+
+    # ----- parameter groups ---------------------------------------------------------------------------------
+    def shared_parameters(self) -> list:
+        """Every trunk parameter (everything except the heads)."""
+        return [p for n, p in self.named_parameters() if not n.startswith("heads.")]
+
+    def head_parameters(self) -> list:
+        return list(self.heads.parameters())
+
+    def last_shared_parameters(self) -> list:
+        """The last layer shared by all heads: the three LayerNorms after attention pooling (their outputs are
+        concatenated into `fused`, which every head reads). GradNorm measures per-task gradient norms here."""
+        return [p for b in self.branches.values() for p in b.pool_norm.parameters()]
+
+    def parameter_counts(self) -> dict:
+        counts = {name: sum(p.numel() for p in module.parameters()) for name, module in self.named_children()}
+        counts["total"] = sum(p.numel() for p in self.parameters())
+        return counts
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Loading checkpoints of the original code (Multi-Task/source/models/multi_task_model.py, class Bert_Model;
+# the binary model and the hybrid pre-training model use the same trunk names). Its trunk is an
+# nn.ModuleList `features` = [bert, rnn_img, rnn_img_drop_norm, rnn_audio, rnn_audio_drop_norm,
+# sequential_audio, sequential_image, att1, att1_drop_norm1, att1_drop_norm2, att2, ..., att3, ...,
+# attention (text pooling), attention_drop_norm, attention_audio, ..., attention_image, ...]; every
+# *_drop_norm is Sequential(Dropout, LayerNorm) (hence ".1."), sequential_* is Sequential(Linear, LayerNorm,
+# Dropout). att1/2/3 are the text/audio/video branches. Original prefix -> our prefix:
+ORIGINAL_NAME_MAP = {
+    "features.0.": "text_encoder.",               # HF BertModel ('bert-base-uncased' in the original)
+    "features.1.": "video_encoder.lstm.",          # rnn_img
+    "features.2.1.": "video_encoder.lstm_norm.",
+    "features.3.": "audio_encoder.lstm.",          # rnn_audio
+    "features.4.1.": "audio_encoder.lstm_norm.",
+    "features.5.0.": "audio_encoder.proj.",        # sequential_audio
+    "features.5.1.": "audio_encoder.proj_norm.",
+    "features.6.0.": "video_encoder.proj.",        # sequential_image
+    "features.6.1.": "video_encoder.proj_norm.",
+    "features.7.": "branches.text.attn.",          # att1: text <- video <- audio
+    "features.8.1.": "branches.text.norm1.",
+    "features.9.1.": "branches.text.norm2.",
+    "features.10.": "branches.audio.attn.",        # att2: audio <- video <- text
+    "features.11.1.": "branches.audio.norm1.",
+    "features.12.1.": "branches.audio.norm2.",
+    "features.13.": "branches.video.attn.",        # att3: video <- text <- audio (binary) / <- audio <- text (multi-task)
+    "features.14.1.": "branches.video.norm1.",
+    "features.15.1.": "branches.video.norm2.",
+    "features.16.": "branches.text.pool.",         # attention (u, v)
+    "features.17.1.": "branches.text.pool_norm.",
+    "features.18.": "branches.audio.pool.",        # attention_audio
+    "features.19.1.": "branches.audio.pool_norm.",
+    "features.20.": "branches.video.pool.",        # attention_image
+    "features.21.1.": "branches.video.pool_norm.",
+}
+# Not mapped (reported as unexpected): the original heads img_audio_text_linear_{mature,gory,slapstick,sarcasm}
+# (binary: img_audio_text_linear, sequential; pre-training: TAM_linear, ITM_linear, IAM_linear) are
+# Linear/BatchNorm stacks of another shape than our heads; BERT's pooler is unused here.
+
+
+def format_name_map() -> str:
+    return "\n".join(f"  {orig:<16} -> {ours}" for orig, ours in ORIGINAL_NAME_MAP.items())
+
+
+def original_to_ours(state: dict) -> dict:
+    """Rename original-code keys to ours; keys with no mapped prefix are kept unchanged (and then show up as
+    unexpected). A 'module.' prefix (DataParallel) is stripped first."""
+    out = {}
+    for k, v in state.items():
+        if k.startswith("module."):
+            k = k[len("module."):]
+        for orig, ours in ORIGINAL_NAME_MAP.items():
+            if k.startswith(orig):
+                k = ours + k[len(orig):]
+                break
+        out[k] = v
+    # inside BERT: HF conventions (old gamma/beta names, position_ids buffer)
+    bert = BertEncoder.hf_to_ours({k[len("text_encoder."):]: v for k, v in out.items() if k.startswith("text_encoder.")})
+    out = {k: v for k, v in out.items() if not k.startswith("text_encoder.")}
+    out.update({"text_encoder." + k: v for k, v in bert.items()})
+    return out
+
+
+def load_original_checkpoint(model: HCAModel, path_or_state_dict, verbose: bool = True, show_map: bool = False):
+    """Load a checkpoint of the original code into `model`, non-strictly, through ORIGINAL_NAME_MAP.
+
+    Accepts a path or a dict: {"model_state": state_dict} (as best_pretrain_matching.pth), {"state_dict": ...},
+    {"model": ...}, or a raw state dict. Tensors whose shape differs from ours (e.g. the original's uncased
+    BERT vocabulary of 30522 rows against our 28996, or a smaller model size) are not loaded: they are
+    counted as missing and listed in the report. Returns (missing, unexpected) lists of key names
+    (missing: ours, not loaded; unexpected: theirs after renaming, not used)."""
+    if isinstance(path_or_state_dict, (str, Path)):
+        state = torch.load(path_or_state_dict, map_location="cpu", weights_only=False)
+        source = str(path_or_state_dict)
+    else:
+        state, source = path_or_state_dict, "state dict"
+    for key in ("model_state", "state_dict", "model"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise ValueError(f"{source}: not a state dict (nor a dict with 'model_state')")
+    renamed = original_to_ours(state)
+    ours = model.state_dict()
+    mismatched = [k for k, v in renamed.items() if k in ours and ours[k].shape != v.shape]
+    result = model.load_state_dict({k: v for k, v in renamed.items() if k not in mismatched}, strict=False)
+    missing = sorted(set(result.missing_keys) | set(mismatched))
+    unexpected = sorted(result.unexpected_keys)
+    if verbose:
+        if show_map:
+            print("original -> ours name map:\n" + format_name_map())
+        loaded = len(renamed) - len(unexpected) - len(mismatched)
+        trunk_missing = [k for k in missing if not k.startswith("heads.")]
+        print(f"load_original_checkpoint({source}): loaded {loaded} of our {len(ours)} tensors; "
+              f"missing {len(missing)} ({len(trunk_missing)} in the trunk: {trunk_missing[:6]}); "
+              f"unexpected {len(unexpected)}: {unexpected[:6]}")
+        for k in mismatched:
+            print(f"  shape mismatch, not loaded: {k}: checkpoint {tuple(renamed[k].shape)}, ours {tuple(ours[k].shape)}")
+    return missing, unexpected
+
+
+def config_from_dict(d: dict) -> HCAConfig:
+    """HCAConfig from a (saved) dict; unknown keys are an error. `branches` lists are turned back into tuples."""
+    names = {f.name for f in fields(HCAConfig)}
+    unknown = set(d) - names
+    if unknown:
+        raise ValueError(f"unknown HCAConfig fields: {sorted(unknown)}")
+    d = dict(d)
+    if "branches" in d:
+        d["branches"] = tuple(tuple(b) for b in d["branches"])
+    return replace(HCAConfig(), **d)
