@@ -1,7 +1,7 @@
 PYTHON ?= python3
 PROFILE ?= quick
 DATA ?=
-JOBS ?= 1
+JOBS ?= 2
 SEEDS ?= 3
 
 .PHONY: build data test bench compare clean
@@ -28,5 +28,5 @@ compare:
 	$(PYTHON) common/compare.py --profile $(PROFILE) --jobs $(JOBS) --seeds $(SEEDS) $(if $(DATA),--data $(DATA),)
 
 clean:
-	rm -rf csrc/build data_prep/synthetic .pytest_cache
+	rm -rf csrc/build data_prep/synthetic data_prep/synthetic_quick .pytest_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -41,6 +41,9 @@ from common.pretrain import PRETRAIN_TASKS, PretrainObjective
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO / "data_prep" / "synthetic"
+# the same generator at 25% of the size: make compare's quick profile (many runs in ~30 minutes)
+QUICK_DATA = REPO / "data_prep" / "synthetic_quick"
+SYNTHETIC_SCALES = {DEFAULT_DATA: 1.0, QUICK_DATA: 0.25}
 
 
 # ---------------------------------------------------------------- arguments
@@ -51,7 +54,7 @@ def build_parser(description=None):
                    help="folder with train.h5, val.h5, test.h5 (default: the synthetic set, made if missing)")
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=5e-4,
+    p.add_argument("--lr", type=float, default=1e-3,
                    help="Adam learning rate (the original used 1.5e-5 for a pretrained BERT-base)")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--clip-grad", type=float, default=1.0, help="max global grad norm, 0 = off")
@@ -118,13 +121,14 @@ def epoch_batches(n, batch_size, seed, epoch, lengths=None):
 
 
 def ensure_data(path):
-    """The default synthetic data is made on first use; other data must already exist."""
+    """The synthetic sets are made on first use; other data must already exist."""
     path = Path(path)
     if all((path / f"{s}.h5").exists() for s in ("train", "val", "test")):
         return path
-    if path.resolve() == DEFAULT_DATA.resolve():
+    scale = {p.resolve(): v for p, v in SYNTHETIC_SCALES.items()}.get(path.resolve())
+    if scale is not None:
         from data_prep.synthesize import ensure_default_data
-        ensure_default_data(str(path))
+        ensure_default_data(str(path), scale=scale)
         return path
     raise SystemExit(f"--data {path}: expected train.h5, val.h5 and test.h5 (see data_prep/build_h5.py)")
 

@@ -72,7 +72,7 @@ DEFAULT_MODALITIES = {
 DEFAULT_NOISE = {"video": 0.5, "audio": 0.5}
 DEFAULT_LABEL_NOISE = {"binary": 0.10, "mature": 0.10, "gory": 0.05, "slapstick": 0.10, "sarcasm": 0.15}
 DEFAULT_CONFLICT = {("slapstick", "sarcasm"): 0.5}
-GAIN = 1.0            # video/audio signal per segment, in units of the noise std
+GAIN = 3.0            # video/audio signal per segment, in units of the noise std (3: learnable by the small models within a few epochs)
 SEGMENT_FRACTION = 0.5
 TEXT_RATE = 3.0       # mean trigger tokens per clip at strength * weight = 1
 N_TRIGGERS = 8

@@ -75,6 +75,9 @@ def test_output_shapes_and_task_order():
     assert fused.shape == (len(LENGTHS), 3 * H)
     assert logits.shape == (len(LENGTHS), len(TASKS), 2)
     assert torch.isfinite(logits).all()
+    fused2, seqs = model.trunk(batch, return_sequences=True)  # the branch outputs before pooling (pretraining)
+    assert torch.equal(fused2, fused)
+    assert {m: s.shape for m, s in seqs.items()} == {m: (*batch[f"{m}_mask"].shape, H) for m in MODALITIES}
     # task t's logits come from head t, in the order of model.tasks
     sub = HCAModel(TINY, tasks=("gory", "binary")).eval()
     sub.load_state_dict(model.state_dict(), strict=False)
