@@ -52,7 +52,7 @@ def build_parser(description=None):
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(DEFAULT_DATA),
                    help="folder with train.h5, val.h5, test.h5 (default: the synthetic set, made if missing)")
-    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3,
                    help="Adam learning rate (the original used 1.5e-5 for a pretrained BERT-base)")
@@ -79,7 +79,8 @@ def build_parser(description=None):
     p.add_argument("--max-steps", type=int, default=0, help="stop after N optimizer steps (0 = no limit; smoke tests)")
     p.add_argument("--on-nonfinite", choices=("stop", "skip"), default="stop",
                    help="a NaN/Inf loss or gradient stops the run with a report, or skips the batch (counted)")
-    p.add_argument("--bucket", action="store_true", help="length-bucketed batches (less padding)")
+    p.add_argument("--bucket", action=argparse.BooleanOptionalAction, default=True,
+                   help="batches of clips of similar text length (less padding; --no-bucket for plain shuffling)")
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     p.add_argument("--quiet", action="store_true", help="no progress line")
@@ -474,6 +475,12 @@ class Run:
                 if json.loads(line).get("step", 0) <= step and json.loads(line).get("event") != "end"]
         path.write_text("".join(line + "\n" for line in keep))
 
+    def say(self, message):
+        """Print a line of the strategy's own (a decision), over the progress line when there is one."""
+        if not self.args.quiet and sys.stderr.isatty():
+            print("\r\033[K", end="", file=sys.stderr, flush=True)
+        print(f"[{self.strategy}] {message}", flush=True)
+
     def _show_progress(self):
         if self.args.quiet or not sys.stderr.isatty():
             return
@@ -558,6 +565,20 @@ class Run:
         print(format_metrics(test, self.tasks, title=f"{self.strategy} {self.dir.name}: test metrics (best val model)"))
         print(f"summary: {self.dir / 'summary.json'}")
         return summary
+
+
+def train_sum_of_losses(run):
+    """The plainest loop, for strategies that train several models (one per task, one per group):
+    every task of the run on every batch, equal weights. Returns the summary."""
+    run.start()
+    for batch in run.batches():
+        losses = run.task_losses(batch)
+        run.step(losses.sum(), losses, batch)
+        run.log_step(losses)
+        if run.at_eval():
+            run.validate()
+            run.save_checkpoint()
+    return run.finish()
 
 
 def merge_summaries(summaries, tasks, strategy):

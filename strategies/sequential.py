@@ -91,7 +91,7 @@ def main(argv=None):
             metrics = run.validate(task=phases.task)
             scores = {t: metrics["per_task"][t][args.metric] for t in run.tasks}
             if phases.observe(scores[phases.task], run.step_count):
-                print(f"\n[sequential] step {run.step_count}: {phases.task} done ({args.metric} {scores[phases.task]:.3f})")
+                run.say(f"step {run.step_count}: {phases.task} done ({args.metric} {scores[phases.task]:.3f})")
                 run.log({"event": "phase_end", "step": run.step_count, "task": phases.task, "scores": scores})
                 phases.next(scores, run.step_count)
             run.save_checkpoint()

@@ -16,20 +16,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.data import TASKS  # noqa: E402
-from common.train import Run, build_parser, format_metrics, merge_summaries, parse_tasks, write_json  # noqa: E402
-
-
-def train_one(args, task):
-    run = Run(args, strategy="single_task", tasks=[task], run_name=f"seed{args.seed}/{task}")
-    run.start()
-    for batch in run.batches():
-        losses = run.task_losses(batch)              # [1]: this model has one head
-        run.step(losses.sum(), losses, batch)
-        run.log_step(losses)
-        if run.at_eval():
-            run.validate()
-            run.save_checkpoint()
-    return run.finish()
+from common.train import (Run, build_parser, format_metrics, merge_summaries, parse_tasks,  # noqa: E402
+                          train_sum_of_losses, write_json)
 
 
 def main(argv=None):
@@ -46,7 +34,9 @@ def main(argv=None):
             print(f"[single_task] {task}: finished earlier, kept ({done})")
             summaries[task] = json.loads(done.read_text())
         else:
-            summaries[task] = train_one(args, task)
+            # one model with one head, trained on that task's loss alone
+            run = Run(args, strategy="single_task", tasks=[task], run_name=f"seed{args.seed}/{task}")
+            summaries[task] = train_sum_of_losses(run)
 
     # the combined summary: every task trained so far for this seed (a --task run adds its task)
     for task_dir in sorted(p for p in root.iterdir() if (p / "summary.json").exists()):

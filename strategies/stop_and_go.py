@@ -58,7 +58,7 @@ def main(argv=None):
         if run.at_eval():
             metrics = run.validate(states=rule.states())
             for task, state in rule.observe({t: metrics["per_task"][t][args.metric] for t in run.tasks}):
-                print(f"\n[stop_and_go] step {run.step_count}: {task} -> {state.upper()}", flush=True)
+                run.say(f"step {run.step_count}: {task} -> {state.upper()}")
                 run.log({"event": "transition", "step": run.step_count, "task": task, "state": state})
             run.log({"event": "states", "step": run.step_count, "states": rule.states()})
             run.save_checkpoint()

@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 from common.gradagg import TaskGradBuffer  # noqa: E402
-from common.train import Run, build_parser, format_metrics, merge_summaries, write_json  # noqa: E402
+from common.train import Run, build_parser, format_metrics, merge_summaries, train_sum_of_losses, write_json  # noqa: E402
 
 
 def lookahead_affinity(task_losses, params, grads, lr):
@@ -143,16 +143,7 @@ def train_group(args, group, name, epochs=None):
     """One model for one group of tasks, equal weights."""
     sub = argparse.Namespace(**vars(args))
     sub.epochs = epochs or args.epochs
-    run = Run(sub, strategy="task_grouping", tasks=list(group), run_name=f"seed{args.seed}/{name}")
-    run.start()
-    for batch in run.batches():
-        losses = run.task_losses(batch)
-        run.step(losses.sum(), losses, batch)
-        run.log_step(losses)
-        if run.at_eval():
-            run.validate()
-            run.save_checkpoint()
-    return run.finish()
+    return train_sum_of_losses(Run(sub, strategy="task_grouping", tasks=list(group), run_name=f"seed{args.seed}/{name}"))
 
 
 def main(argv=None):
