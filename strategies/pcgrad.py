@@ -13,7 +13,9 @@ where built).
 --grad-space representation (default): per-task gradients of the fused representation z [B, 3H]; one
 backward through the trunk with the combined gradient. --grad-space params: per-task gradients of all
 shared parameters (exact, T backward passes through the trunk). The default was chosen by measurement
-(make bench, whole training step): see the README's numbers.
+(make bench, whole training step, small model, batch 16, 2 CPU cores, one run): the equal-weight step
+750 ms, PCGrad in representation space 703 ms (0.94x, within noise of 1), in parameter space 2729 ms
+(3.64x).
 
     python strategies/pcgrad.py
     python strategies/pcgrad.py --grad-space params --weighting uncertainty
