@@ -3,6 +3,7 @@ PROFILE ?= quick
 DATA ?=
 JOBS ?= 2
 SEEDS ?= 3
+PRETRAIN ?=
 
 .PHONY: build data test bench compare clean
 
@@ -23,9 +24,9 @@ test:
 bench:
 	$(PYTHON) tests/bench.py
 
-## compare: every strategy x seeds on the default data -> results/compare.md, results/compare.csv
+## compare: every strategy x seeds -> results/compare.md, results/compare.csv (PRETRAIN=1 adds the pretraining section)
 compare:
-	$(PYTHON) common/compare.py --profile $(PROFILE) --jobs $(JOBS) --seeds $(SEEDS) $(if $(DATA),--data $(DATA),)
+	$(PYTHON) common/compare.py --profile $(PROFILE) --jobs $(JOBS) --seeds $(SEEDS) $(if $(DATA),--data $(DATA),) $(if $(PRETRAIN),--pretraining,)
 
 clean:
 	rm -rf csrc/build data_prep/synthetic data_prep/synthetic_quick .pytest_cache

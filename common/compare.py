@@ -16,6 +16,7 @@ import csv
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -40,7 +41,7 @@ VARIANTS = {
 }
 PROFILES = {
     # ~30 minutes for every strategy x 3 seeds on 2 cores: the tiny model on the synthetic set at 25% size
-    "quick": ["--data", str(QUICK_DATA), "--model-size", "tiny", "--epochs", "3", "--lr", "2e-3", "--eval-every", "15"],
+    "quick": ["--data", str(QUICK_DATA), "--model-size", "tiny", "--epochs", "2", "--lr", "2e-3", "--eval-every", "23"],
     "full": ["--model-size", "full", "--epochs", "30", "--batch-size", "8", "--lr", "1.5e-5"],
 }
 BASELINE = "all_at_once"
@@ -71,26 +72,28 @@ def execute(script, variant, seed, root, extra, index, log_dir):
     """Run one strategy script (or reuse its finished run); returns its index entry."""
     key = run_key(script, variant, seed)
     entry = index.get(key)
+    if entry and entry.get("extra") != extra:
+        entry = None  # made with other settings (profile, data): not reusable, and not resumable either
     if entry and entry.get("status") == "ok" and Path(entry["summary"]).exists():
         return entry
     cmd = [sys.executable, str(REPO / "strategies" / f"{script}.py"), "--seed", str(seed), "--out", str(root),
            "--quiet", *extra, *variant]
     if entry:  # started before and not finished: continue it
         cmd.append("--resume")
-    log = log_dir / (key.replace(" ", "_") + ".log")
+    log = log_dir / (re.sub(r"[^A-Za-z0-9_.=-]+", "_", key)[-200:] + ".log")
     t0 = time.time()
-    index[key] = {"status": "running", "cmd": cmd}
+    index[key] = {"status": "running", "cmd": cmd, "extra": extra}
     with open(log, "w") as f:
         proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
     lines = [x for x in log.read_text().splitlines() if x.strip()]
     # every script ends by printing "summary: <path>" (Run.finish)
     written = [x.split("summary: ", 1)[1] for x in lines if x.startswith("summary: ")]
     if proc.returncode == 0 and written and Path(written[-1]).exists():
-        return {"status": "ok", "summary": written[-1], "seconds": time.time() - t0, "log": str(log)}
+        return {"status": "ok", "summary": written[-1], "seconds": time.time() - t0, "log": str(log), "extra": extra}
     error = lines[-1] if lines else f"exit code {proc.returncode}"
     if proc.returncode == 0:
         error = "finished without printing its summary path"
-    return {"status": "failed", "error": error[:300], "log": str(log), "cmd": cmd}
+    return {"status": "failed", "error": error[:300], "log": str(log), "cmd": cmd, "extra": extra}
 
 
 # ---------------------------------------------------------------- statistics
@@ -257,6 +260,55 @@ def write_outputs(rows, decisions, csv_rows, tasks, out_dir, profile, seeds):
     return text
 
 
+# pretraining section: fine-tuning with all_at_once from no pretraining vs from pretraining scheduled by each
+PRETRAIN_SCHEDULERS = ("all_at_once", "round_robin", "dynamic_sampling", "stop_and_go", "curriculum")
+
+
+def pretraining_section(schedulers, seeds, root, extra, index, log_dir, jobs, save):
+    """Pretrain with each scheduler, fine-tune with all_at_once from its best.pt; returns the table rows."""
+    def chain(scheduler, seed):
+        pre = (scheduler, ["--stage", "pretrain", "--run", f"pre_seed{seed}"], seed)
+        index[run_key(*pre)] = execute(*pre, root, extra, index, log_dir)
+        save()
+        entry = index[run_key(*pre)]
+        if entry["status"] != "ok":
+            return None
+        best = str(Path(entry["summary"]).parent / "best.pt")
+        ft = ("all_at_once", ["--init", best, "--run", f"from_{scheduler}_seed{seed}"], seed)
+        index[run_key(*ft)] = execute(*ft, root, extra, index, log_dir)
+        save()
+        return ft
+
+    with ThreadPoolExecutor(max_workers=max(jobs, 1)) as pool:
+        chains = {(S, s): pool.submit(chain, S, s) for S in schedulers for s in seeds}
+    results = {"none": {}}
+    for s in seeds:  # no pretraining: the main table's all_at_once runs
+        entry = index.get(run_key("all_at_once", [], s), {})
+        if entry.get("status") == "ok":
+            results["none"][s] = json.loads(Path(entry["summary"]).read_text())
+    for (S, s), future in chains.items():
+        ft = future.result()
+        entry = index.get(run_key(*ft), {}) if ft else {}
+        results.setdefault(S, {})
+        if entry.get("status") == "ok":
+            results[S][s] = json.loads(Path(entry["summary"]).read_text())
+    base = results["none"]
+    rows = []
+    for init, runs in results.items():
+        ss = sorted(runs)
+        f1 = [runs[s]["test"]["mean"]["f1_pos"] for s in ss]
+        paired = [s for s in ss if s in base and init != "none"]
+        vs = "-"
+        if paired:
+            diffs = [runs[s]["test"]["mean"]["f1_pos"] - base[s]["test"]["mean"]["f1_pos"] for s in paired]
+            _, pval = paired_t_test([runs[s]["test"]["mean"]["f1_pos"] for s in paired],
+                                    [base[s]["test"]["mean"]["f1_pos"] for s in paired])
+            vs = "".join("+" if d > 0 else "-" if d < 0 else "=" for d in diffs) + (f" p={pval:.2f}" if not math.isnan(pval) else "")
+        rows.append([init, len(ss), mean_std(f1), mean_std([runs[s]["test"]["mean"]["f1_macro"] for s in ss]),
+                     mean_std([runs[s]["test"]["mean"]["ap"] for s in ss]), vs])
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", choices=sorted(PROFILES), default="quick")
@@ -266,6 +318,9 @@ def main(argv=None):
     p.add_argument("--only", default="", help="comma-separated strategy scripts (default: all)")
     p.add_argument("--out", default=str(REPO / "results"))
     p.add_argument("--extra", default="", help="extra arguments passed to every script (quoted)")
+    p.add_argument("--pretraining", action="store_true",
+                   help="add the pretraining section: all_at_once fine-tuned from pretraining under each scheduler")
+    p.add_argument("--pretrain-schedulers", default=",".join(PRETRAIN_SCHEDULERS))
     args = p.parse_args(argv)
 
     seeds = list(range(args.seeds))
@@ -281,11 +336,14 @@ def main(argv=None):
     index_path = root / "index.json"
     index = json.loads(index_path.read_text()) if index_path.exists() else {}
 
+    def save():
+        index_path.write_text(json.dumps(index, indent=1))
+
     def one(r):
         key = run_key(*r)
         print(f"[compare] {key} ...", flush=True)
         index[key] = execute(*r, root, extra, index, log_dir)
-        index_path.write_text(json.dumps(index, indent=1))
+        save()
         e = index[key]
         print(f"[compare] {key}: {e['status']}" + (f" ({e['error']})" if e["status"] == "failed" else ""), flush=True)
 
@@ -296,7 +354,18 @@ def main(argv=None):
         list(pool.map(one, rest))
 
     rows, decisions, csv_rows = build_tables(index, plan, list(TASKS))
-    print(write_outputs(rows, decisions, csv_rows, list(TASKS), out, args.profile, seeds))
+    text = write_outputs(rows, decisions, csv_rows, list(TASKS), out, args.profile, seeds)
+    if args.pretraining:
+        from tabulate import tabulate
+        pre_rows = pretraining_section(args.pretrain_schedulers.split(","), seeds, root, extra, index, log_dir,
+                                       args.jobs, save)
+        text += ("\n## Pretraining: all_at_once fine-tuned from pretraining scheduled by each strategy\n\n"
+                 "Test metrics (mean over seeds); the last column compares mean F1+ with no pretraining, "
+                 "per seed and by a paired t-test.\n\n"
+                 + tabulate(pre_rows, headers=["pretrained with", "seeds", "mean F1+", "mean F1 macro", "mean AP",
+                                               "vs none (sign per seed, p)"], tablefmt="github") + "\n")
+        (out / "compare.md").write_text(text)
+    print(text)
     print(f"written {out / 'compare.md'} and {out / 'compare.csv'}")
 
 

@@ -61,3 +61,19 @@ def test_failed_run_is_shown_and_others_continue(tiny_data, tmp_path):
     compare.main(argv)
     md = (tmp_path / "compare.md").read_text()
     assert "failed" in md and "learning rate" in md.lower()
+
+
+def test_pretraining_section(tiny_data, tmp_path):
+    argv = ["--only", "all_at_once", "--seeds", "1", "--out", str(tmp_path), "--data", str(tiny_data),
+            "--pretraining", "--pretrain-schedulers", "round_robin",
+            "--extra", "--model-size tiny --epochs 1 --batch-size 8"]
+    compare.main(argv)
+    md = (tmp_path / "compare.md").read_text()
+    section = md.split("## Pretraining")[1]
+    assert "| none" in section and "| round_robin" in section
+    ft = json.loads((tmp_path / "runs/quick/all_at_once/from_round_robin_seed0/summary.json").read_text())
+    pre = tmp_path / "runs/quick/round_robin_pretrain/pre_seed0/best.pt"
+    assert pre.exists()
+    start = json.loads((tmp_path / "runs/quick/all_at_once/from_round_robin_seed0/metrics.jsonl").read_text().splitlines()[0])
+    assert start["args"]["init"] == str(pre)
+    assert f"{ft['test']['mean']['f1_pos']:.3f}" in section.split("| round_robin")[1].split("\n")[0]

@@ -122,3 +122,45 @@ def test_grouping_search_finds_the_planted_grouping():
     score, part = best[2]
     assert sorted(sorted(g) for g in part) == sorted(sorted(g) for g in planted)
     assert max(best, key=lambda k: best[k][0]) == 2
+
+
+def test_modality_curriculum_phases_then_all():
+    from strategies.modality_curriculum import curriculum_modalities
+    order = ["text", "video", "audio"]
+    got = [curriculum_modalities(step, order, 10) for step in (0, 9, 10, 25, 29, 30, 100)]
+    assert got == [("text",), ("text",), ("video",), ("audio",), ("audio",), None, None]
+
+
+def test_modality_dropout_never_drops_everything_and_drops_at_the_rate():
+    from strategies.modality_curriculum import dropout_modalities
+    g = torch.Generator().manual_seed(0)
+    draws = [dropout_modalities(0.3, g) for _ in range(3000)]
+    assert all(d is None or len(d) >= 1 for d in draws)
+    kept_text = sum(d is None or "text" in d for d in draws) / len(draws)
+    # P(keep) = 0.7, conditioned on not dropping all three: 0.7 / (1 - 0.3^3)
+    assert kept_text == pytest.approx(0.7 / (1 - 0.027), abs=0.03)
+
+
+def test_dwa_weights_follow_the_loss_ratio_of_the_last_two_epochs():
+    from common.weighting import DWAWeights
+    dwa = DWAWeights(2, tau=2.0)
+    on = torch.tensor([True, True])
+    for epoch, losses in enumerate([[1.0, 1.0], [0.5, 0.9], [0.4, 0.9]]):
+        dwa.observe(torch.tensor(losses), on, epoch)
+        if epoch < 2:
+            assert dwa.weights().tolist() == [1.0, 1.0]     # fewer than two finished epochs
+    r = torch.tensor([0.5 / 1.0, 0.9 / 1.0])
+    expected = 2 * torch.softmax(r / 2.0, 0)
+    assert torch.allclose(dwa.weights(), expected)
+    assert dwa.weights()[1] > dwa.weights()[0]             # the slower task gets more weight
+
+
+def test_famo_moves_weight_to_the_task_whose_loss_falls_slower():
+    from common.weighting import FAMOWeights
+    famo = FAMOWeights(2, lr=0.1, gamma=0.0)
+    on = torch.tensor([True, True])
+    loss = torch.tensor([1.0, 1.0])
+    for _ in range(5):
+        famo.observe(loss, on, 0)
+        loss = loss * torch.tensor([0.5, 0.95])           # task 0 improves fast, task 1 slowly
+    assert famo.weights()[1] > famo.weights()[0]
