@@ -1,185 +1,403 @@
 """Gradient aggregators as pure functions of the Gram matrix (TorchJD's split of weighting and combine).
 
-Each method maps the T x T Gram matrix G (float64, G[i, j] = <g_i, g_j> of the per-task gradients of the
-shared part) to T weights w; the shared update is sum_t w_t g_t, formed by gradagg.combine (the csrc/
-kernel) straight into .grad. No model and no gradients are seen here, so each rule is tested on
-hand-made matrices (tests/test_aggregators.py).
+Every method here is a *weighting*: it maps the T x T Gram matrix G of the per-task gradients of the
+shared part (float64, G[i, j] = <g_i, g_j>) to T float64 weights w, and the shared update is
+d = sum_t w_t g_t, formed elsewhere by gradagg.combine (the csrc/ kernel) straight into .grad:
 
-AGGREGATORS[name](G, ctx) -> w. ctx is a small dict the caller keeps between steps (and checkpoints):
-ctx["generator"] (PCGrad's random order), ctx["nash_alpha"] (Nash-MTL's warm start).
+    G = gradagg.gram(buf)                        # [T, T]
+    w = mgda_weights(G)                          # any method below, a tiny T x T problem
+    gradagg.combine(buf, w, out=flat_grad)       # one pass over the gradients
+
+No model and no gradient is seen here, so each rule is tested on hand-made matrices
+(tests/test_aggregators.py). The solvers work in float64 on the CPU (numpy; T is 2..10) and return a
+CPU float64 tensor. Each method is invariant to scaling G as a whole wherever its paper's rule is, because
+each solver first divides G by a scalar (its trace, or its Frobenius norm for Nash-MTL as the official
+code does) and undoes that where the rule depends on the scale.
+
+A task whose gradient is zero (G[t, t] <= 1e-14 * max_s G[s, s]) cannot be hurt or helped to first order;
+MGDA, Nash-MTL and IMTL-G are undefined or degenerate with it (the min-norm point is 0; 1/alpha_t and
+u_t = g_t / ||g_t|| do not exist), so they solve on the other tasks and give it weight 0. CAGrad keeps
+it in the mean gradient g0 (as the official code) but not in its worst case; Aligned-MTL drops it with
+the null eigenvectors; PCGrad skips it as a projection target.
+
+Registry: AGGREGATORS[name](G, ctx) -> w with one signature for all. ctx is a small dict that the
+caller keeps between steps (and checkpoints): ctx["generator"] a torch.Generator for PCGrad's random
+projection order, ctx["nash_alpha"] Nash-MTL's warm start (written back by the call). Other methods
+ignore ctx. Hyperparameters are the published defaults; for others, call the method directly or wrap it,
+e.g. lambda G, ctx: cagrad_weights(G, c=0.4).
 """
 import math
 
+import numpy as np
 import torch
 
 from common import gradagg
 
-
-def _nonzero(G, eps=1e-20):
-    """Indices of the tasks whose gradient is not zero: a zero gradient takes no part and gets weight 0."""
-    return (G.diagonal() > eps).nonzero().flatten()
+ZERO_GRAD = 1e-14  # G[t, t] <= ZERO_GRAD * max_s G[s, s]: task t's gradient counts as zero
 
 
-def _on_nonzero(G, solve):
-    """Run solve on the Gram matrix of the non-zero gradients; zero gradients get weight 0."""
-    G = torch.as_tensor(G, dtype=torch.float64)
-    keep = _nonzero(G)
-    w = torch.zeros(G.shape[0], dtype=torch.float64)
-    if keep.numel():
-        w[keep] = solve(G[keep][:, keep])
-    return w
+# ----------------------------------------------------------------------------- helpers
+
+def _gram(G):
+    """G as a symmetric float64 numpy array [T, T] (checked square and finite)."""
+    G = torch.as_tensor(G).detach().to("cpu", torch.float64).numpy()
+    if G.ndim != 2 or G.shape[0] != G.shape[1]:
+        raise ValueError(f"aggregators: the Gram matrix must be square [T, T], got {G.shape}")
+    if not np.isfinite(G).all():
+        raise FloatingPointError("aggregators: the Gram matrix is not finite")
+    return 0.5 * (G + G.T)
 
 
-def pcgrad_weights(G, ctx):
-    """PCGrad (Yu et al., NeurIPS 2020) in coefficient space: see gradagg.pcgrad_coefficients."""
-    G = torch.as_tensor(G, dtype=torch.float64)
-    return gradagg.pcgrad_coefficients(G, gradagg.pcgrad_order(G.shape[0], ctx.get("generator")))
+def _nonzero(G):
+    """Indices of the tasks whose gradient is not zero."""
+    d = np.diag(G)
+    top = d.max() if d.size else 0.0
+    return np.flatnonzero(d > max(ZERO_GRAD * top, 0.0)) if top > 0 else np.zeros(0, dtype=int)
 
 
-def mgda_weights(G, ctx=None, iterations=500, tol=1e-12):
-    """MGDA (Sener & Koltun, NeurIPS 2018): the min-norm point of the convex hull of the gradients,
-    w = argmin_{w in simplex} w^T G w, by Frank-Wolfe with exact line search (the paper's Algorithm 2).
-    Applied to the Gram matrix of representation gradients this is MGDA-UB. Weights sum to 1."""
-    def solve(G):
-        T = G.shape[0]
-        w = torch.full((T,), 1.0 / T, dtype=torch.float64)
-        for _ in range(iterations):
-            Gw = G @ w
-            t = int(torch.argmin(Gw))
-            aa, ab, bb = float(w @ Gw), float(Gw[t]), float(G[t, t])
-            denom = aa - 2 * ab + bb
-            if denom <= tol:
-                break
-            gamma = min(max((aa - ab) / denom, 0.0), 1.0)   # step from w towards vertex t
-            if gamma <= tol:
-                break
-            w = (1 - gamma) * w
-            w[t] += gamma
-        return w
-    return _on_nonzero(G, solve)
+def _weights(w):
+    return torch.as_tensor(np.asarray(w, dtype=np.float64).copy())
 
 
 def _project_simplex(v):
-    """Euclidean projection onto the probability simplex (Duchi et al. 2008)."""
-    u, _ = torch.sort(v, descending=True)
-    css = torch.cumsum(u, 0) - 1
-    k = torch.arange(1, v.numel() + 1, dtype=v.dtype)
-    rho = int((u - css / k > 0).nonzero().max())
-    return torch.clamp(v - css[rho] / (rho + 1), min=0)
+    """Euclidean projection of v onto the probability simplex (Duchi et al., ICML 2008)."""
+    u = np.sort(v)[::-1]
+    css = np.cumsum(u) - 1.0
+    k = np.arange(1, v.size + 1)
+    rho = np.flatnonzero(u - css / k > 0)[-1]
+    return np.maximum(v - css[rho] / (rho + 1), 0.0)
 
 
-def cagrad_weights(G, ctx=None, c=0.5, rescale=1, iterations=2000):
-    """CAGrad (Liu et al., NeurIPS 2021; official code Cranial-XIX/CAGrad, c = 0.5, rescale = 1).
-    With g0 the mean gradient and phi = c ||g0||: w = argmin_{w in simplex} w^T G 1/T + phi ||g_w||
-    (projected gradient descent with backtracking, float64), then
-    d = g0 + phi / ||g_w|| g_w, divided by (1 + c^2) when rescale = 1 (the official default).
-    Returned as the weights of d: (1/T + phi / ||g_w|| w) / (1 + c^2). c = 0 gives the mean."""
-    G = torch.as_tensor(G, dtype=torch.float64)
+def _min_norm_simplex(A, max_iter=10000, tol=1e-13):
+    """argmin_{w in simplex} w^T A w for a PSD A scaled to trace 1.
+
+    T = 2: the closed form of the paper (Algorithm 1). T > 2: Frank-Wolfe from the centre of the simplex
+    with exact line search, as the paper's Algorithm 2, in its pairwise form (Lacoste-Julien & Jaggi,
+    NeurIPS 2015): each step moves weight from the worst vertex in use to the best one, which converges
+    linearly here (the objective is ||sum_t w_t g_t||^2) where the plain form zigzags. Stops when the
+    Frank-Wolfe duality gap, an upper bound on w^T A w - min, is below tol.
+    """
+    T = A.shape[0]
+    if T == 1:
+        return np.ones(1)
+    if T == 2:
+        denom = A[0, 0] + A[1, 1] - 2 * A[0, 1]            # ||g_1 - g_2||^2
+        gamma = 0.5 if denom <= 1e-300 else min(max((A[1, 1] - A[0, 1]) / denom, 0.0), 1.0)
+        return np.array([gamma, 1.0 - gamma])
+    w = np.full(T, 1.0 / T)
+    for _ in range(max_iter):
+        Aw = A @ w                                           # half the gradient of w^T A w
+        s = int(np.argmin(Aw))                               # best vertex
+        if w @ Aw - Aw[s] <= tol:                            # Frank-Wolfe gap
+            break
+        used = np.flatnonzero(w > 0)
+        v = int(used[np.argmax(Aw[used])])                   # worst vertex in use
+        curvature = A[s, s] + A[v, v] - 2 * A[s, v]          # ||g_s - g_v||^2
+        step = w[v] if curvature <= 0 else min((Aw[v] - Aw[s]) / curvature, w[v])
+        w[s] += step
+        w[v] -= step
+    return w
+
+
+# ----------------------------------------------------------------------------- methods
+
+def pcgrad_weights(G, generator=None):
+    """PCGrad (Yu et al., "Gradient Surgery for Multi-Task Learning", NeurIPS 2020) as a weighting.
+
+    Each task's gradient is projected off the normal plane of every task it conflicts with, in a random
+    order per task (drawn from generator); the update is the sum of the projected gradients. Done in
+    coefficient space by gradagg.pcgrad_coefficients (weights sum to about T, not 1).
+    """
+    G = torch.as_tensor(G).detach().to("cpu", torch.float64)
+    return gradagg.pcgrad_coefficients(G, gradagg.pcgrad_order(G.shape[0], generator))
+
+
+def mgda_weights(G, normalize="none", max_iter=10000, tol=1e-13):
+    """MGDA (Sener & Koltun, "Multi-Task Learning as Multi-Objective Optimization", NeurIPS 2018).
+
+    The update is the min-norm point of the convex hull of the task gradients:
+        w = argmin_{w in simplex} w^T G w,   d = sum_t w_t g_t,
+    a common descent direction (<d, g_t> >= ||d||^2 for every t) unless d = 0 (Pareto-stationary).
+    T = 2 in closed form, T > 2 by Frank-Wolfe with exact line search (the paper's Algorithm 2; see
+    _min_norm_simplex), to a duality gap of tol * trace(G). Returns w on the simplex (sum 1); zero
+    gradients get weight 0 and take no part (the exact min-norm point would then be d = 0).
+    MGDA-UB (the paper's upper bound) is this same function applied to the Gram matrix of the gradients
+    of the shared representation (--grad-space representation), not of the shared parameters.
+
+    normalize: "none" (default, as LibMTL's mgda_gn default) or "l2": the min-norm point of the unit
+    gradients g_t / ||g_t||; the weights returned then apply to the original gradients (sol_t / ||g_t||),
+    which is LibMTL's convention (it combines the normalised gradients). The official code's "loss" and
+    "loss+" normalisers need the losses, which a Gram matrix does not carry.
+    Conventions elsewhere: LibMTL and the official code return the same simplex weights; TorchJD's
+    MGDA stops Frank-Wolfe at a step size < 1e-3 (max 100 iterations), a looser solve.
+    """
+    G = _gram(G)
+    w = np.zeros(G.shape[0])
+    keep = _nonzero(G)
+    if keep.size == 0:
+        return _weights(w)
+    A = G[np.ix_(keep, keep)]
+    norms = np.sqrt(np.diag(A))
+    if normalize == "l2":
+        A = A / np.outer(norms, norms)
+    elif normalize != "none":
+        raise ValueError(f"mgda_weights: normalize must be 'none' or 'l2', got {normalize!r}")
+    sol = _min_norm_simplex(A / np.trace(A), max_iter, tol)
+    w[keep] = sol / norms if normalize == "l2" else sol
+    return _weights(w)
+
+
+def cagrad_weights(G, c=0.5, rescale=1, max_iter=20000, tol=1e-12):
+    """CAGrad (Liu, Liu, Jin, Stone, Liu, "Conflict-Averse Gradient Descent for Multi-task Learning",
+    NeurIPS 2021; official code Cranial-XIX/CAGrad nyuv2/utils.py cagrad(), c = alpha = 0.5, rescale = 1).
+
+    The update maximises the worst task's improvement min_t <d, g_t> in the ball ||d - g0|| <= c ||g0||
+    around the mean gradient g0 = sum_t g_t / T. With sqrt(phi) = c ||g0|| its dual is T-dimensional:
+        w = argmin_{w in simplex}  w^T G b + sqrt(phi) sqrt(w^T G w),   b = 1/T,
+    solved here by projected gradient descent with a backtracking (Armijo) step on the simplex until the
+    Frank-Wolfe gap is below tol (relative; the official code uses scipy SLSQP). Then
+        d = g0 + sqrt(phi) / ||g_w|| * g_w,   weights = 1/T + sqrt(phi) / ||g_w|| * w,
+    so ||d - g0|| = c ||g0|| exactly. rescale: 0 returns d, 1 (the official default) d / (1 + c^2),
+    2 d / (1 + c). c = 0 gives exactly the mean weights 1/T.
+    Deviations from the official code: none of its 1e-8 epsilons (sqrt(mean(G) + 1e-8) etc.), so the
+    rule is invariant to the scale of G; the dual is solved over the non-zero gradients only (a zero
+    gradient cannot be hurt), g0 still the mean over all T; where the optimum is g_w = 0 (0 in the convex
+    hull of the gradients with no better point: no conflict-averse direction) d = g0, as the official
+    code gives for an exact zero. g0 = 0 gives d = 0.
+    """
+    if c < 0:
+        raise ValueError(f"cagrad_weights: c must be >= 0, got {c}")
+    if rescale not in (0, 1, 2):
+        raise ValueError(f"cagrad_weights: rescale must be 0, 1 or 2, got {rescale}")
+    G = _gram(G)
     T = G.shape[0]
-    mean = torch.full((T,), 1.0 / T, dtype=torch.float64)
-    phi = c * math.sqrt(max(float(mean @ G @ mean), 0.0))
-    scale = {0: 1.0, 1: 1 + c * c, 2: 1 + c}[rescale]
-    if phi == 0:
-        return mean / scale
-    Gb = G @ mean
+    scale = {0: 1.0, 1: 1.0 + c * c, 2: 1.0 + c}[rescale]
+    mean = np.full(T, 1.0 / T)
+    keep = _nonzero(G)
+    g0_sq = float(mean @ G @ mean)                        # ||g0||^2
+    if c == 0 or keep.size == 0 or g0_sq <= 1e-16 * np.trace(G):
+        return _weights(mean / scale)
+    trace = np.trace(G)                                   # the dual is scale-free: solve on G / trace
+    A = G[np.ix_(keep, keep)] / trace
+    b = (G @ mean)[keep] / trace                          # <g_t, g0>
+    r = c * math.sqrt(g0_sq / trace)                      # sqrt(phi)
 
     def objective(w):
-        return float(w @ Gb) + phi * math.sqrt(max(float(w @ G @ w), 0.0) + 1e-12)
+        return b @ w + r * math.sqrt(max(w @ A @ w, 0.0))
 
-    w, step = mean.clone(), 1.0 / max(float(G.diagonal().max()), 1e-12)
+    def gradient(w):
+        norm = math.sqrt(max(w @ A @ w, 0.0))
+        return b + r * (A @ w) / norm if norm > 0 else b
+
+    w = np.full(keep.size, 1.0 / keep.size)
     f = objective(w)
-    for _ in range(iterations):
-        grad = Gb + phi * (G @ w) / math.sqrt(max(float(w @ G @ w), 0.0) + 1e-12)
-        while True:  # backtracking: a step that does not decrease the objective is halved
+    step = 1.0 / max(np.diag(A).max(), 1e-300)
+    for _ in range(max_iter):
+        grad = gradient(w)
+        if grad @ w - grad.min() <= tol:                   # Frank-Wolfe gap: f(w) - min f <= gap
+            break
+        while True:                                        # backtracking along the projection arc
             cand = _project_simplex(w - step * grad)
-            fc = objective(cand)
-            if fc <= f - 1e-4 * float(grad @ (w - cand)) or step < 1e-12:
+            f_cand = objective(cand)
+            if f_cand <= f + grad @ (cand - w) + (cand - w) @ (cand - w) / (2 * step) or step < 1e-20:
                 break
             step *= 0.5
-        if float((cand - w).abs().max()) < 1e-12:
+        if np.abs(cand - w).max() < 1e-15:
             break
-        w, f, step = cand, fc, step * 2
-    gw_norm = math.sqrt(max(float(w @ G @ w), 0.0))
-    lam = phi / (gw_norm + 1e-8)
-    return (mean + lam * w) / scale
+        w, f, step = cand, f_cand, step * 2.0
+    gw_norm = math.sqrt(max(w @ A @ w, 0.0))              # ||g_w|| / sqrt(trace)
+    weights = mean.copy()
+    if gw_norm > 1e-6 * r:                                # else: the optimum is g_w = 0, d = g0
+        weights[keep] += r / gw_norm * w
+    return _weights(weights / scale)
 
 
-def nash_mtl_weights(G, ctx=None, iterations=100):
-    """Nash-MTL (Navon et al., ICML 2022): alpha > 0 with G alpha = 1 / alpha, the Nash bargaining
-    solution. As the official code, G is first divided by its Frobenius norm. Solved by Newton's method on
-    the strictly convex phi(a) = a^T G a / 2 - sum log a (its stationary point is the condition), with a
-    backtracking line search that keeps a > 0; warm started from ctx["nash_alpha"]. Zero gradients get 0.
-    Scaling one task's gradient by k scales its alpha by 1/k: the update is unchanged."""
-    G = torch.as_tensor(G, dtype=torch.float64)
+def nash_mtl_weights(G, max_norm=1.0, optim_niter=100, state=None, return_state=False, ridge=1e-10):
+    """Nash-MTL (Navon, Shamsian, Achituve, Maron, Kawaguchi, Chechik, Fetaya, "Multi-Task Learning as a
+    Bargaining Game", ICML 2022; official code AvivNavon/nash-mtl methods/weight_methods.py NashMTL,
+    max_norm = 1.0, optim_niter = 20, update_weights_every = 1).
+
+    The Nash bargaining solution is d = sum_t alpha_t g_t with alpha > 0 solving
+        G alpha = 1 / alpha   (elementwise; then <d, g_t> = 1 / alpha_t for every task).
+    As the official code, G is first divided by its Frobenius norm s = ||G||_F, for conditioning; its
+    cvxpy constraint log(alpha_t * s) + log((G alpha / s)_t) >= 0 puts the factor back, so the alpha it
+    converges to solves the condition on the raw G, i.e. alpha = alpha_n / sqrt(s) with
+    (G / s) alpha_n = 1 / alpha_n. This function returns that alpha; then ||d||^2 = alpha^T G alpha = T
+    whatever the scale of the gradients. Then, as the official code's
+    clip_grad_norm_(shared_parameters, max_norm), alpha is scaled by min(1, max_norm / ||d||) when
+    max_norm > 0 (so with the default 1.0 and T >= 2, ||d|| = 1 every step); max_norm = 0 returns the raw
+    solution. The clip is applied to the update in the space G was taken in (the official code: the
+    shared parameters).
+    Solver: the condition is the stationary point of the strictly convex
+        f(a) = a^T A a / 2 - sum_t log a_t,   A = G / s + ridge * I,
+    found by Newton's method with a backtracking line search that keeps a > 0 (at most optim_niter
+    steps; it converges quadratically, to |a_t (A a)_t - 1| < 1e-12) instead of the official sequence of
+    convex approximations solved by cvxpy/ECOS (20 rounds, stopping at ||A a - 1/a|| < 1e-3). The ridge
+    (1e-10 relative to ||G||_F) only keeps a solution in existence where there is none (e.g. two exactly
+    opposite gradients, where the official ECOS solve fails and keeps the previous alpha).
+    Warm start: state is the previous normalised solution alpha_n (a float64 tensor [T]; None = cold
+    start from a_t = 1 / sqrt(A_tt) rescaled to a^T A a = T); with return_state=True the function
+    returns (alpha, new_state). Zero gradients get alpha 0.
+    Invariance (the paper's): scaling g_t by k scales alpha_t by 1/k and leaves d unchanged.
+    """
+    G = _gram(G)
+    T = G.shape[0]
+    alpha = np.zeros(T)
+    alpha_n = np.zeros(T)
     keep = _nonzero(G)
-    alpha_all = torch.zeros(G.shape[0], dtype=torch.float64)
-    if not keep.numel():
-        return alpha_all
-    Gk = G[keep][:, keep]
-    Gn = Gk / torch.linalg.norm(Gk)
-    warm = (ctx or {}).get("nash_alpha")
-    a = warm[keep].clone() if warm is not None and warm.shape == alpha_all.shape and (warm[keep] > 0).all() \
-        else torch.ones(keep.numel(), dtype=torch.float64)
+    if keep.size:
+        Gk = G[np.ix_(keep, keep)]
+        s = np.linalg.norm(Gk)                            # Frobenius norm, as torch.norm(GTG)
+        A = Gk / s + ridge * np.eye(keep.size)
+        warm = None if state is None else torch.as_tensor(state, dtype=torch.float64).cpu().numpy()
+        if warm is not None and warm.shape == (T,) and np.isfinite(warm).all() and (warm[keep] > 0).all():
+            a = warm[keep].copy()
+        else:
+            a = 1.0 / np.sqrt(np.diag(A))
+            a *= math.sqrt(keep.size / (a @ A @ a))       # the solution has a^T A a = T
 
-    def phi(x):
-        return float(0.5 * x @ Gn @ x - torch.log(x).sum())
-    for _ in range(iterations):
-        grad = Gn @ a - 1 / a
-        if float(grad.abs().max()) < 1e-10:
-            break
-        hess = Gn + torch.diag(1 / a ** 2)
-        step = torch.linalg.solve(hess, grad)
-        t, f0 = 1.0, phi(a)
-        while (a - t * step <= 0).any() or phi(a - t * step) > f0 - 1e-4 * t * float(grad @ step):
-            t *= 0.5
-            if t < 1e-12:
+        def f(x):
+            return 0.5 * x @ A @ x - np.log(x).sum()
+
+        for _ in range(optim_niter):
+            Aa = A @ a
+            if np.abs(a * Aa - 1.0).max() < 1e-12:
                 break
-        a = a - t * step
-    alpha_all[keep] = a
-    if ctx is not None:
-        ctx["nash_alpha"] = alpha_all.clone()
-    return alpha_all
+            grad = Aa - 1.0 / a
+            newton = np.linalg.solve(A + np.diag(1.0 / a ** 2), grad)
+            t, f0 = 1.0, f(a)
+            while t > 1e-12:                               # stay positive, decrease f (Armijo)
+                cand = a - t * newton
+                if (cand > 0).all() and f(cand) <= f0 - 1e-4 * t * (grad @ newton):
+                    break
+                t *= 0.5
+            else:
+                break
+            a = cand
+        alpha_n[keep] = a
+        alpha[keep] = a / math.sqrt(s)
+        if max_norm > 0:
+            norm = math.sqrt(max(alpha @ G @ alpha, 0.0))   # ||d||
+            if norm > max_norm:
+                alpha *= max_norm / norm
+    if return_state:
+        return _weights(alpha), _weights(alpha_n)
+    return _weights(alpha)
 
 
-def imtl_weights(G, ctx=None):
-    """IMTL-G (Liu et al., ICLR 2021): the update d = sum_t a_t g_t has equal projections onto every
-    unit gradient u_t = g_t / ||g_t||. With D rows g_1 - g_t and U rows u_1 - u_t (t >= 2):
-    a_{2..T} = g_1 U^T (D U^T)^{-1}, a_1 = 1 - sum a_{2..T}; every product is read from G. Invariant
-    to scaling a task's loss."""
-    def solve(G):
-        T = G.shape[0]
-        if T == 1:
-            return torch.ones(1, dtype=torch.float64)
-        n = G.diagonal().sqrt()
-        # <g_i, u_j> = G[i, j] / n_j
-        P = G / n[None, :]
-        gU = P[0, 0] - P[0, 1:]                                       # g_1 . (u_1 - u_t)
-        DU = (P[0, 0] - P[0, 1:])[None, :] - (P[1:, 0][:, None] - P[1:, 1:])  # (g_1 - g_s) . (u_1 - u_t)
-        a_rest = gU @ torch.linalg.pinv(DU)
-        return torch.cat([1 - a_rest.sum()[None], a_rest])
-    return _on_nonzero(G, solve)
+def imtl_weights(G):
+    """IMTL-G, the gradient part of IMTL (Liu, Li, Kuang, Xue, Chen, Yang, Liao, Zhang, "Towards
+    Impartial Multi-task Learning", ICLR 2021; as LibMTL's IMTL.py and SamsungLabs/MTL imtl/balancer.py).
+
+    The update d = sum_t a_t g_t has the same projection onto every task's unit gradient
+    u_t = g_t / ||g_t||, with sum_t a_t = 1. With D the rows g_1 - g_t and U the rows u_1 - u_t
+    (t = 2..T), the paper's closed form is
+        a_{2..T} = g_1 U^T (D U^T)^{-1},   a_1 = 1 - sum_{t>=2} a_t,
+    and every product is read from G: <g_i, u_j> = G[i, j] / sqrt(G[j, j]), so
+    (g_1 U^T)_t = P_11 - P_1t and (D U^T)_st = P_11 - P_1t - P_s1 + P_st with P[i, j] = <g_i, u_j>.
+    A singular D U^T (linearly dependent gradients) uses the pseudo-inverse, where the references use
+    torch.inverse (LibMTL) or add 1e-8 I (SamsungLabs); zero gradients get weight 0 (u_t is undefined).
+    The direction of d does not change when a task's loss is scaled. Only the gradient part: IMTL-L, the
+    learned loss scales, would be a loss weighting. If the equal projection comes out negative (d would
+    increase every loss to first order), the weights are negated (a deviation; the closed form is then
+    an ascent direction).
+    """
+    G = _gram(G)
+    w = np.zeros(G.shape[0])
+    keep = _nonzero(G)
+    if keep.size == 0:
+        return _weights(w)
+    Gk = G[np.ix_(keep, keep)] / np.trace(G)
+    if keep.size == 1:
+        w[keep] = 1.0
+        return _weights(w)
+    norms = np.sqrt(np.diag(Gk))
+    P = Gk / norms[None, :]                              # P[i, j] = <g_i, u_j>
+    gU = P[0, 0] - P[0, 1:]                               # g_1 . (u_1 - u_t)
+    DU = gU[None, :] - (P[1:, :1] - P[1:, 1:])            # (g_1 - g_s) . (u_1 - u_t)
+    a_rest = gU @ np.linalg.pinv(DU, rcond=1e-12)
+    a = np.concatenate([[1.0 - a_rest.sum()], a_rest])
+    if (Gk @ a)[0] / norms[0] < 0:                        # the common projection <d, u_t>
+        a = -a
+    w[keep] = a
+    return _weights(w)
 
 
-def aligned_mtl_weights(G, ctx=None):
-    """Aligned-MTL (Senushkin et al., CVPR 2023; as LibMTL's Aligned_MTL): with G = V diag(l) V^T over
-    its numerically non-zero eigenvalues, B = sqrt(l_min) V diag(l^-1/2) V^T and w = B.sum(0): the aligned
-    task gradients (rows of B applied to the gradients) have condition number 1."""
-    G = torch.as_tensor(G, dtype=torch.float64)
-    lam, V = torch.linalg.eigh(G)
-    tol = float(lam.max()) * G.shape[0] * torch.finfo(torch.float32).eps
-    keep = lam > tol
-    if not keep.any():
-        return torch.zeros(G.shape[0], dtype=torch.float64)
+def aligned_mtl_weights(G, scale_mode="min", reduction="sum"):
+    """Aligned-MTL (Senushkin, Patakin, Kuznetsov, Konushin, "Independent Component Alignment for
+    Multi-Task Learning", CVPR 2023; official code SamsungLabs/MTL code/optim/aligned/solver.py
+    ProcrustesSolver and balancer.py AlignedMTLBalancer, scale_mode = "min"; LibMTL Aligned_MTL.py).
+
+    The task gradients are replaced by aligned ones whose matrix has condition number 1: with the
+    eigendecomposition G = V diag(lambda) V^T over the eigenvalues above lambda_max * T * eps(float32)
+    (the official rank cut, float32 eps as torch.finfo()), the balance transformation is
+        B = sqrt(lambda_min) V diag(lambda^-1/2) V^T     (lambda_min: the smallest kept eigenvalue),
+    the aligned gradients are the rows of B g (their Gram matrix B G B = lambda_min * projector: all
+    singular values sqrt(lambda_min)), and the update is their sum: weights = B @ 1 (official;
+    reduction="mean" gives B @ 1/T, TorchJD's default preference vector). scale_mode "median" and
+    "rmse" use the median (lower) and the mean kept eigenvalue instead of lambda_min, as the official
+    options. Zero gradients fall in the null space and get weight 0; all-zero G gives zeros.
+    """
+    G = _gram(G)
+    T = G.shape[0]
+    if T == 0 or not np.diag(G).max() > 0:
+        return _weights(np.zeros(T))
+    lam, V = np.linalg.eigh(G)
+    keep = lam > lam.max() * T * np.finfo(np.float32).eps
     lam, V = lam[keep], V[:, keep]
-    B = lam.min().sqrt() * (V @ torch.diag(lam.rsqrt()) @ V.T)
-    return B.sum(0)
+    if scale_mode == "min":
+        sigma2 = lam.min()
+    elif scale_mode == "median":
+        sigma2 = np.sort(lam)[(lam.size - 1) // 2]         # torch.median: the lower median
+    elif scale_mode == "rmse":
+        sigma2 = lam.mean()
+    else:
+        raise ValueError(f"aligned_mtl_weights: scale_mode must be 'min', 'median' or 'rmse', got {scale_mode!r}")
+    B = math.sqrt(sigma2) * (V / np.sqrt(lam)) @ V.T
+    if reduction == "sum":
+        pref = np.ones(T)
+    elif reduction == "mean":
+        pref = np.full(T, 1.0 / T)
+    else:
+        raise ValueError(f"aligned_mtl_weights: reduction must be 'sum' or 'mean', got {reduction!r}")
+    return _weights(B @ pref)
+
+
+# ----------------------------------------------------------------------------- registry
+
+def _pcgrad(G, ctx=None):
+    return pcgrad_weights(G, (ctx or {}).get("generator"))
+
+
+def _mgda(G, ctx=None):
+    return mgda_weights(G)
+
+
+def _cagrad(G, ctx=None):
+    return cagrad_weights(G)
+
+
+def _nash_mtl(G, ctx=None):
+    """Warm started from ctx["nash_alpha"] (ignored when its length is not T), which it updates."""
+    if ctx is None:
+        return nash_mtl_weights(G)
+    alpha, ctx["nash_alpha"] = nash_mtl_weights(G, state=ctx.get("nash_alpha"), return_state=True)
+    return alpha
+
+
+def _imtl(G, ctx=None):
+    return imtl_weights(G)
+
+
+def _aligned_mtl(G, ctx=None):
+    return aligned_mtl_weights(G)
 
 
 AGGREGATORS = {
-    "pcgrad": pcgrad_weights,
-    "mgda": mgda_weights,
-    "cagrad": cagrad_weights,
-    "nash_mtl": nash_mtl_weights,
-    "imtl": imtl_weights,
-    "aligned_mtl": aligned_mtl_weights,
+    "pcgrad": _pcgrad,            # ctx["generator"]: the random projection order
+    "mgda": _mgda,
+    "cagrad": _cagrad,            # c = 0.5, rescale = 1
+    "nash_mtl": _nash_mtl,        # ctx["nash_alpha"]: warm start, updated; max_norm = 1.0
+    "imtl": _imtl,
+    "aligned_mtl": _aligned_mtl,  # scale_mode = "min", sum of the aligned gradients
 }

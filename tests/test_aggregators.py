@@ -47,10 +47,11 @@ def test_cagrad_with_c_zero_is_the_mean_and_c_positive_helps_the_worst_task():
 
 def test_nash_mtl_optimality_and_scale_invariance():
     G, g = gram(CONFLICT3)
-    a = nash_mtl_weights(G)
-    Gn = G / torch.linalg.norm(G)
+    a = nash_mtl_weights(G, max_norm=0)           # the raw solution, before the official norm clip
     assert (a > 0).all()
-    assert torch.allclose(Gn @ a, 1 / a, rtol=1e-6)
+    assert torch.allclose(G @ a, 1 / a, rtol=1e-6)
+    d = nash_mtl_weights(G) @ g                   # with the clip: ||d|| <= max_norm = 1
+    assert float(d.norm()) <= 1.0 + 1e-9
     scaled = g.clone()
     scaled[1] *= 10.0
     G2, _ = gram(scaled)
