@@ -212,76 +212,77 @@ def cagrad_weights(G, c=0.5, rescale=1, max_iter=20000, tol=1e-12):
     return _weights(weights / scale)
 
 
-def nash_mtl_weights(G, max_norm=1.0, optim_niter=100, state=None, return_state=False, ridge=1e-10):
+def nash_mtl_weights(G, max_norm=1.0, max_iter=50, state=None, return_state=False, ridge=1e-10):
     """Nash-MTL (Navon, Shamsian, Achituve, Maron, Kawaguchi, Chechik, Fetaya, "Multi-Task Learning as a
     Bargaining Game", ICML 2022; official code AvivNavon/nash-mtl methods/weight_methods.py NashMTL,
-    max_norm = 1.0, optim_niter = 20, update_weights_every = 1).
+    max_norm = 1.0, optim_niter = 20, update_weights_every = 1; LibMTL Nash_MTL.py is the same).
 
     The Nash bargaining solution is d = sum_t alpha_t g_t with alpha > 0 solving
         G alpha = 1 / alpha   (elementwise; then <d, g_t> = 1 / alpha_t for every task).
-    As the official code, G is first divided by its Frobenius norm s = ||G||_F, for conditioning; its
-    cvxpy constraint log(alpha_t * s) + log((G alpha / s)_t) >= 0 puts the factor back, so the alpha it
-    converges to solves the condition on the raw G, i.e. alpha = alpha_n / sqrt(s) with
-    (G / s) alpha_n = 1 / alpha_n. This function returns that alpha; then ||d||^2 = alpha^T G alpha = T
-    whatever the scale of the gradients. Then, as the official code's
-    clip_grad_norm_(shared_parameters, max_norm), alpha is scaled by min(1, max_norm / ||d||) when
-    max_norm > 0 (so with the default 1.0 and T >= 2, ||d|| = 1 every step); max_norm = 0 returns the raw
-    solution. The clip is applied to the update in the space G was taken in (the official code: the
-    shared parameters).
-    Solver: the condition is the stationary point of the strictly convex
-        f(a) = a^T A a / 2 - sum_t log a_t,   A = G / s + ridge * I,
-    found by Newton's method with a backtracking line search that keeps a > 0 (at most optim_niter
-    steps; it converges quadratically, to |a_t (A a)_t - 1| < 1e-12) instead of the official sequence of
-    convex approximations solved by cvxpy/ECOS (20 rounds, stopping at ||A a - 1/a|| < 1e-3). The ridge
-    (1e-10 relative to ||G||_F) only keeps a solution in existence where there is none (e.g. two exactly
-    opposite gradients, where the official ECOS solve fails and keeps the previous alpha).
-    Warm start: state is the previous normalised solution alpha_n (a float64 tensor [T]; None = cold
-    start from a_t = 1 / sqrt(A_tt) rescaled to a^T A a = T); with return_state=True the function
-    returns (alpha, new_state). Zero gradients get alpha 0.
-    Invariance (the paper's): scaling g_t by k scales alpha_t by 1/k and leaves d unchanged.
+    Scale: the official code divides G by s = ||G||_F before its cvxpy solve, but its constraint
+    log(alpha_t * s) + log((G alpha / s)_t) >= 0 puts s back, so the alpha it converges to solves the
+    condition on the raw G (not on G / s: that one is alpha * sqrt(s)). This function returns that alpha,
+    for which ||d||^2 = alpha^T G alpha = T whatever the scale of the gradients. Then, as the official
+    clip_grad_norm_(shared_parameters, max_norm), alpha is multiplied by min(1, max_norm / ||d||) when
+    max_norm > 0 (with the default 1.0 and T >= 2, ||d|| = 1 every step, as in the official code);
+    max_norm = 0 returns the solution itself. The clip acts on the update in the space G was taken in
+    (the official code: the shared parameters).
+    Solver: with n_t = ||g_t|| and C = G / (n n^T) the cosine matrix, alpha_t = b_t / n_t where
+    C b = 1 / b: this removes the scale of each task exactly (the paper's invariance: scaling g_t by k
+    scales alpha_t by 1/k and leaves d unchanged). b is the minimiser of the strictly convex
+        f(b) = b^T (C + ridge I) b / 2 - sum_t log b_t,
+    found by Newton's method, damped by a backtracking line search that keeps b > 0, until the Newton
+    decrement reaches the float64 floor (usually 4-7 steps; at most max_iter), instead of the official
+    sequence of convex approximations solved by cvxpy/ECOS (optim_niter = 20 rounds, stopping at
+    ||G alpha - 1/alpha|| < 1e-3). The ridge (1e-10 on the unit diagonal of C) only matters where no
+    solution exists (e.g. two exactly opposite gradients, where the official ECOS solve fails and keeps
+    the previous alpha): it keeps b finite (<= ~1e5).
+    Warm start: state is the previous solution b (a float64 tensor [T], used when it has length T and is
+    positive on the non-zero gradients; None: cold start from b = 1 scaled to b^T C b = T). With
+    return_state=True the function returns (alpha, b) to pass as the next state. Zero gradients get 0.
     """
     G = _gram(G)
     T = G.shape[0]
     alpha = np.zeros(T)
-    alpha_n = np.zeros(T)
+    b_all = np.zeros(T)
     keep = _nonzero(G)
     if keep.size:
         Gk = G[np.ix_(keep, keep)]
-        s = np.linalg.norm(Gk)                            # Frobenius norm, as torch.norm(GTG)
-        A = Gk / s + ridge * np.eye(keep.size)
+        n = np.sqrt(np.diag(Gk))
+        C = Gk / np.outer(n, n) + ridge * np.eye(keep.size)
         warm = None if state is None else torch.as_tensor(state, dtype=torch.float64).cpu().numpy()
         if warm is not None and warm.shape == (T,) and np.isfinite(warm).all() and (warm[keep] > 0).all():
-            a = warm[keep].copy()
+            b = warm[keep].copy()
         else:
-            a = 1.0 / np.sqrt(np.diag(A))
-            a *= math.sqrt(keep.size / (a @ A @ a))       # the solution has a^T A a = T
+            b = np.ones(keep.size)
+            b *= math.sqrt(keep.size / (b @ C @ b))         # the solution has b^T C b = T
 
         def f(x):
-            return 0.5 * x @ A @ x - np.log(x).sum()
+            return 0.5 * x @ C @ x - np.log(x).sum()
 
-        for _ in range(optim_niter):
-            Aa = A @ a
-            if np.abs(a * Aa - 1.0).max() < 1e-12:
-                break
-            grad = Aa - 1.0 / a
-            newton = np.linalg.solve(A + np.diag(1.0 / a ** 2), grad)
-            t, f0 = 1.0, f(a)
-            while t > 1e-12:                               # stay positive, decrease f (Armijo)
-                cand = a - t * newton
-                if (cand > 0).all() and f(cand) <= f0 - 1e-4 * t * (grad @ newton):
-                    break
-                t *= 0.5
-            else:
-                break
-            a = cand
-        alpha_n[keep] = a
-        alpha[keep] = a / math.sqrt(s)
+        previous = math.inf
+        for _ in range(max_iter):
+            grad = C @ b - 1.0 / b
+            newton = np.linalg.solve(C + np.diag(1.0 / b ** 2), grad)
+            decrement = grad @ newton                        # lambda^2: f(b) - min f ~ lambda^2 / 2
+            if decrement < 1e-20 or (decrement < 1e-8 and decrement > 0.5 * previous):
+                break                                        # converged, or at the float64 floor
+            t = 1.0
+            if decrement > 0.0625:                           # damped phase (lambda > 1/4): backtrack
+                f0 = f(b)
+                while t > 1e-10 and not ((b - t * newton > 0).all()
+                                         and f(b - t * newton) <= f0 - 0.25 * t * decrement):
+                    t *= 0.5
+            b = b - t * newton                               # lambda < 1/4: a full step stays > 0
+            previous = decrement
+        b_all[keep] = b
+        alpha[keep] = b / n
         if max_norm > 0:
-            norm = math.sqrt(max(alpha @ G @ alpha, 0.0))   # ||d||
+            norm = math.sqrt(max(alpha @ G @ alpha, 0.0))    # ||d||
             if norm > max_norm:
                 alpha *= max_norm / norm
     if return_state:
-        return _weights(alpha), _weights(alpha_n)
+        return _weights(alpha), _weights(b_all)
     return _weights(alpha)
 
 

@@ -203,7 +203,10 @@ def build_tables(index, plan, tasks):
         for s in seeds:
             dm = None
             if s in refs:
-                dm = delta_m({t: f1(runs[s], t) for t in tasks}, {t: f1(refs[s], t) for t in tasks}, tasks)
+                try:
+                    dm = delta_m({t: f1(runs[s], t) for t in tasks}, {t: f1(refs[s], t) for t in tasks}, tasks)
+                except ZeroDivisionError:  # a single-task reference of F1+ = 0: Delta_m is undefined for this seed
+                    dm = None
             dms.append(dm)
             csv_rows.append({"strategy": label, "seed": s, "status": "ok",
                              **{f"f1_pos_{t}": f1(runs[s], t) for t in tasks},

@@ -77,3 +77,19 @@ def test_pretraining_section(tiny_data, tmp_path):
     start = json.loads((tmp_path / "runs/quick/all_at_once/from_round_robin_seed0/metrics.jsonl").read_text().splitlines()[0])
     assert start["args"]["init"] == str(pre)
     assert f"{ft['test']['mean']['f1_pos']:.3f}" in section.split("| round_robin")[1].split("\n")[0]
+
+
+def test_delta_m_undefined_for_a_zero_reference_is_left_out(tmp_path):
+    def summary(strategy, f1s):
+        per = {t: {"f1_pos": v, "f1_macro": v, "accuracy": v, "ap": v} for t, v in f1s.items()}
+        s = {"strategy": strategy, "seed": 0, "tasks": list(f1s), "seconds_per_step": 1.0, "seconds_per_epoch": 2.0,
+             "test": {"per_task": per, "mean": {"f1_pos": sum(f1s.values()) / 2, "f1_macro": 0.5, "ap": 0.5}},
+             "decisions": {}}
+        path = tmp_path / f"{strategy}.json"
+        path.write_text(json.dumps(s))
+        return {"status": "ok", "summary": str(path)}
+    index = {"single_task seed0": summary("single_task", {"binary": 0.5, "gory": 0.0}),
+             "all_at_once seed0": summary("all_at_once", {"binary": 0.6, "gory": 0.2})}
+    rows, _, csv_rows = compare.build_tables(index, [("single_task", [], 0), ("all_at_once", [], 0)], ["binary", "gory"])
+    row = next(r for r in csv_rows if r["strategy"] == "all_at_once")
+    assert row["delta_m"] is None                      # gory's reference is 0: not a number, not an error
