@@ -29,5 +29,5 @@ compare:
 	$(PYTHON) common/compare.py --profile $(PROFILE) --jobs $(JOBS) --seeds $(SEEDS) $(if $(DATA),--data $(DATA),) $(if $(PRETRAIN),--pretraining,)
 
 clean:
-	rm -rf csrc/build data_prep/synthetic data_prep/synthetic_quick .pytest_cache
+	rm -rf csrc/build data_prep/synthetic .pytest_cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +

@@ -41,9 +41,6 @@ from common.pretrain import PRETRAIN_TASKS, PretrainObjective
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO / "data_prep" / "synthetic"
-# the same generator at 25% of the size: make compare's quick profile (many runs in ~30 minutes)
-QUICK_DATA = REPO / "data_prep" / "synthetic_quick"
-SYNTHETIC_SCALES = {DEFAULT_DATA: 1.0, QUICK_DATA: 0.25}
 
 
 # ---------------------------------------------------------------- arguments
@@ -122,14 +119,13 @@ def epoch_batches(n, batch_size, seed, epoch, lengths=None):
 
 
 def ensure_data(path):
-    """The synthetic sets are made on first use; other data must already exist."""
+    """The default synthetic set is made on first use; other data must already exist."""
     path = Path(path)
     if all((path / f"{s}.h5").exists() for s in ("train", "val", "test")):
         return path
-    scale = {p.resolve(): v for p, v in SYNTHETIC_SCALES.items()}.get(path.resolve())
-    if scale is not None:
+    if path.resolve() == DEFAULT_DATA.resolve():
         from data_prep.synthesize import ensure_default_data
-        ensure_default_data(str(path), scale=scale)
+        ensure_default_data(str(path))
         return path
     raise SystemExit(f"--data {path}: expected train.h5, val.h5 and test.h5 (see data_prep/build_h5.py)")
 

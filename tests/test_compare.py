@@ -93,3 +93,10 @@ def test_delta_m_undefined_for_a_zero_reference_is_left_out(tmp_path):
     rows, _, csv_rows = compare.build_tables(index, [("single_task", [], 0), ("all_at_once", [], 0)], ["binary", "gory"])
     row = next(r for r in csv_rows if r["strategy"] == "all_at_once")
     assert row["delta_m"] is None                      # gory's reference is 0: not a number, not an error
+
+
+def test_compact_decisions_show_orders_and_groups():
+    from common.compare import compact
+    assert compact(["gory", "sarcasm", "binary"]) == "gor>sar>bin"
+    assert compact([["binary"], ["mature", "slapstick"]]) == "[bin] [mat sla]"
+    assert compact({"binary": 0.123, "gory": 1}) == "bin 0.12 gor 1"
