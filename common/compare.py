@@ -194,6 +194,9 @@ def build_tables(index, plan, tasks):
     def f1(s, t=None):
         return s["test"]["per_task"][t]["f1_pos"] if t else s["test"]["mean"]["f1_pos"]
 
+    def ap(s, t):
+        return s["test"]["per_task"][t]["ap"]
+
     refs = by_label.get(REFERENCE, {})
     base = by_label.get(BASELINE, {})
     base_step = np.mean([s["seconds_per_step"] for s in base.values()]) if base else float("nan")
@@ -201,19 +204,24 @@ def build_tables(index, plan, tasks):
     for label in sorted(by_label, key=lambda x: (x != BASELINE, x != REFERENCE, x)):
         runs = by_label[label]
         seeds = sorted(runs)
-        dms = []
+        dms, dms_ap = [], []
         for s in seeds:
-            dm = None
+            dm = dm_ap = None
             if s in refs:
                 try:
                     dm = delta_m({t: f1(runs[s], t) for t in tasks}, {t: f1(refs[s], t) for t in tasks}, tasks)
                 except ZeroDivisionError:  # a single-task reference of F1+ = 0: Delta_m is undefined for this seed
                     dm = None
+                try:  # AP is above 0 on a split with positives: this one exists where the F1+ one does not
+                    dm_ap = delta_m({t: ap(runs[s], t) for t in tasks}, {t: ap(refs[s], t) for t in tasks}, tasks)
+                except ZeroDivisionError:
+                    dm_ap = None
             dms.append(dm)
+            dms_ap.append(dm_ap)
             csv_rows.append({"strategy": label, "seed": s, "status": "ok",
                              **{f"f1_pos_{t}": f1(runs[s], t) for t in tasks},
                              "mean_f1_pos": f1(runs[s]), "mean_f1_macro": runs[s]["test"]["mean"]["f1_macro"],
-                             "mean_ap": runs[s]["test"]["mean"]["ap"], "delta_m": dm,
+                             "mean_ap": runs[s]["test"]["mean"]["ap"], "delta_m": dm, "delta_m_ap": dm_ap,
                              "seconds_per_epoch": runs[s]["seconds_per_epoch"],
                              "seconds_per_step": runs[s]["seconds_per_step"], "error": ""})
         paired = [s for s in seeds if s in base]
@@ -227,12 +235,12 @@ def build_tables(index, plan, tasks):
         step_cost = np.mean([runs[s]["seconds_per_step"] for s in seeds]) / base_step if base else float("nan")
         rows.append([label, len(seeds)] + [mean_std([f1(runs[s], t) for s in seeds]) for t in tasks]
                     + [mean_std([f1(runs[s]) for s in seeds]), mean_std([runs[s]["test"]["mean"]["ap"] for s in seeds]),
-                       mean_std(dms, 1), f"{np.mean([runs[s]['seconds_per_epoch'] for s in seeds]):.1f}",
+                       mean_std(dms, 1), mean_std(dms_ap, 1), f"{np.mean([runs[s]['seconds_per_epoch'] for s in seeds]):.1f}",
                        f"{step_cost:.2f}" if not math.isnan(step_cost) else "-", vs])
         decided = average_decisions([runs[s].get("decisions", {}) for s in seeds])
         decisions.append([label, "; ".join(f"{k}: {compact(v)}" for k, v in decided.items()) or "-"])
     for label, errors in sorted(failed.items()):
-        rows.append([label, 0] + ["failed"] + [""] * (len(tasks) + 4) + [errors[0]])
+        rows.append([label, 0] + ["failed"] + [""] * (len(tasks) + 5) + [errors[0]])
         for e in errors:
             csv_rows.append({"strategy": label, "seed": e.split(":")[0], "status": "failed", "error": e})
     return rows, decisions, csv_rows
@@ -240,7 +248,7 @@ def build_tables(index, plan, tasks):
 
 def headers(tasks):
     return (["strategy", "seeds"] + [f"F1+ {t}" for t in tasks]
-            + ["mean F1+", "mean AP", "Δm % (F1+)", "s/epoch", "step cost", f"vs {BASELINE} (per-seed sign, paired t-test p)"])
+            + ["mean F1+", "mean AP", "Δm % (F1+)", "Δm % (AP)", "s/epoch", "step cost", f"vs {BASELINE} (per-seed sign, paired t-test p)"])
 
 
 def write_outputs(rows, decisions, csv_rows, tasks, out_dir, profile, seeds):
@@ -249,14 +257,15 @@ def write_outputs(rows, decisions, csv_rows, tasks, out_dir, profile, seeds):
     dec = tabulate(decisions, headers=["strategy", "decisions (mean over seeds)"], tablefmt="github")
     text = (f"# Strategy comparison ({profile} profile, seeds {','.join(map(str, seeds))})\n\n"
             "Test metrics of the best-validation model; mean ± std over seeds. F1+ is the positive-class F1. "
-            f"Δm is the multi-task gain over {REFERENCE} in percent. step cost is seconds per step relative "
+            f"Δm is the multi-task gain over {REFERENCE} in percent, on per-task F1+ (left out where a "
+            "single-task F1+ is 0) and on per-task AP. step cost is seconds per step relative "
             f"to {BASELINE}. The last column gives the sign of (strategy - {BASELINE}) mean F1+ per seed and "
             "the two-sided paired t-test p-value across seeds (few seeds: read it as a hint).\n\n"
             f"{main}\n\n## What each strategy decided\n\n{dec}\n")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "compare.md").write_text(text)
     fields = ["strategy", "seed", "status"] + [f"f1_pos_{t}" for t in tasks] + [
-        "mean_f1_pos", "mean_f1_macro", "mean_ap", "delta_m", "seconds_per_epoch", "seconds_per_step", "error"]
+        "mean_f1_pos", "mean_f1_macro", "mean_ap", "delta_m", "delta_m_ap", "seconds_per_epoch", "seconds_per_step", "error"]
     with open(out_dir / "compare.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()

@@ -81,7 +81,7 @@ def test_pretraining_section(tiny_data, tmp_path):
 
 def test_delta_m_undefined_for_a_zero_reference_is_left_out(tmp_path):
     def summary(strategy, f1s):
-        per = {t: {"f1_pos": v, "f1_macro": v, "accuracy": v, "ap": v} for t, v in f1s.items()}
+        per = {t: {"f1_pos": v, "f1_macro": v, "accuracy": v, "ap": 0.5 + v} for t, v in f1s.items()}
         s = {"strategy": strategy, "seed": 0, "tasks": list(f1s), "seconds_per_step": 1.0, "seconds_per_epoch": 2.0,
              "test": {"per_task": per, "mean": {"f1_pos": sum(f1s.values()) / 2, "f1_macro": 0.5, "ap": 0.5}},
              "decisions": {}}
@@ -93,6 +93,10 @@ def test_delta_m_undefined_for_a_zero_reference_is_left_out(tmp_path):
     rows, _, csv_rows = compare.build_tables(index, [("single_task", [], 0), ("all_at_once", [], 0)], ["binary", "gory"])
     row = next(r for r in csv_rows if r["strategy"] == "all_at_once")
     assert row["delta_m"] is None                      # gory's reference is 0: not a number, not an error
+    # on AP it is defined: (100 / 2) * ((1.1 - 1.0) / 1.0 + (0.7 - 0.5) / 0.5) = 25
+    assert row["delta_m_ap"] == pytest.approx(25.0)
+    table_row = next(r for r in rows if r[0] == "all_at_once")
+    assert "25.0" in table_row
 
 
 def test_compact_decisions_show_orders_and_groups():
