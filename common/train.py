@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.data import TASKS, H5Dataset, collate
+from common.data import TASKS, H5Dataset, collate, feature_stats
 from common.evaluate import evaluate_predictions
 from common.model import MODEL_SIZES, HCAModel
 from common.pretrain import PRETRAIN_TASKS, PretrainObjective
@@ -70,6 +70,9 @@ def build_parser(description=None):
     p.add_argument("--init", default=None,
                    help="start from a checkpoint: ours (results/.../best.pt, a pretraining checkpoint) or the "
                         "original code's (its names are mapped); missing and unexpected keys are reported")
+    p.add_argument("--feature-norm", choices=("train", "none"), default="train",
+                   help="standardise video/audio per dimension with the training split's mean and std "
+                        "(none: raw features, e.g. to fine-tune the original code's checkpoints)")
     p.add_argument("--eval-every", type=int, default=0, help="validate every N steps (0 = once per epoch)")
     p.add_argument("--checkpoint-every", type=int, default=100, help="also checkpoint every N steps")
     p.add_argument("--log-every", type=int, default=20, help="write a train line to metrics.jsonl every N steps")
@@ -184,9 +187,11 @@ class Run:
             torch.set_num_threads(args.threads)
         set_seed(args.seed)
         data = ensure_data(args.data)
-        self.train_set = H5Dataset(data / "train.h5")
-        self.val_set = H5Dataset(data / "val.h5")
-        self.test_set = H5Dataset(data / "test.h5")
+        # video/audio standardised with the training split's statistics (see common.data.feature_stats)
+        stats = feature_stats(data / "train.h5") if args.feature_norm == "train" else None
+        self.train_set = H5Dataset(data / "train.h5", stats)
+        self.val_set = H5Dataset(data / "val.h5", stats)
+        self.test_set = H5Dataset(data / "test.h5", stats)
         config = MODEL_SIZES[args.model_size]
         # pretraining keeps every fine-tuning head in the model, so that its checkpoint is a whole model
         self.model = HCAModel(config, tasks=TASKS if self.pretraining else self.tasks,

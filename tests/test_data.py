@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from common.data import (AUDIO_DIM, MAX_AUDIO_SEGMENTS, MAX_TEXT_LEN, MAX_VIDEO_SEGMENTS, TASKS, VIDEO_DIM,
-                         H5Dataset, LengthBucketSampler, collate, make_loader)
+                         H5Dataset, LengthBucketSampler, collate, feature_stats, make_loader)
 
 
 def raw_clips(tiny_data, split):
@@ -162,3 +162,32 @@ def test_make_loader_is_reproducible_and_workers_agree(tiny_data):
     assert [b["index"].tolist() for b in batches] == first
     direct = collate([H5Dataset(path)[i] for i in first[0]])
     assert torch.equal(batches[0]["video"], direct["video"]) and torch.equal(batches[0]["text_ids"], direct["text_ids"])
+
+
+def test_features_standardised_with_training_statistics(tiny_data, tmp_path):
+    import h5py
+    stats = feature_stats(tiny_data / "train.h5")
+    with h5py.File(tiny_data / "train.h5", "r") as f:
+        video = f["video"][:].astype(np.float64)
+    np.testing.assert_allclose(stats["video"][0], video.mean(0), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(stats["video"][1], video.std(0), rtol=1e-6)
+    # the training split's statistics are applied to the other splits, row by row
+    raw, norm = H5Dataset(tiny_data / "val.h5"), H5Dataset(tiny_data / "val.h5", stats)
+    for m in ("video", "audio"):
+        mean, std = stats[m]
+        want = (raw[2][m].numpy().astype(np.float64) - mean) / std
+        np.testing.assert_allclose(norm[2][m].numpy(), want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(norm[2]["text"], raw[2]["text"]) and torch.equal(norm[2]["labels"], raw[2]["labels"])
+    # over the training split itself: mean 0, std 1 per dimension
+    train = H5Dataset(tiny_data / "train.h5", stats)
+    rows = np.concatenate([train[i]["video"].numpy() for i in range(len(train))])
+    assert np.abs(rows.mean(0)).max() < 1e-4 and np.abs(rows.std(0) - 1).max() < 1e-3
+    # a constant dimension is shifted, not divided by zero
+    path = tmp_path / "const.h5"
+    import shutil
+    shutil.copy(tiny_data / "train.h5", path)
+    with h5py.File(path, "r+") as f:
+        f["audio"][:, 5] = 0.25
+    const = feature_stats(path)["audio"]
+    assert const[1][5] == 1.0 and const[0][5] == pytest.approx(0.25)
+    assert np.isfinite(H5Dataset(path, {"audio": const})[0]["audio"].numpy()).all()
