@@ -14,8 +14,7 @@ where built).
 backward through the trunk with the combined gradient. --grad-space params: per-task gradients of all
 shared parameters (exact, T backward passes through the trunk). The default was chosen by measurement
 (make bench, whole training step, small model, batch 16, 2 CPU cores, one run): the equal-weight step
-750 ms, PCGrad in representation space 703 ms (0.94x, within noise of 1), in parameter space 2729 ms
-(3.64x).
+202 ms, PCGrad in representation space 203 ms (1.00x), in parameter space 569 ms (2.81x).
 
     python strategies/pcgrad.py
     python strategies/pcgrad.py --grad-space params --weighting uncertainty
