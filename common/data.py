@@ -83,6 +83,10 @@ class H5Dataset(torch.utils.data.Dataset):
             self.labels = f["labels"][:].astype(np.int64)
             self.present = f["present"][:].astype(bool)
             self.offsets = {m: f[f"{m}_offsets"][:].astype(np.int64) for m in MODALITIES}
+            for m, (mean, _) in self.norm.items():
+                if f[_DATA_KEY[m]].shape[1:] != mean.shape:
+                    raise ValueError(f"{self.path}: {m} rows have width {f[_DATA_KEY[m]].shape[1:]}, "
+                                     f"the feature statistics {mean.shape}")
         n = len(self.clip_ids)
         if self.labels.shape != (n, len(TASKS)) or self.present.shape != (n, len(MODALITIES)):
             raise ValueError(f"{self.path}: labels {self.labels.shape} / present {self.present.shape} "
@@ -109,11 +113,8 @@ class H5Dataset(torch.utils.data.Dataset):
         start, end = self.offsets[modality][i], self.offsets[modality][i + 1]
         end = min(end, start + _LIMITS[modality])
         rows = data[modality][start:end]
-        if modality in self.norm:
+        if modality in self.norm:  # widths checked against the statistics in __init__
             mean, inv_std = self.norm[modality]
-            if rows.shape[1:] != mean.shape:
-                raise ValueError(f"{self.path}: {modality} rows have width {rows.shape[1:]}, "
-                                 f"the feature statistics {mean.shape}")
             rows = (rows - mean) * inv_std
         return rows
 

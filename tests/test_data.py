@@ -191,3 +191,6 @@ def test_features_standardised_with_training_statistics(tiny_data, tmp_path):
     const = feature_stats(path)["audio"]
     assert const[1][5] == 1.0 and const[0][5] == pytest.approx(0.25)
     assert np.isfinite(H5Dataset(path, {"audio": const})[0]["audio"].numpy()).all()
+    # statistics of another width are refused when the split is opened, naming the file and the modality
+    with pytest.raises(ValueError, match=r"val\.h5: audio rows have width"):
+        H5Dataset(tiny_data / "val.h5", {"audio": (np.zeros(3), np.ones(3))})
