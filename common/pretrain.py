@@ -17,6 +17,7 @@ marked invalid for that task, so that means are over the scored clips only.
 import torch
 import torch.nn.functional as F
 from torch import nn
+from common.data import TASKS
 
 PRETRAIN_TASKS = ("vtm", "vam", "atm", "contrastive", "mfm_video", "mfm_audio", "mlm")
 MASK_ID, CLS_ID, SEP_ID = 103, 101, 102          # bert-base-cased
@@ -140,14 +141,47 @@ class PretrainObjective(nn.Module):
         self.heads = PretrainHeads(config, tasks)
         self.generator = torch.Generator().manual_seed(seed + 2718281)
 
+    strategy_suffix = "_pretrain"
+    model_tasks = TASKS  # the model keeps every fine-tuning head, so that its checkpoint is a whole model
+
+    @property
+    def tasks(self):
+        return list(self.heads.tasks)
+
     def forward(self, model, batch, active_modalities=None, generator=None):
         corrupted, targets = corrupt(batch, generator or self.generator)
         fused, sequences = model.trunk(corrupted, active_modalities=active_modalities, return_sequences=True)
         losses, valid = self.heads(fused, sequences, targets)
         return fused, losses, valid
 
-    def task_parameters(self, task=None):
-        """The head parameters of one pretraining task (or of all)."""
+    per_item_losses = forward
+
+    @torch.no_grad()
+    def evaluate(self, run, dataset, model, modalities):
+        """Mean pretraining losses over a split, with a fixed corruption (the same every evaluation);
+        score = minus the loss."""
+        from common.train import device_batch
+        model.eval()
+        generator = torch.Generator().manual_seed(12345)
+        T = len(self.heads.tasks)
+        sums = torch.zeros(T, dtype=torch.float64)
+        counts = torch.zeros(T, dtype=torch.float64)
+        plan = [list(range(i, min(i + 64, len(dataset)))) for i in range(0, len(dataset), 64)]
+        for batch in run.loader(plan, dataset):
+            _, per_item, valid = self(model, device_batch(batch, run.device), modalities, generator)
+            sums += (per_item * valid).sum(0).double().cpu()
+            counts += valid.sum(0).double().cpu()
+        model.train()
+        losses = (sums / counts.clamp(min=1)).tolist()
+        per_task = {t: {"loss": v, "score": -v} for t, v in zip(self.heads.tasks, losses)}
+        mean = float(sum(losses) / len(losses))
+        return {"per_task": per_task, "mean": {"loss": mean, "score": -mean}}
+
+    def labels(self, batch):
+        raise TypeError("pretraining tasks have no class labels to predict; use run.evaluate")
+
+    def task_parameters(self, model, task=None):
+        """The head parameters of one pretraining task (or of all); the model's are not involved."""
         if task is None:
             return list(self.heads.parameters())
         if task in MATCH_PAIRS:

@@ -18,6 +18,23 @@ A typical script reads:
 Resuming is exact on CPU: the data order is a function of (seed, epoch), the checkpoint holds the model,
 optimizer, scheduler, every RNG and the position inside the epoch, and metrics.jsonl is cut back to
 the checkpoint's step.
+
+What a strategy script may use of a Run (its public surface; everything else is internal):
+  read      run.args, run.tasks, run.model, run.device, run.dir, run.objective, run.optimizer,
+            run.train_set, run.val_set, run.test_set, run.steps_per_epoch,
+            run.step_count, run.epoch, run.batch_in_epoch, run.total_steps, run.active_modalities,
+            run.lr_dropped (True right after a validate() at which the LR schedule lowered the LR)
+  change    run.set_total_steps(n), run.set_active_modalities(names or None), run.add_parameters(...)
+  train     run.start(**stateful), run.batches(), run.per_item_losses(batch), run.task_losses(batch),
+            run.step(loss, losses, batch), run.skip_step(), run.check_finite(losses, batch),
+            run.head_parameters(task)
+  evaluate  run.at_eval(), run.validate(**extra), run.evaluate(dataset, model, modalities),
+            run.predict(dataset, model, modalities), run.loader(plan, dataset)
+  record    run.log_step(losses, **decisions), run.log(record), run.say(text), run.save_checkpoint(),
+            run.finish(decisions), run.write_summary(summary)
+What the run trains on is its objective (FinetuneObjective: the Comic Mischief tasks;
+common.pretrain.PretrainObjective with --stage pretrain): the objective turns a batch into per-item
+task losses and evaluates a split; Run never asks which one it has.
 """
 import argparse
 import io
@@ -73,6 +90,10 @@ def build_parser(description=None):
     p.add_argument("--feature-norm", choices=("train", "none"), default="train",
                    help="standardise video/audio per dimension with the training split's mean and std "
                         "(none: raw features, e.g. to fine-tune the original code's checkpoints)")
+    p.add_argument("--metric", default="f1_macro", choices=("f1_macro", "f1_pos", "accuracy", "ap"),
+                   help="per-task validation metric that rules read (stop-and-go, curricula, sampling, ...) and "
+                        "whose mean selects the best model; every metrics dict carries it as 'score' "
+                        "(minus the loss when pretraining)")
     p.add_argument("--eval-every", type=int, default=0, help="validate every N steps (0 = once per epoch)")
     p.add_argument("--checkpoint-every", type=int, default=100, help="also checkpoint every N steps")
     p.add_argument("--log-every", type=int, default=20, help="write a train line to metrics.jsonl every N steps")
@@ -167,19 +188,69 @@ def first_nonfinite_module(model, batch, active_modalities=None):
     return where
 
 
+# ---------------------------------------------------------------- what a run trains on
+class FinetuneObjective:
+    """The Comic Mischief tasks: per-task cross-entropy on the heads' logits (not BCE on softmax: it does
+    not saturate). The interface every objective has (common.pretrain.PretrainObjective too):
+    tasks, model_tasks, strategy_suffix, per_item_losses, labels, task_parameters, evaluate, parameters,
+    to, state_dict, load_state_dict."""
+    strategy_suffix = ""
+
+    def __init__(self, tasks, metric="f1_macro"):
+        self.tasks = list(tasks)
+        self.model_tasks = self.tasks  # the heads the model needs
+        self.metric = metric
+        self.columns = torch.tensor([TASKS.index(t) for t in self.tasks])
+
+    def labels(self, batch):
+        return batch["labels"][:, self.columns.to(batch["labels"].device)]
+
+    def per_item_losses(self, model, batch, active_modalities=None, generator=None):
+        fused = model.trunk(batch, active_modalities=active_modalities)
+        per_item = losses_from_logits(model.classify(fused), self.labels(batch), reduction="none")
+        return fused, per_item, torch.ones_like(per_item, dtype=torch.bool)
+
+    def task_parameters(self, model, task=None):
+        return list(model.heads[task].parameters()) if task else model.head_parameters()
+
+    def evaluate(self, run, dataset, model, modalities):
+        scores, labels = run.predict(dataset, model, modalities)
+        metrics = evaluate_predictions(labels, scores, self.tasks)
+        for m in list(metrics["per_task"].values()) + [metrics["mean"]]:
+            m["score"] = m[self.metric]
+        return metrics
+
+    def parameters(self):
+        return []
+
+    def to(self, device):
+        return self
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
 # ---------------------------------------------------------------- the run
 class Run:
     """Model, optimizer, data and bookkeeping of one training run (see the module docstring)."""
 
-    def __init__(self, args, strategy, tasks=None, run_name=None):
+    def __init__(self, args, strategy, tasks=None, run_name=None, objective=None):
+        """objective: what to train (default: from --stage; FinetuneObjective on --tasks, or the
+        pretraining objective on --pretrain-tasks). tasks overrides --tasks / --pretrain-tasks."""
         self.args = args
-        self.pretraining = args.stage == "pretrain"
-        self.strategy = strategy + ("_pretrain" if self.pretraining else "")
-        if self.pretraining:
-            self.tasks = tasks or parse_tasks(args.pretrain_tasks, PRETRAIN_TASKS, "--pretrain-tasks")
-        else:
-            self.tasks = tasks or parse_tasks(args.tasks)
-            self.task_columns = torch.tensor([TASKS.index(t) for t in self.tasks])
+        config = MODEL_SIZES[args.model_size]
+        if objective is None:
+            if args.stage == "pretrain":
+                pre_tasks = tasks or parse_tasks(args.pretrain_tasks, PRETRAIN_TASKS, "--pretrain-tasks")
+                objective = PretrainObjective(config, pre_tasks, seed=args.seed)
+            else:
+                objective = FinetuneObjective(tasks or parse_tasks(args.tasks), metric=args.metric)
+        self.objective = objective
+        self.tasks = list(objective.tasks)
+        self.strategy = strategy + objective.strategy_suffix
         self.device = torch.device(args.device)
         self.dir = Path(args.out) / self.strategy / (run_name or args.run or f"seed{args.seed}")
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -192,26 +263,25 @@ class Run:
         self.train_set = H5Dataset(data / "train.h5", stats)
         self.val_set = H5Dataset(data / "val.h5", stats)
         self.test_set = H5Dataset(data / "test.h5", stats)
-        config = MODEL_SIZES[args.model_size]
-        # pretraining keeps every fine-tuning head in the model, so that its checkpoint is a whole model
-        self.model = HCAModel(config, tasks=TASKS if self.pretraining else self.tasks,
+        # the objective says which fine-tuning heads the model has (pretraining keeps all of them, so
+        # that its checkpoint is a whole model)
+        self.model = HCAModel(config, tasks=objective.model_tasks,
                               bert_path=args.bert_path).to(self.device)
         if args.init:
             self.init_report = load_init(self.model, args.init)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-        # as the original: halve the LR when mean validation F1 stops improving for 2 evaluations
+        # as the original: halve the LR when the mean validation score stops improving for 2 evaluations
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, mode="max", factor=0.5, patience=2)
-        self.objective = None
-        if self.pretraining:  # the pretraining heads and the corruption's generator, checkpointed by start()
-            self.objective = PretrainObjective(config, self.tasks, seed=args.seed).to(self.device)
-            self.add_parameters(self.objective.parameters())
+        self.objective.to(self.device)
+        self.add_parameters(self.objective.parameters())  # e.g. the pretraining heads
         self.lengths = self.train_set.text_lengths() if args.bucket else None
         self.steps_per_epoch = math.ceil(len(self.train_set) / args.batch_size)
         self.eval_every = args.eval_every or self.steps_per_epoch
-        self.total_steps = args.epochs * self.steps_per_epoch
+        self._total_steps = args.epochs * self.steps_per_epoch
         if args.max_steps:
-            self.total_steps = min(self.total_steps, args.max_steps)
-        self.active_modalities = None  # a strategy may switch modalities off (modality_curriculum)
+            self._total_steps = min(self._total_steps, args.max_steps)
+        self._active_modalities = None  # a strategy may switch modalities off (modality_curriculum)
+        self.lr_dropped = False
         self.stateful = {}
         self.progress = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_val": -math.inf, "best_step": 0,
                          "nonfinite_skips": 0, "train_seconds": 0.0, "evals": 0}
@@ -230,8 +300,7 @@ class Run:
         """Register the objects of the rule that carry state (anything with state_dict/load_state_dict),
         then resume from the last checkpoint when --resume was given."""
         self.stateful.update(stateful)
-        if self.objective is not None:
-            self.stateful["pretrain_objective"] = self.objective
+        self.stateful["objective"] = self.objective  # the pretraining heads and corruption generator
         ckpt_path = self.dir / "checkpoint.pt"
         metrics_path = self.dir / "metrics.jsonl"
         if self.args.resume and ckpt_path.exists():
@@ -297,6 +366,31 @@ class Run:
     def epoch(self):
         return self.progress["epoch"]
 
+    @property
+    def batch_in_epoch(self):
+        """Batches of the current epoch handed out so far (1 while the epoch's first batch is trained)."""
+        return self.progress["batch_in_epoch"]
+
+    @property
+    def total_steps(self):
+        return self._total_steps
+
+    def set_total_steps(self, n):
+        """Change the step budget (e.g. a probe or lookahead phase that uses part of it)."""
+        if n < 1:
+            raise ValueError(f"set_total_steps: need at least one step, got {n}")
+        self._total_steps = int(n)
+
+    @property
+    def active_modalities(self):
+        """None (every modality) or the tuple of modalities the trunk sees on this step."""
+        return self._active_modalities
+
+    def set_active_modalities(self, modalities):
+        """Switch modality branches off (masked, never zero-filled); None switches all back on.
+        Checkpointed, so a resumed run continues with the same modalities."""
+        self._active_modalities = None if modalities is None else tuple(modalities)
+
     def at_eval(self):
         s = self.progress["step"]
         return s > 0 and (s % self.eval_every == 0 or s == self.total_steps)
@@ -305,16 +399,8 @@ class Run:
     def per_item_losses(self, batch, model=None, generator=None):
         """Trunk once -> fused representation z [B, 3H] and per-clip task losses [B, T], with which of
         them are scored (bool [B, T]; all of them when fine-tuning). Cross-entropy on logits, not BCE on
-        softmax: it does not saturate. When pretraining, the batch is corrupted first (common/pretrain.py)."""
-        model = model or self.model
-        if self.pretraining:
-            return self.objective(model, batch, self.active_modalities, generator)
-        fused = model.trunk(batch, active_modalities=self.active_modalities)
-        per_item = self.losses_from_logits(model.classify(fused), batch, reduction="none")
-        return fused, per_item, torch.ones_like(per_item, dtype=torch.bool)
-
-    def losses_from_logits(self, logits, batch, reduction="mean"):
-        return losses_from_logits(logits, batch["labels"][:, self.task_columns.to(logits.device)], reduction)
+        softmax: it does not saturate. The objective decides (pretraining corrupts the batch first)."""
+        return self.objective.per_item_losses(model or self.model, batch, self.active_modalities, generator)
 
     def task_losses(self, batch, model=None, generator=None):
         """The per-task losses [T] of a batch: the mean over the clips each task scores."""
@@ -323,9 +409,7 @@ class Run:
 
     def head_parameters(self, task=None):
         """The parameters that belong to one task (or to all tasks): its head, not the trunk."""
-        if self.pretraining:
-            return self.objective.task_parameters(task)
-        return list(self.model.heads[task].parameters()) if task else self.model.head_parameters()
+        return self.objective.task_parameters(self.model, task)
 
     def skip_step(self):
         """Count a step that made no update (a skipped non-finite batch), so schedules stay aligned."""
@@ -388,56 +472,32 @@ class Run:
             batch = device_batch(batch, self.device)
             logits = model(batch, active_modalities=modalities)
             scores.append(torch.softmax(logits.float(), dim=-1)[..., 1].cpu())
-            labels.append(batch["labels"][:, self.task_columns.to(batch["labels"].device)].cpu())
+            labels.append(self.objective.labels(batch).cpu())
         model.train()
         return torch.cat(scores).numpy(), torch.cat(labels).numpy()
 
     def evaluate(self, dataset, model=None, modalities="current"):
-        """Per-task and mean metrics; each per-task dict and the mean carry a "score" (higher is better)
-        that model selection and the schedulers read: macro F1 when fine-tuning, minus the loss when
-        pretraining."""
-        if self.pretraining:
-            return self.evaluate_pretraining(dataset, model, modalities)
-        scores, labels = self.predict(dataset, model, modalities)
-        metrics = evaluate_predictions(labels, scores, self.tasks)
-        for m in list(metrics["per_task"].values()) + [metrics["mean"]]:
-            m["score"] = m["f1_macro"]
-        return metrics
-
-    @torch.no_grad()
-    def evaluate_pretraining(self, dataset, model=None, modalities="current"):
-        """Mean pretraining losses over a dataset, with a fixed corruption (the same every evaluation)."""
-        model = model or self.model
-        saved, self.active_modalities = self.active_modalities, (self.active_modalities if modalities == "current" else modalities)
-        model.eval()
-        generator = torch.Generator().manual_seed(12345)
-        sums = torch.zeros(len(self.tasks), dtype=torch.float64)
-        counts = torch.zeros(len(self.tasks), dtype=torch.float64)
-        plan = [list(range(i, min(i + 64, len(dataset)))) for i in range(0, len(dataset), 64)]
-        for batch in self.loader(plan, dataset):
-            _, per_item, valid = self.per_item_losses(device_batch(batch, self.device), model, generator)
-            sums += (per_item * valid).sum(0).double().cpu()
-            counts += valid.sum(0).double().cpu()
-        model.train()
-        self.active_modalities = saved
-        losses = (sums / counts.clamp(min=1)).tolist()
-        per_task = {t: {"loss": l, "score": -l} for t, l in zip(self.tasks, losses)}
-        return {"per_task": per_task, "mean": {"loss": float(np.mean(losses)), "score": -float(np.mean(losses))}}
+        """Per-task and mean metrics of a split, as the objective defines them; each per-task dict and
+        the mean carry a "score" (higher is better) that model selection and the rules read: --metric
+        when fine-tuning, minus the loss when pretraining. modalities: "current", None (all) or a tuple."""
+        modalities = self.active_modalities if modalities == "current" else modalities
+        return self.objective.evaluate(self, dataset, model or self.model, modalities)
 
     def validate(self, **extra):
-        """Validate, step the LR schedule on the mean score (macro F1, the original's model selection
-        metric; minus the loss when pretraining), keep the best model, log. Returns the metrics."""
+        """Validate, step the LR schedule on the mean score (mean --metric; minus the loss when
+        pretraining), keep the best model, log. Sets run.lr_dropped. Returns the metrics."""
         metrics = self.evaluate(self.val_set)
         score = metrics["mean"]["score"]
+        lr_before = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step(score)
+        self.lr_dropped = self.optimizer.param_groups[0]["lr"] < lr_before
         self.progress["evals"] += 1
         improved = score > self.progress["best_val"]
         if improved:
             self.progress["best_val"] = score
             self.progress["best_step"] = self.progress["step"]
             best = {"model": self.model.state_dict(), "step": self.progress["step"], "stage": self.args.stage}
-            if self.objective is not None:
-                best["pretrain_objective"] = self.objective.state_dict()
+            best["objective"] = self.objective.state_dict()
             atomic_save(best, self.dir / "best.pt")
         self._last_val = score
         self.log({"event": "val", "step": self.progress["step"], "epoch": self.progress["epoch"],
@@ -503,7 +563,7 @@ class Run:
             "scheduler": self.scheduler.state_dict(), "progress": dict(self.progress),
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
             "strategy": {k: v.state_dict() for k, v in self.stateful.items()},
-            "active_modalities": self.active_modalities,
+            "active_modalities": self._active_modalities,
         }
         if torch.cuda.is_available():
             state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
@@ -520,7 +580,7 @@ class Run:
         random.setstate(state["rng"]["python"])
         if "cuda" in state["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        self.active_modalities = state.get("active_modalities")
+        self._active_modalities = state.get("active_modalities")
         missing = set(self.stateful) - set(state["strategy"])
         if missing:
             raise RuntimeError(f"{path}: checkpoint has no state for {sorted(missing)}")
@@ -545,8 +605,8 @@ class Run:
         if best.exists():
             state = torch.load(best, map_location=self.device, weights_only=False)
             self.model.load_state_dict(state["model"])
-            if self.objective is not None:
-                self.objective.load_state_dict(state["pretrain_objective"])
+            if "objective" in state:
+                self.objective.load_state_dict(state["objective"])
         val = self.evaluate(self.val_set)
         test = self.evaluate(self.test_set)
         steps = max(self.progress["step"], 1)

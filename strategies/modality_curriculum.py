@@ -73,17 +73,18 @@ def main(argv=None):
 
     for batch in run.batches():
         if args.mode == "curriculum":
-            run.active_modalities = curriculum_modalities(run.step_count, order, phase_steps)
+            run.set_active_modalities(curriculum_modalities(run.step_count, order, phase_steps))
         else:
-            run.active_modalities = dropout_modalities(args.drop_prob, rng.generator)
+            run.set_active_modalities(dropout_modalities(args.drop_prob, rng.generator))
         losses = update.step(batch)
         run.log_step(losses, modalities=list(run.active_modalities or MODALITIES), **update.decisions())
         if run.at_eval():
-            run.active_modalities = None if args.mode == "dropout" else run.active_modalities
+            if args.mode == "dropout":
+                run.set_active_modalities(None)  # dropout is a training-time device: validate on all
             run.validate(modalities=list(run.active_modalities or MODALITIES))
             run.save_checkpoint()
 
-    run.active_modalities = None  # the final model is judged with every modality
+    run.set_active_modalities(None)  # the final model is judged with every modality
     summary = run.finish(decisions={"phase_steps": phase_steps if args.mode == "curriculum" else None})
     summary["decisions"]["unimodal_test_f1_pos"] = unimodal_ablation(run)
     run.write_summary(summary)
