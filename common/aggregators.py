@@ -20,18 +20,22 @@ u_t = g_t / ||g_t|| do not exist), so they solve on the other tasks and give it 
 it in the mean gradient g0 (as the official code) but not in its worst case; Aligned-MTL drops it with
 the null eigenvectors; PCGrad skips it as a projection target.
 
-Registry: AGGREGATORS[name](G, ctx) -> w with one signature for all. ctx is a small dict that the
-caller keeps between steps (and checkpoints): ctx["generator"] a torch.Generator for PCGrad's random
-projection order, ctx["nash_alpha"] Nash-MTL's warm start (written back by the call). Other methods
-ignore ctx. Hyperparameters are the published defaults; for others, call the method directly or wrap it,
-e.g. lambda G, ctx: cagrad_weights(G, c=0.4).
+The contract (TorchJD's aggregators, LibMTL's one class per method): an aggregator is a small class,
+    aggregator = PCGrad(seed=0)            # or PCGrad.from_args(args): its flags come from add_args
+    w = aggregator(G)                      # [T, T] -> [T] float64, CPU
+    aggregator.report                      # what the last call noticed (e.g. Nash-MTL had no solution)
+    aggregator.state_dict() / load_state_dict(state)   # its state (PCGrad's generator, warm starts)
+that owns its hyper-parameters (one default, in one place: its __init__, mirrored by add_args) and its
+state. AGGREGATORS = {cls.name: cls}; common.multitask loops over it to add every flag. The pure
+functions below (pcgrad_weights, mgda_weights, ...) are the rules themselves, tested on hand-made
+matrices; the classes only hold hyper-parameters and state around them.
 """
+import inspect
 import math
 
 import numpy as np
 import torch
 
-from common import gradagg
 
 ZERO_GRAD = 1e-14  # G[t, t] <= ZERO_GRAD * max_s G[s, s]: task t's gradient counts as zero
 
@@ -95,9 +99,14 @@ def _min_norm_simplex(A):
     T = 2: the paper's closed form (Algorithm 1, clipped to [0, 1]). T > 2: the paper's Algorithm 2 is
     Frank-Wolfe; this is the exact solve of the same T-dimensional problem by active sets: the optimum
     is the min-norm point of the affine hull of its support S (an affinely independent subset), so each
-    of the 2^T - 1 supports gives a candidate from one small linear system, and the feasible candidate
-    (w >= 0) with the smallest w^T A w is the answer. Exact to float64 rounding in ~1 ms for T = 5;
-    the cost doubles with each task (fine up to T ~ 12).
+    of the 2^T - 1 supports gives a candidate from one small linear system (~1 ms for T = 5; the cost
+    doubles with each task, fine up to T ~ 12).
+    The problem is convex, so a feasible candidate that satisfies the optimality (KKT) condition
+        <g_t, d> >= ||d||^2 for every task t   ((A w)_t >= w^T A w)
+    is the optimum. Candidates are ranked by their worst violation of it, measured relative to
+    ||g_t|| ||d|| (a cosine-like scale), not by their objective value: with gradient norms spread by
+    1e5-1e6 the objective values of rival candidates differ by less than any absolute tolerance, and an
+    absolute comparison picked updates that increase a small task's loss.
     """
     T = A.shape[0]
     if T == 1:
@@ -106,29 +115,93 @@ def _min_norm_simplex(A):
         denom = A[0, 0] + A[1, 1] - 2 * A[0, 1]            # ||g_1 - g_2||^2
         gamma = 0.5 if denom <= 1e-300 else min(max((A[1, 1] - A[0, 1]) / denom, 0.0), 1.0)
         return np.array([gamma, 1.0 - gamma])
-    best, best_value = np.full(T, 1.0 / T), np.inf
+    norms = np.sqrt(np.clip(np.diag(A), 0.0, None))
+    best, best_key = np.full(T, 1.0 / T), (np.inf, np.inf)
     for S in _supports(T):
         x = _affine_solve(A[np.ix_(S, S)], np.eye(len(S) + 1)[:, -1])
         if x is None or (x := _feasible(x)) is None:
             continue
-        if (value := x @ A[np.ix_(S, S)] @ x) < best_value - 1e-15:
-            best = np.zeros(T)
-            best[S] = x
-            best_value = value
+        w = np.zeros(T)
+        w[S] = x
+        Aw = A @ w
+        value = max(float(w @ Aw), 0.0)
+        violation = float(np.max((value - Aw) / (norms * math.sqrt(value) + 1e-300))) if value > 0 else 0.0
+        key = (max(violation, 0.0), value)
+        if key < best_key:
+            best, best_key = w, key
     return best
 
 
 # ----------------------------------------------------------------------------- methods
 
-def pcgrad_weights(G, generator=None):
-    """PCGrad (Yu et al., "Gradient Surgery for Multi-Task Learning", NeurIPS 2020) as a weighting.
+def pcgrad_order(T, generator=None):
+    """Random projection order of PCGrad: row i is a permutation of the tasks j != i, LongTensor [T, T-1]."""
+    if T < 1:
+        raise ValueError(f"pcgrad_order: need at least one task, got T={T}")
+    order = torch.empty(T, T - 1, dtype=torch.long)
+    for i in range(T):
+        others = torch.tensor([j for j in range(T) if j != i], dtype=torch.long)
+        order[i] = others[torch.randperm(T - 1, generator=generator)]
+    return order
 
-    Each task's gradient is projected off the normal plane of every task it conflicts with, in a random
-    order per task (drawn from generator); the update is the sum of the projected gradients. Done in
-    coefficient space by gradagg.pcgrad_coefficients (weights sum to about T, not 1).
+
+def _check_order(order, T):
+    order = torch.as_tensor(order, dtype=torch.long).cpu()
+    if order.shape != (T, max(T - 1, 0)):
+        raise ValueError(f"PCGrad order must have shape ({T}, {T - 1}), got {tuple(order.shape)}")
+    for i, row in enumerate(order.tolist()):
+        if sorted(row) != [j for j in range(T) if j != i]:
+            raise ValueError(f"PCGrad order row {i} must be a permutation of the other tasks, got {row}")
+    return order.tolist()
+
+
+def pcgrad_coefficients(G, order):
+    """PCGrad (Yu et al., "Gradient Surgery for Multi-Task Learning", NeurIPS 2020) as a weighting:
+    Gram matrix [T, T] -> weights [T] (float64) of the shared update.
+
+    Each projected g_i' is a combination C_i . g of the original gradients. For task i, over j in
+    order[i]: if <g_i', g_j> = C_i . G[:, j] < 0, then C_i -= <g_i', g_j> / G[j, j] * e_j (a zero g_j,
+    G[j, j] == 0, is skipped). The update sum_i g_i' = (sum_i C_i) . g, so the weights are C.sum(0)
+    (they sum to about T: the official reduction is the sum of the projected gradients).
     """
     G = torch.as_tensor(G).detach().to("cpu", torch.float64)
-    return gradagg.pcgrad_coefficients(G, gradagg.pcgrad_order(G.shape[0], generator))
+    T = G.shape[0]
+    if G.shape != (T, T):
+        raise ValueError(f"pcgrad_coefficients: G must be square, got {tuple(G.shape)}")
+    if not torch.isfinite(G).all():
+        raise FloatingPointError("pcgrad_coefficients: the Gram matrix is not finite")
+    order = _check_order(order, T)
+    g = G.tolist()  # T is small: plain Python floats are faster than tensor ops here
+    weights = [0.0] * T
+    for i in range(T):
+        c = [0.0] * T
+        c[i] = 1.0
+        for j in order[i]:
+            if g[j][j] <= 0.0:
+                continue
+            dot = sum(c[k] * g[k][j] for k in range(T))
+            if dot < 0.0:
+                c[j] -= dot / g[j][j]
+        for k in range(T):
+            weights[k] += c[k]
+    return torch.tensor(weights, dtype=torch.float64)
+
+
+def pcgrad_reference(grads, order):
+    """Plain PyTorch PCGrad (pairwise sequential projections), in grads' dtype: grads [T, P] -> update [P].
+    The textbook loop, kept as the reference of the tests and the naive baseline of the benchmark."""
+    T = grads.shape[0]
+    order = _check_order(order, T)
+    update = torch.zeros_like(grads[0])
+    for i in range(T):
+        g_i = grads[i].clone()
+        for j in order[i]:
+            g_j = grads[j]
+            dot = torch.dot(g_i, g_j)
+            if dot < 0:
+                g_i -= dot / torch.dot(g_j, g_j) * g_j
+        update += g_i
+    return update
 
 
 def mgda_weights(G, normalize="none"):
@@ -260,9 +333,12 @@ def nash_mtl_weights(G, max_norm=1.0, max_iter=50, state=None, return_state=Fals
     found by Newton's method, damped by a backtracking line search that keeps b > 0, until the Newton
     decrement reaches the float64 floor (usually 4-7 steps; at most max_iter), instead of the official
     sequence of convex approximations solved by cvxpy/ECOS (optim_niter = 20 rounds, stopping at
-    ||G alpha - 1/alpha|| < 1e-3). The ridge (1e-10 on the unit diagonal of C) only matters where no
-    solution exists (e.g. two exactly opposite gradients, where the official ECOS solve fails and keeps
-    the previous alpha): it keeps b finite (<= ~1e5).
+    ||G alpha - 1/alpha|| < 1e-3). Where no solution exists (0 in the convex hull of the unit gradients,
+    e.g. two opposite gradients; has_no_bargaining_solution) it raises NoBargainingSolution: the
+    Newton iterates would run off to weights near 3e3 with a vanishing update. The NashMTL class then
+    does what the official code does when its ECOS solve fails: it keeps the previous step's alpha
+    (ones at the first step) and reports the step. The ridge (1e-10 on the unit diagonal of C) keeps
+    the Newton system regular near that boundary.
     Warm start: state is the previous solution b (a float64 tensor [T], used when it has length T and is
     positive on the non-zero gradients; None: cold start from b = 1 scaled to b^T C b = T). With
     return_state=True the function returns (alpha, b) to pass as the next state. Zero gradients get 0.
@@ -275,7 +351,11 @@ def nash_mtl_weights(G, max_norm=1.0, max_iter=50, state=None, return_state=Fals
     if keep.size:
         Gk = G[np.ix_(keep, keep)]
         n = np.sqrt(np.diag(Gk))
-        C = Gk / np.outer(n, n) + ridge * np.eye(keep.size)
+        cosines = Gk / np.outer(n, n)
+        if has_no_bargaining_solution(cosines):
+            raise NoBargainingSolution("Nash-MTL: 0 lies in the convex hull of the unit task gradients "
+                                       "(e.g. two opposite gradients): no update helps every task")
+        C = cosines + ridge * np.eye(keep.size)
         warm = None if state is None else torch.as_tensor(state, dtype=torch.float64).cpu().numpy()
         if warm is not None and warm.shape == (T,) and np.isfinite(warm).all() and (warm[keep] > 0).all():
             b = warm[keep].copy()
@@ -310,6 +390,22 @@ def nash_mtl_weights(G, max_norm=1.0, max_iter=50, state=None, return_state=Fals
     if return_state:
         return _weights(alpha), _weights(b_all)
     return _weights(alpha)
+
+
+class NoBargainingSolution(ArithmeticError):
+    """G alpha = 1 / alpha has no positive solution: no direction has <d, g_t> > 0 for every task."""
+
+
+def has_no_bargaining_solution(cosines, tol=1e-9):
+    """By Gordan's theorem a d with <d, g_t> > 0 for every t exists unless 0 is in the convex hull of
+    the gradients; for the unit gradients (cosine matrix C, trace T) that is min_{w in simplex} w^T C w = 0.
+    tol: below this min-norm value (relative to the unit scale) the solution's weights would exceed
+    ~1/sqrt(tol) and the update vanish: treated as none."""
+    T = cosines.shape[0]
+    if T < 2:
+        return False
+    w = _min_norm_simplex(cosines / T)
+    return float(w @ cosines @ w) < tol
 
 
 def imtl_weights(G):
@@ -390,41 +486,266 @@ def aligned_mtl_weights(G, scale_mode="min", reduction="sum"):
     return _weights(B @ pref)
 
 
-# ----------------------------------------------------------------------------- registry
+def upgrad_weights(G, reg_eps=0.0, pref=None):
+    """UPGrad (Quinton & Rey, "Jacobian Descent for Multi-Objective Optimization", 2024; TorchJD's
+    aggregation/_upgrad.py and _utils/dual_cone.py).
 
-def _pcgrad(G, ctx=None):
-    return pcgrad_weights(G, (ctx or {}).get("generator"))
+    Each task gradient g_i (scaled by its preference u_i, 1/T by default) is projected onto the dual cone
+    of all task gradients {x : <g_j, x> >= 0 for every j}, and the projections are summed: with
+    pref = 1/T the update is the mean of the projected gradients. By the paper's Proposition 1 the
+    projection of J^T u is J^T v with
+        v = argmin_{v >= u} v^T G v,
+    so everything is read from G. Solved exactly by active sets over the 2^T splits of the tasks into
+    free (v_j > u_j, (G v)_j = 0) and bound (v_j = u_j, (G v)_j >= 0) ones, where TorchJD calls quadprog;
+    the problem is strictly convex, so the split whose solution satisfies these conditions is the
+    optimum (ranked by their violation, relative to each task's scale, as for MGDA).
+    Consequences: every projected gradient, and so the update, has <g_j, d> >= 0 for every task (no
+    conflict to first order); a set of gradients without conflict (G >= 0 entrywise) is left as its mean.
+    As TorchJD, G is first divided by its trace. Differences, both intended: TorchJD then adds
+    reg_eps * I with reg_eps = 1e-4 so that its QP solver (quadprog) sees a strictly convex problem;
+    with gradient norms spread by 1e3 that term dominates the small tasks' entries and the update then
+    conflicts with them (tests/test_aggregators.py measures it), so the default here is reg_eps = 0,
+    the paper's exact projection, which the active-set solve handles (least squares on singular blocks);
+    --upgrad-reg-eps 1e-4 gives TorchJD's. TorchJD also sets G to 0 when its trace is below an absolute
+    norm_eps = 1e-4, which would turn UPGrad into the mean whenever gradients are small; here only an
+    exactly zero G is treated so (weights 1/T).
+    """
+    G = _gram(G)
+    T = G.shape[0]
+    u_all = np.full(T, 1.0 / T) if pref is None else np.asarray(pref, dtype=np.float64)
+    if u_all.shape != (T,) or (u_all < 0).any():
+        raise ValueError(f"upgrad_weights: pref must be {T} non-negative numbers, got {pref}")
+    trace = np.trace(G)
+    if T == 0 or not trace > 0:
+        return _weights(u_all)
+    A = G / trace + reg_eps * np.eye(T)
+    norms = np.sqrt(np.clip(np.diag(A), 1e-300, None))
+    splits = [np.zeros(0, dtype=int)] + _supports(T)
+    total = np.zeros(T)
+    for i in range(T):
+        u = np.zeros(T)
+        u[i] = u_all[i]
+        best, best_violation = u, np.inf
+        for F in splits:
+            v = u.copy()
+            if F.size:
+                B = np.setdiff1d(np.arange(T), F)
+                # least squares: a singular block (linearly dependent gradients) still has solutions
+                v[F] = np.linalg.lstsq(A[np.ix_(F, F)], -A[np.ix_(F, B)] @ u[B], rcond=None)[0]
+            Av = A @ v
+            d_norm = math.sqrt(max(float(v @ Av), 1e-300))
+            bound = np.setdiff1d(np.arange(T), F)
+            violation = max(float(np.max(u[F] - v[F], initial=0.0)) / max(u_all.max(), 1e-300),
+                            float(np.max(-Av[bound] / (norms[bound] * d_norm), initial=0.0)))
+            if violation < best_violation:
+                best, best_violation = v, violation
+        total += best
+    return _weights(total)
 
 
-def _mgda(G, ctx=None):
-    return mgda_weights(G)
+# ----------------------------------------------------------------------------- the aggregator classes
+
+def _default(cls, name):
+    """The default of a hyper-parameter: the one in cls.__init__'s signature (one place)."""
+    return inspect.signature(cls.__init__).parameters[name].default
 
 
-def _cagrad(G, ctx=None):
-    return cagrad_weights(G)
+class Aggregator:
+    """Gram matrix [T, T] -> weights [T] (float64, CPU). Subclasses hold their hyper-parameters (with
+    the defaults in __init__'s signature) and their state, and add one flag per hyper-parameter."""
+    name = None
+
+    def __init__(self):
+        self.report = {}  # what the last call noticed, for the run's decisions
+
+    def __call__(self, G):
+        raise NotImplementedError
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+    @classmethod
+    def add_args(cls, group):
+        pass
+
+    @classmethod
+    def from_args(cls, args):
+        return cls()
 
 
-def _nash_mtl(G, ctx=None):
-    """Warm started from ctx["nash_alpha"] (ignored when its length is not T), which it updates."""
-    if ctx is None:
-        return nash_mtl_weights(G)
-    alpha, ctx["nash_alpha"] = nash_mtl_weights(G, state=ctx.get("nash_alpha"), return_state=True)
-    return alpha
+class PCGrad(Aggregator):
+    """Projecting conflicting gradients (pcgrad_coefficients). The random projection order is drawn
+    from the aggregator's own generator (checkpointed). reduction: "sum" of the projected gradients
+    (the official TensorFlow code) or "mean" (the popular PyTorch port's default)."""
+    name = "pcgrad"
+
+    def __init__(self, seed=0, reduction="sum"):
+        super().__init__()
+        if reduction not in ("sum", "mean"):
+            raise ValueError(f"PCGrad: reduction must be 'sum' or 'mean', got {reduction!r}")
+        self.reduction = reduction
+        self.generator = torch.Generator().manual_seed(seed + 7919)
+
+    def __call__(self, G):
+        T = torch.as_tensor(G).shape[0]
+        w = pcgrad_coefficients(G, pcgrad_order(T, self.generator))
+        return w / T if self.reduction == "mean" else w
+
+    def state_dict(self):
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state):
+        self.generator.set_state(state["generator"])
+
+    @classmethod
+    def add_args(cls, group):
+        group.add_argument("--pcgrad-reduction", choices=("sum", "mean"), default=_default(cls, "reduction"))
+
+    @classmethod
+    def from_args(cls, args):
+        return cls(seed=args.seed, reduction=args.pcgrad_reduction)
 
 
-def _imtl(G, ctx=None):
-    return imtl_weights(G)
+class MGDA(Aggregator):
+    """Min-norm point of the convex hull of the task gradients (mgda_weights). On the gradients of the
+    shared representation (--grad-space representation) this is the paper's MGDA-UB."""
+    name = "mgda"
+
+    def __init__(self, normalize="none"):
+        super().__init__()
+        self.normalize = normalize
+
+    def __call__(self, G):
+        return mgda_weights(G, normalize=self.normalize)
+
+    @classmethod
+    def add_args(cls, group):
+        group.add_argument("--mgda-normalize", choices=("none", "l2"), default=_default(cls, "normalize"))
+
+    @classmethod
+    def from_args(cls, args):
+        return cls(normalize=args.mgda_normalize)
 
 
-def _aligned_mtl(G, ctx=None):
-    return aligned_mtl_weights(G)
+class CAGrad(Aggregator):
+    """Conflict-averse gradient descent (cagrad_weights); c = 0.5 and rescale = 1 as the official code."""
+    name = "cagrad"
+
+    def __init__(self, c=0.5, rescale=1):
+        super().__init__()
+        self.c, self.rescale = c, rescale
+
+    def __call__(self, G):
+        return cagrad_weights(G, c=self.c, rescale=self.rescale)
+
+    @classmethod
+    def add_args(cls, group):
+        group.add_argument("--cagrad-c", type=float, default=_default(cls, "c"))
+        group.add_argument("--cagrad-rescale", type=int, choices=(0, 1, 2), default=_default(cls, "rescale"))
+
+    @classmethod
+    def from_args(cls, args):
+        return cls(c=args.cagrad_c, rescale=args.cagrad_rescale)
 
 
-AGGREGATORS = {
-    "pcgrad": _pcgrad,            # ctx["generator"]: the random projection order
-    "mgda": _mgda,
-    "cagrad": _cagrad,            # c = 0.5, rescale = 1
-    "nash_mtl": _nash_mtl,        # ctx["nash_alpha"]: warm start, updated; max_norm = 1.0
-    "imtl": _imtl,
-    "aligned_mtl": _aligned_mtl,  # scale_mode = "min", sum of the aligned gradients
-}
+class NashMTL(Aggregator):
+    """Nash bargaining weights (nash_mtl_weights), warm started from the previous step's solution.
+    Where no bargaining solution exists the previous step's alpha is kept (ones at the first step), as
+    the official code does when its solver fails, clipped to max_norm like any other step; the step is
+    reported as report["nash_no_solution"] = 1."""
+    name = "nash_mtl"
+
+    def __init__(self, max_norm=1.0, max_iter=50):
+        super().__init__()
+        self.max_norm, self.max_iter = max_norm, max_iter
+        self.warm = None        # the previous solution b (scale-free), for the warm start
+        self.previous = None    # the previous alpha, the fallback
+
+    def __call__(self, G):
+        G64 = torch.as_tensor(G).detach().to("cpu", torch.float64)
+        T = G64.shape[0]
+        try:
+            alpha, self.warm = nash_mtl_weights(G64, self.max_norm, self.max_iter, state=self.warm,
+                                                return_state=True)
+            self.report = {"nash_no_solution": 0}
+        except NoBargainingSolution:
+            prev = self.previous
+            alpha = prev.clone() if prev is not None and prev.shape == (T,) else torch.ones(T, dtype=torch.float64)
+            norm = float(alpha @ G64 @ alpha).__abs__() ** 0.5
+            if self.max_norm > 0 and norm > self.max_norm:
+                alpha = alpha * (self.max_norm / norm)
+            self.report = {"nash_no_solution": 1}
+        self.previous = alpha.clone()
+        return alpha
+
+    def state_dict(self):
+        return {"warm": self.warm, "previous": self.previous}
+
+    def load_state_dict(self, state):
+        self.warm, self.previous = state["warm"], state["previous"]
+
+    @classmethod
+    def add_args(cls, group):
+        group.add_argument("--nash-max-norm", type=float, default=_default(cls, "max_norm"),
+                           help="clip of the update's norm (0 = off)")
+        group.add_argument("--nash-max-iter", type=int, default=_default(cls, "max_iter"))
+
+    @classmethod
+    def from_args(cls, args):
+        return cls(max_norm=args.nash_max_norm, max_iter=args.nash_max_iter)
+
+
+class IMTLG(Aggregator):
+    """Impartial MTL, gradient part (imtl_weights): equal projections onto every unit task gradient."""
+    name = "imtl"
+
+    def __call__(self, G):
+        return imtl_weights(G)
+
+
+class AlignedMTL(Aggregator):
+    """Aligned-MTL (aligned_mtl_weights): the task gradients aligned to condition number 1."""
+    name = "aligned_mtl"
+
+    def __init__(self, scale_mode="min", reduction="sum"):
+        super().__init__()
+        self.scale_mode, self.reduction = scale_mode, reduction
+
+    def __call__(self, G):
+        return aligned_mtl_weights(G, scale_mode=self.scale_mode, reduction=self.reduction)
+
+    @classmethod
+    def add_args(cls, group):
+        group.add_argument("--aligned-scale-mode", choices=("min", "median", "rmse"),
+                           default=_default(cls, "scale_mode"))
+        group.add_argument("--aligned-reduction", choices=("sum", "mean"), default=_default(cls, "reduction"))
+
+    @classmethod
+    def from_args(cls, args):
+        return cls(scale_mode=args.aligned_scale_mode, reduction=args.aligned_reduction)
+
+
+class UPGrad(Aggregator):
+    """Unconflicting projection of gradients (upgrad_weights); reg_eps = 1e-4 is TorchJD's default."""
+    name = "upgrad"
+
+    def __init__(self, reg_eps=0.0):
+        super().__init__()
+        self.reg_eps = reg_eps
+
+    def __call__(self, G):
+        return upgrad_weights(G, reg_eps=self.reg_eps)
+
+    @classmethod
+    def add_args(cls, group):
+        group.add_argument("--upgrad-reg-eps", type=float, default=_default(cls, "reg_eps"))
+
+    @classmethod
+    def from_args(cls, args):
+        return cls(reg_eps=args.upgrad_reg_eps)
+
+
+AGGREGATORS = {cls.name: cls for cls in (PCGrad, MGDA, CAGrad, NashMTL, IMTLG, AlignedMTL, UPGrad)}

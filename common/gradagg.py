@@ -4,13 +4,13 @@ Every gradient aggregator here is a *weighting* of the T x T Gram matrix of the
 per-task gradients followed by one shared *combination*:
 
     G = gram(buf)                       # one pass over the T x P gradients
-    w = pcgrad_coefficients(G, order)   # tiny T x T problem, any aggregator
+    w = aggregator(G)                   # tiny T x T problem (common/aggregators.py)
     combine(buf, w, out=flat_grad)      # one pass, written straight into .grad
 
 `buf` is one float32 buffer [T, P] (row t = task t's flattened shared gradient;
 rows may be padded, see TaskGradBuffer). GradNorm's per-task norms are
-sqrt(diag(G)) (task_norms). CAGrad, Nash-MTL, MGDA, IMTL, Aligned-MTL only need
-G -> weights, then the same combine.
+sqrt(diag(G)). Every aggregator (PCGrad, MGDA, CAGrad, Nash-MTL, IMTL-G,
+Aligned-MTL, UPGrad) only needs G -> weights, then the same combine.
 
 Backends, all giving the same results (tests/test_gradagg.py):
   "cpp"   compiled CPU kernel (csrc/gradagg_cpu.cpp, OpenMP over P)
@@ -171,83 +171,6 @@ def combine(buf, coeffs, out=None, backend=None):
         return out.zero_()
     # buf.T @ c without copying buf (BLAS reads the transposed view in place).
     return torch.mv(buf.T, coeffs.to(device=buf.device, dtype=buf.dtype), out=out)
-
-
-def task_norms(G):
-    """Per-task gradient norms ||g_t|| from the Gram matrix (GradNorm's G_t)."""
-    return G.diagonal().clamp_min(0).sqrt()
-
-
-def pcgrad_order(T, generator=None):
-    """Random projection order of PCGrad: row i is a permutation of the tasks j != i, LongTensor [T, T-1]."""
-    if T < 1:
-        raise ValueError(f"gradagg.pcgrad_order: need at least one task, got T={T}")
-    order = torch.empty(T, T - 1, dtype=torch.long)
-    for i in range(T):
-        others = torch.tensor([j for j in range(T) if j != i], dtype=torch.long)
-        order[i] = others[torch.randperm(T - 1, generator=generator)]
-    return order
-
-
-def _check_order(order, T):
-    order = torch.as_tensor(order, dtype=torch.long).cpu()
-    if order.shape != (T, max(T - 1, 0)):
-        raise ValueError(f"gradagg: PCGrad order must have shape ({T}, {T - 1}), got {tuple(order.shape)}")
-    for i, row in enumerate(order.tolist()):
-        if sorted(row) != [j for j in range(T) if j != i]:
-            raise ValueError(f"gradagg: PCGrad order row {i} must be a permutation of the other "
-                             f"tasks, got {row}")
-    return order.tolist()
-
-
-def pcgrad_coefficients(G, order):
-    """PCGrad as a weighting: Gram matrix [T, T] -> weights [T] (float64) of the shared update.
-
-    Each projected g_i' is a combination C_i . g of the original gradients. For
-    task i, over j in order[i]: if <g_i', g_j> = C_i . G[:, j] < 0, then
-    C_i -= <g_i', g_j> / G[j, j] * e_j (a zero g_j, G[j, j] == 0, is skipped).
-    The update sum_i g_i' = (sum_i C_i) . g, so the weights are C.sum(0).
-    """
-    G = torch.as_tensor(G).detach().to("cpu", torch.float64)
-    T = G.shape[0]
-    if G.shape != (T, T):
-        raise ValueError(f"gradagg.pcgrad_coefficients: G must be square, got {tuple(G.shape)}")
-    if not torch.isfinite(G).all():
-        raise FloatingPointError("gradagg.pcgrad_coefficients: the Gram matrix is not finite")
-    order = _check_order(order, T)
-    g = G.tolist()  # T is small: plain Python floats are faster than tensor ops here
-    weights = [0.0] * T
-    for i in range(T):
-        c = [0.0] * T
-        c[i] = 1.0
-        for j in order[i]:
-            if g[j][j] <= 0.0:
-                continue
-            dot = sum(c[k] * g[k][j] for k in range(T))
-            if dot < 0.0:
-                c[j] -= dot / g[j][j]
-        for k in range(T):
-            weights[k] += c[k]
-    return torch.tensor(weights, dtype=torch.float64)
-
-
-def pcgrad_reference(grads, order):
-    """Plain PyTorch PCGrad (pairwise sequential projections), in grads' dtype: grads [T, P] -> update [P].
-
-    The textbook loop, kept as the reference of the tests and the naive baseline of the benchmark.
-    """
-    T = grads.shape[0]
-    order = _check_order(order, T)
-    update = torch.zeros_like(grads[0])
-    for i in range(T):
-        g_i = grads[i].clone()
-        for j in order[i]:
-            g_j = grads[j]
-            dot = torch.dot(g_i, g_j)
-            if dot < 0:
-                g_i -= dot / torch.dot(g_j, g_j) * g_j
-        update += g_i
-    return update
 
 
 class TaskGradBuffer:

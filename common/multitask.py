@@ -1,86 +1,76 @@
 """One multi-task update, shared by every scheduling script so that any scheduler can be combined with
 any loss weighting and any gradient aggregation (--weighting, --aggregator, --grad-space).
 
-A scheduler only decides which tasks (or which samples of which tasks) count on this step; this module
+CONTRACT READY: a weighting is an object of common.weighting (WEIGHTINGS), an aggregator one of
+common.aggregators (AGGREGATORS) or None for the plain sum; MultiTaskUpdate asks them about their
+capabilities (needs_grad_norms, needs_loss_after_step), never about their names.
+
+A scheduler only decides which tasks (or which samples of which tasks) count on this step; the update
 turns that into gradients:
 
-    losses  = per-task cross-entropy over the samples assigned to each task      (trunk runs once)
-    terms   = weighting.terms(losses, active)      equal / learned / uncertainty / gradnorm
-    sum     : backward(terms.sum())
-    pcgrad  : per-task gradients of the shared part -> Gram matrix -> PCGrad coefficients -> one combine
-              into .grad (common/gradagg.py, the csrc/ kernel on the hot path); heads get their own grads.
+    losses  = per-task losses over the samples assigned to each task       (the trunk runs once)
+    terms   = weighting.terms(losses, active)
+    no aggregator : backward(terms.sum())
+    aggregator    : per-task gradients of the shared part -> Gram matrix G (common/gradagg.py, the csrc/
+                    kernel) -> aggregator(G) = T weights -> one combination into .grad; each head gets
+                    the plain gradient of its own term.
 
-Gradient space (PCGrad and GradNorm):
-  params          per-task gradients of all shared parameters (exact; T backward passes through the trunk)
-  representation  per-task gradients of the fused representation z [B, 3H] (T cheap backward passes
-                  through the heads, then one backward through the trunk with the combined gradient)
+Gradient space (for aggregators, and for GradNorm's gradient norms):
+  params          (default) per-task gradients of the shared parameters: the published methods. For an
+                  aggregator all shared parameters; for GradNorm alone the last shared layer, as the paper.
+  representation  per-task gradients of the fused representation z [B, 3H]: T cheap backward passes
+                  through the heads, then one backward through the trunk with the combined gradient. A
+                  cheaper, named variant (Sener & Koltun's MGDA-UB is its published precedent); its
+                  per-task gradients are nearly orthogonal here, so conflict-based methods act differently.
 """
 import torch
 
 from common import gradagg
-from common import aggregators
+from common.aggregators import AGGREGATORS
 from common.train import Run, build_parser
-from common.weighting import (DWAWeights, EqualWeights, FAMOWeights, GradNormWeights, LearnedWeights, RandomWeights,
-                              UncertaintyWeights)
-
-WEIGHTINGS = ("equal", "learned", "uncertainty", "gradnorm", "dwa", "rlw", "famo")
-AGGREGATORS = ("sum",) + tuple(aggregators.AGGREGATORS)  # pcgrad, mgda, cagrad, nash_mtl, imtl, aligned_mtl
+from common.weighting import WEIGHTINGS
 
 
-def add_update_args(parser, weighting="equal", aggregator="sum", grad_space="representation"):
+def add_update_args(parser, weighting="equal", aggregator="sum", grad_space="params"):
+    """--weighting, --aggregator, --grad-space and every method's own hyper-parameter flags."""
     g = parser.add_argument_group("loss weighting and gradient aggregation")
-    g.add_argument("--weighting", choices=WEIGHTINGS, default=weighting)
-    g.add_argument("--aggregator", choices=AGGREGATORS, default=aggregator)
+    g.add_argument("--weighting", choices=tuple(WEIGHTINGS), default=weighting)
+    g.add_argument("--aggregator", choices=("sum",) + tuple(AGGREGATORS), default=aggregator)
     g.add_argument("--grad-space", choices=("params", "representation"), default=grad_space,
-                   help="where per-task gradients are taken for pcgrad and gradnorm")
-    g.add_argument("--gradnorm-alpha", type=float, default=1.5)
-    g.add_argument("--gradnorm-lr", type=float, default=0.025)
-    g.add_argument("--dwa-tau", type=float, default=2.0)
-    g.add_argument("--weights-lr", type=float, default=None, help="lr of learned / uncertainty weights")
+                   help="where per-task gradients are taken (aggregators; GradNorm's norms)")
+    g.add_argument("--weights-lr", type=float, default=None,
+                   help="lr of weights trained by the run's optimizer (learned, uncertainty; default --lr)")
+    for cls in list(WEIGHTINGS.values()) + list(AGGREGATORS.values()):
+        cls.add_args(g)
     return parser
 
 
-def make_weighting(name, num_tasks, args=None):
-    if name == "equal":
-        return EqualWeights(num_tasks)
-    if name == "learned":
-        return LearnedWeights(num_tasks)
-    if name == "uncertainty":
-        return UncertaintyWeights(num_tasks)
-    if name == "gradnorm":
-        return GradNormWeights(num_tasks, alpha=getattr(args, "gradnorm_alpha", 1.5), lr=getattr(args, "gradnorm_lr", 0.025))
-    if name == "dwa":
-        return DWAWeights(num_tasks, tau=getattr(args, "dwa_tau", 2.0))
-    if name == "rlw":
-        return RandomWeights(num_tasks, seed=getattr(args, "seed", 0))
-    if name == "famo":
-        return FAMOWeights(num_tasks)
-    raise ValueError(f"unknown weighting {name!r}; choose from {WEIGHTINGS}")
+def make_update(run, args):
+    """The update that --weighting, --aggregator and --grad-space ask for."""
+    weighting = WEIGHTINGS[args.weighting].from_args(len(run.tasks), args)
+    aggregator = None if args.aggregator == "sum" else AGGREGATORS[args.aggregator].from_args(args)
+    return MultiTaskUpdate(run, weighting, aggregator, args.grad_space, weights_lr=args.weights_lr)
 
 
 class MultiTaskUpdate:
     """Weighting + aggregation of one step. Create after Run, register with run.start(update=...)."""
 
-    def __init__(self, run, weighting="equal", aggregator="sum", grad_space="representation", args=None):
-        if aggregator not in AGGREGATORS:
-            raise ValueError(f"unknown aggregator {aggregator!r}; choose from {AGGREGATORS}")
+    def __init__(self, run, weighting, aggregator=None, grad_space="params", weights_lr=None):
+        if grad_space not in ("params", "representation"):
+            raise ValueError(f"grad_space must be 'params' or 'representation', got {grad_space!r}")
         self.run = run
         self.T = len(run.tasks)
-        self.weighting_name, self.aggregator, self.grad_space = weighting, aggregator, grad_space
-        self.weighting = make_weighting(weighting, self.T, args)
-        run.add_parameters(self.weighting.parameters(), lr=getattr(args, "weights_lr", None))
-        model = run.model
-        self.shared = model.shared_parameters()
-        self.head_and_rule_params = run.head_parameters() + list(self.weighting.parameters())
-        self.needs_task_grads = aggregator != "sum" or weighting == "gradnorm"
+        self.weighting, self.aggregator, self.grad_space = weighting, aggregator, grad_space
+        run.add_parameters(weighting.to(run.device).parameters(), lr=weights_lr)
+        self.shared = run.model.shared_parameters()
+        self.own_params = run.head_parameters() + list(weighting.parameters())
+        self.needs_task_grads = aggregator is not None or weighting.needs_grad_norms
+        self.task_grads = None  # the T x P buffer: only where per-task parameter gradients are needed
         if self.needs_task_grads and grad_space == "params":
-            # aggregators need all shared parameters; GradNorm only the last shared layer (as the paper)
-            params = self.shared if aggregator != "sum" else model.last_shared_parameters()
+            params = self.shared if aggregator is not None else run.model.last_shared_parameters()
             self.task_grads = gradagg.TaskGradBuffer(params, self.T)
-        # what an aggregator keeps between steps: PCGrad's random order generator, Nash-MTL's warm start
-        self.ctx = {"generator": torch.Generator().manual_seed(getattr(args, "seed", 0) + 7919)}
         self.last = {}
-        self.conflicts_total = 0  # conflicting gradient pairs summed over steps (PCGrad), checkpointed
+        self.conflicts_total = 0  # conflicting gradient pairs summed over steps, checkpointed
 
     # -- the step
     def step(self, batch, task_mask=None):
@@ -88,29 +78,19 @@ class MultiTaskUpdate:
         counts for task t: batches composed per sampling ratios). Returns the per-task losses."""
         run = self.run
         fused, per_item, valid = run.per_item_losses(batch)        # [B, 3H], [B, T], [B, T]
-        if task_mask is None:
-            task_mask = torch.ones(self.T, dtype=torch.bool)
-        task_mask = task_mask.to(per_item.device)
-        if task_mask.dim() == 1:
-            task_mask = task_mask.expand_as(per_item)
-        task_mask = task_mask & valid
-        counts = task_mask.sum(0)
-        active = counts > 0
-        losses = (per_item * task_mask).sum(0) / counts.clamp(min=1)
+        mask = self._sample_mask(task_mask, valid)
+        losses, active = self._masked_losses(per_item, mask)
         if not run.check_finite(losses.masked_fill(~active, 0.0), batch):
             run.skip_step()
             return losses.detach()
-        if hasattr(self.weighting, "observe"):  # DWA, RLW, FAMO follow the losses over time
-            self.weighting.observe(losses.detach(), active, run.epoch)
+        self.weighting.observe(losses.detach(), active, run.epoch)
+        if self.weighting.needs_grad_norms:
+            norms = self._task_gradients(losses, active, fused, norms_only=True)
+            self.last["gradnorm_targets"] = self.weighting.update(losses, norms, active)
         terms = self.weighting.terms(losses, active)
 
-        if self.weighting_name == "gradnorm":
-            norms = self._task_grad_norms(losses, active, fused)
-            self.last["gradnorm_targets"] = self.weighting.update(losses, norms, active)
-            terms = self.weighting.terms(losses, active)
-
         run.optimizer.zero_grad(set_to_none=True)
-        if self.aggregator == "sum":
+        if self.aggregator is None:
             terms.sum().backward()
         else:
             self._aggregate_backward(terms, active, fused)
@@ -119,27 +99,45 @@ class MultiTaskUpdate:
         for t in (~active).nonzero().flatten().tolist():
             for p in run.head_parameters(run.tasks[t]):
                 p.grad = None
-        run.step(None, batch=batch)
+        stepped = run.step(None, batch=batch)
+        if stepped and self.weighting.needs_loss_after_step:
+            with torch.no_grad():   # the same batch after the step (FAMO's official second forward)
+                _, per_item_after, _ = run.per_item_losses(batch)
+                after, _ = self._masked_losses(per_item_after, mask)
+            self.last["loss_change"] = self.weighting.observe_after_step(after, active)
         self.last["weights"] = self.weighting.weights()
         self.last["active"] = active.cpu()
         return losses.detach()
 
+    def _sample_mask(self, task_mask, valid):
+        if task_mask is None:
+            return valid
+        task_mask = task_mask.to(valid.device)
+        if task_mask.dim() == 1:
+            task_mask = task_mask.expand_as(valid)
+        return task_mask & valid
+
+    @staticmethod
+    def _masked_losses(per_item, mask):
+        counts = mask.sum(0)
+        return (per_item * mask).sum(0) / counts.clamp(min=1), counts > 0
+
     # -- per-task gradients
-    def _task_gradients(self, terms, active, fused):
-        """The T x P per-task gradient matrix in the chosen space (inactive tasks: zero rows)."""
+    def _task_gradients(self, terms, active, fused, norms_only=False):
+        """The T x P per-task gradients in the chosen space (inactive tasks: zero rows), or with
+        norms_only their norms [T]."""
         if self.grad_space == "params":
             self.task_grads.fill_from_losses([terms[t] if active[t] else None for t in range(self.T)])
-            return self.task_grads.grads
-        rows = torch.zeros(self.T, fused.numel(), device=fused.device)
-        for t in range(self.T):
-            if active[t]:
-                (g,) = torch.autograd.grad(terms[t], fused, retain_graph=True)
-                rows[t] = g.reshape(-1)
-        return rows
-
-    def _task_grad_norms(self, losses, active, fused):
-        grads = self._task_gradients(losses, active, fused)   # of the unweighted losses: n_t = ||grad L_t||
-        return gradagg.gram(grads).diagonal().clamp(min=0).sqrt()
+            grads = self.task_grads.grads
+        else:
+            grads = torch.zeros(self.T, fused.numel(), device=fused.device)
+            for t in range(self.T):
+                if active[t]:
+                    (g,) = torch.autograd.grad(terms[t], fused, retain_graph=True)
+                    grads[t] = g.reshape(-1)
+        if norms_only:
+            return gradagg.gram(grads).diagonal().clamp(min=0).sqrt()
+        return grads
 
     def _aggregate_backward(self, terms, active, fused):
         grads = self._task_gradients(terms, active, fused)
@@ -147,12 +145,14 @@ class MultiTaskUpdate:
         idx = active.nonzero().flatten().cpu()
         coeffs = torch.zeros(self.T, dtype=torch.float64)
         # the aggregator sees only the active tasks' Gram matrix (a scheduler may have switched some off)
-        coeffs[idx] = aggregators.AGGREGATORS[self.aggregator](G[idx][:, idx].cpu(), self.ctx)
+        G_active = G[idx][:, idx].cpu()
+        coeffs[idx] = self.aggregator(G_active)
         self.last["aggregator_weights"] = coeffs.float()
-        self.last["conflicts"] = int((G[idx][:, idx] < 0).sum().item() // 2)
+        self.last["conflicts"] = int((G_active < 0).sum().item() // 2)
+        self.last.update(self.aggregator.report)
         self.conflicts_total += self.last["conflicts"]
         # heads and rule parameters: the plain gradient of the summed terms (cheap: no trunk backward)
-        own = [p for p in self.head_and_rule_params if p.requires_grad]
+        own = [p for p in self.own_params if p.requires_grad]
         head_grads = torch.autograd.grad(terms.sum(), own, retain_graph=True, allow_unused=True)
         if self.grad_space == "params":
             self.task_grads.write_combined(coeffs)
@@ -164,20 +164,27 @@ class MultiTaskUpdate:
 
     def decisions(self):
         """What the rule decided on the last step, for run.log_step."""
-        return {k: v for k, v in self.last.items()}
+        return dict(self.last)
+
+    def summary(self):
+        """What the update did over the run, for run.finish(decisions=...)."""
+        out = {"final_weights": dict(zip(self.run.tasks, self.weighting.weights().tolist())),
+               "weighting": self.weighting.name,
+               "aggregator": self.aggregator.name if self.aggregator is not None else "sum"}
+        if self.aggregator is not None:
+            out.update(grad_space=self.grad_space,
+                       conflicting_pairs_per_step=self.conflicts_total / max(self.run.step_count, 1))
+        return out
 
     def state_dict(self):
-        w = self.weighting.state_dict()
-        return {"weighting": w, "ctx": {k: (v.get_state() if k == "generator" else v) for k, v in self.ctx.items()},
+        return {"weighting": self.weighting.state_dict(),
+                "aggregator": self.aggregator.state_dict() if self.aggregator is not None else {},
                 "conflicts_total": self.conflicts_total}
 
     def load_state_dict(self, state):
         self.weighting.load_state_dict(state["weighting"])
-        for k, v in state["ctx"].items():
-            if k == "generator":
-                self.ctx["generator"].set_state(v)
-            else:
-                self.ctx[k] = v
+        if self.aggregator is not None:
+            self.aggregator.load_state_dict(state["aggregator"])
         self.conflicts_total = state["conflicts_total"]
 
 
@@ -192,7 +199,7 @@ def run_every_task(strategy, doc, argv=None, **defaults):
     parser = add_update_args(build_parser(doc), **defaults)
     args = parser.parse_args(argv)
     run = Run(args, strategy=strategy)
-    update = MultiTaskUpdate(run, args.weighting, args.aggregator, args.grad_space, args)
+    update = make_update(run, args)
     run.start(update=update)
 
     for batch in run.batches():
@@ -201,9 +208,4 @@ def run_every_task(strategy, doc, argv=None, **defaults):
         if run.at_eval():
             run.validate(weights=update.weighting.weights())
             run.save_checkpoint()
-
-    decisions = {"final_weights": dict(zip(run.tasks, update.weighting.weights().tolist())),
-                 "weighting": args.weighting, "aggregator": args.aggregator}
-    if args.aggregator != "sum":
-        decisions.update(grad_space=args.grad_space, conflicting_pairs_per_step=update.conflicts_total / max(run.step_count, 1))
-    return run.finish(decisions=decisions)
+    return run.finish(decisions=update.summary())

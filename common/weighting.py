@@ -1,65 +1,25 @@
-"""Loss weightings: a vector of T task losses -> one scalar. They never see the model (LibMTL's split),
-so any scheduler can use any of them. Each is an nn.Module, so its learned parameters go to the
-optimizer (run.add_parameters) and its state to the checkpoint (state_dict)."""
+"""Loss weightings: a vector of T task losses -> T weighted terms whose sum is the loss to minimise.
+They never see the model (LibMTL's split of weighting and architecture), so any scheduler can use any of
+them (common.multitask). The contract, one small class per method:
+
+    weighting = Uncertainty(num_tasks)             # or Uncertainty.from_args(num_tasks, args)
+    terms = weighting.terms(losses, active)        # [T]; an inactive task's term is exactly 0
+    weighting.weights()                            # [T], for the log
+    weighting.observe(losses, active, epoch)       # optional: follow the losses over time (DWA, RLW, FAMO)
+    weighting.parameters()                         # learned parameters for the run's optimizer (or [])
+    weighting.state_dict() / load_state_dict(s)    # everything that changes over time
+    Weighting.add_args(group) / from_args(T, args) # one flag per hyper-parameter, the default in __init__
+
+Capabilities, declared as class flags; the update asks for them, never for a name:
+    needs_grad_norms       update(losses, grad_norms, active) is called before terms() with the norms of
+                           the per-task gradients (GradNorm: of the last shared layer)
+    needs_loss_after_step  observe_after_step(losses_after, active) is called after the optimizer step
+                           with the losses of the same batch, recomputed without grad (FAMO)
+"""
+import inspect
+
 import torch
 from torch import nn
-
-
-class EqualWeights(nn.Module):
-    """L = sum_t L_t."""
-
-    def __init__(self, num_tasks):
-        super().__init__()
-        self.num_tasks = num_tasks
-
-    def terms(self, losses, active=None):
-        return _masked(losses, active)
-
-    def forward(self, losses, active=None):
-        return self.terms(losses, active).sum()
-
-    def weights(self):
-        return torch.ones(self.num_tasks)
-
-
-class LearnedWeights(nn.Module):
-    """L = sum_t w_t L_t with w = T * softmax(a): learned, but constrained to sum to T.
-    Unconstrained weights would all shrink to 0; even constrained, gradient descent on w moves
-    weight to the task with the smallest loss, which the logged weights make visible."""
-
-    def __init__(self, num_tasks):
-        super().__init__()
-        self.num_tasks = num_tasks
-        self.logits = nn.Parameter(torch.zeros(num_tasks))
-
-    def weights(self):
-        return self.num_tasks * torch.softmax(self.logits, dim=0)
-
-    def terms(self, losses, active=None):
-        return self.weights().to(losses.device) * _masked(losses, active)
-
-    def forward(self, losses, active=None):
-        return self.terms(losses, active).sum()
-
-
-class UncertaintyWeights(nn.Module):
-    """Kendall, Gal, Cipolla (CVPR 2018): L = sum_t exp(-s_t) L_t + s_t, s_t = log sigma_t^2 learned.
-    dL/ds_t = 1 - exp(-s_t) L_t, so s_t settles at log L_t: noisy (high-loss) tasks get small weights."""
-
-    def __init__(self, num_tasks):
-        super().__init__()
-        self.num_tasks = num_tasks
-        self.log_vars = nn.Parameter(torch.zeros(num_tasks))
-
-    def weights(self):
-        return torch.exp(-self.log_vars)
-
-    def terms(self, losses, active=None):
-        s = self.log_vars.to(losses.device)
-        return _masked(torch.exp(-s) * losses + s, active)
-
-    def forward(self, losses, active=None):
-        return self.terms(losses, active).sum()
 
 
 def _masked(values, active):
@@ -69,7 +29,106 @@ def _masked(values, active):
     return torch.where(active.to(values.device), values, torch.zeros_like(values))
 
 
-class GradNormWeights:
+def _default(cls, name):
+    return inspect.signature(cls.__init__).parameters[name].default
+
+
+class Weighting:
+    """Equal weights, and the defaults of the contract: L = sum_t L_t."""
+    name = "equal"
+    needs_grad_norms = False
+    needs_loss_after_step = False
+
+    def __init__(self, num_tasks):
+        self.num_tasks = num_tasks
+
+    def weights(self):
+        return torch.ones(self.num_tasks)
+
+    def terms(self, losses, active=None):
+        return self.weights().to(losses.device) * _masked(losses, active)
+
+    def __call__(self, losses, active=None):
+        return self.terms(losses, active).sum()
+
+    def observe(self, losses, active, epoch):
+        pass
+
+    def parameters(self):
+        return []
+
+    def to(self, device):
+        return self
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+    @classmethod
+    def add_args(cls, group):
+        pass
+
+    @classmethod
+    def from_args(cls, num_tasks, args):
+        return cls(num_tasks)
+
+
+Equal = Weighting
+
+
+class _LearnedParameter(Weighting):
+    """A weighting whose parameter [T] is trained by the run's optimizer (run.add_parameters)."""
+
+    def __init__(self, num_tasks):
+        super().__init__(num_tasks)
+        self.param = nn.Parameter(torch.zeros(num_tasks))
+
+    def parameters(self):
+        return [self.param]
+
+    def to(self, device):
+        self.param.data = self.param.data.to(device)
+        return self
+
+    def state_dict(self):
+        return {"param": self.param.detach().clone()}
+
+    def load_state_dict(self, state):
+        with torch.no_grad():
+            self.param.copy_(state["param"])
+
+
+class Learned(_LearnedParameter):
+    """L = sum_t w_t L_t with w = T * softmax(a): learned, but constrained to sum to T.
+    Unconstrained weights would all shrink to 0; even constrained, gradient descent on w moves
+    weight to the task with the smallest loss, which the logged weights make visible."""
+    name = "learned"
+
+    def weights(self):
+        return self.num_tasks * torch.softmax(self.param.detach(), dim=0)
+
+    def terms(self, losses, active=None):
+        w = self.num_tasks * torch.softmax(self.param, dim=0)   # with grad: the weights are learned
+        return w.to(losses.device) * _masked(losses, active)
+
+
+class Uncertainty(_LearnedParameter):
+    """Kendall, Gal, Cipolla (CVPR 2018): L = sum_t exp(-s_t) L_t + s_t, s_t = log sigma_t^2 learned.
+    dL/ds_t = 1 - exp(-s_t) L_t, so s_t settles at log L_t: noisy (high-loss) tasks get small weights.
+    (The paper's 1/2 factors for regression are left out, as for classification losses and in LibMTL.)"""
+    name = "uncertainty"
+
+    def weights(self):
+        return torch.exp(-self.param.detach())
+
+    def terms(self, losses, active=None):
+        s = self.param.to(losses.device)
+        return _masked(torch.exp(-s) * losses + s, active)
+
+
+class GradNorm(Weighting):
     """GradNorm (Chen et al., ICML 2018). Task weights w_t (sum T) are moved so that the gradient norms
     G_t = ||grad_W w_t L_t|| on the last shared layer W follow the tasks' relative training rates:
 
@@ -78,13 +137,17 @@ class GradNormWeights:
         w   <- w - lr * Adam(grad_w sum_t |G_t - G_t*|),  then w <- T * w / sum(w)
 
     Since G_t = w_t ||grad_W L_t||, the per-task norms n_t = ||grad_W L_t|| are all that is needed:
-    the caller computes them once (the diagonal of the per-task Gram matrix) and passes them to update().
+    the update computes them once (the diagonal of the per-task Gram matrix) and passes them to update().
     L_t(0) is the task's first loss seen while it is active (schedulers may start a task late).
-    Not an nn.Module: it has its own optimizer, and both go into state_dict().
+    Convention: with a scheduler that switches tasks off, the mean and the renormalisation run over the
+    active tasks, and all T weights are rescaled to sum T. The weights have their own Adam (not the
+    model's optimizer), as in the paper's reference implementations.
     """
+    name = "gradnorm"
+    needs_grad_norms = True
 
     def __init__(self, num_tasks, alpha=1.5, lr=0.025):
-        self.num_tasks = num_tasks
+        super().__init__(num_tasks)
         self.alpha = alpha
         self.w = torch.ones(num_tasks, requires_grad=True)
         self.initial_losses = torch.full((num_tasks,), float("nan"))
@@ -92,15 +155,6 @@ class GradNormWeights:
 
     def weights(self):
         return self.w.detach().clone()
-
-    def terms(self, losses, active=None):
-        """Weighted per-task terms w_t L_t with the weights held fixed."""
-        return self.w.detach().to(losses.device) * _masked(losses, active)
-
-    def forward(self, losses, active=None):
-        return self.terms(losses, active).sum()
-
-    __call__ = forward
 
     def update(self, losses, grad_norms, active=None):
         """One GradNorm step on the weights. losses [T] and grad_norms [T] (n_t = ||grad_W L_t||) are
@@ -127,9 +181,6 @@ class GradNormWeights:
         out[idx] = target
         return out
 
-    def parameters(self):
-        return []  # trained by its own optimizer, not the model's
-
     def state_dict(self):
         return {"w": self.w.detach().clone(), "initial_losses": self.initial_losses.clone(),
                 "optimizer": self.optimizer.state_dict()}
@@ -140,29 +191,39 @@ class GradNormWeights:
         self.initial_losses = state["initial_losses"].clone()
         self.optimizer.load_state_dict(state["optimizer"])
 
+    @classmethod
+    def add_args(cls, group):
+        group.add_argument("--gradnorm-alpha", type=float, default=_default(cls, "alpha"))
+        group.add_argument("--gradnorm-lr", type=float, default=_default(cls, "lr"), help="lr of GradNorm's weights")
 
-class DWAWeights(nn.Module):
+    @classmethod
+    def from_args(cls, num_tasks, args):
+        return cls(num_tasks, alpha=args.gradnorm_alpha, lr=args.gradnorm_lr)
+
+
+class DWA(Weighting):
     """Dynamic Weight Average (Liu, Johns, Davison, CVPR 2019, "End-to-End Multi-Task Learning with
     Attention"): w_t = T exp(r_t / tau) / sum_s exp(r_s / tau), r_t = L_t(k-1) / L_t(k-2), where L(k)
     is the task's mean training loss over epoch k; w = 1 for the first two epochs. A task whose loss
     falls slowly gets more weight."""
+    name = "dwa"
 
     def __init__(self, num_tasks, tau=2.0):
-        super().__init__()
-        self.num_tasks, self.tau = num_tasks, tau
-        self.register_buffer("epoch_means", torch.zeros(0, num_tasks))  # one row per finished epoch
-        self.register_buffer("sums", torch.zeros(num_tasks, dtype=torch.float64))
-        self.register_buffer("counts", torch.zeros(num_tasks, dtype=torch.float64))
-        self.register_buffer("epoch", torch.tensor(0))
+        super().__init__(num_tasks)
+        self.tau = tau
+        self.epoch_means = torch.zeros(0, num_tasks)  # one row per finished epoch
+        self.sums = torch.zeros(num_tasks, dtype=torch.float64)
+        self.counts = torch.zeros(num_tasks, dtype=torch.float64)
+        self.epoch = 0
 
     def observe(self, losses, active, epoch):
         """Accumulate this step's losses; a new epoch closes the previous one's means."""
-        if epoch != int(self.epoch):
+        if epoch != self.epoch:
             means = (self.sums / self.counts.clamp(min=1)).float()
             self.epoch_means = torch.cat([self.epoch_means, means[None]])
             self.sums.zero_()
             self.counts.zero_()
-            self.epoch.fill_(epoch)
+            self.epoch = epoch
         active = active.cpu()
         self.sums[active] += losses.detach().double().cpu()[active]
         self.counts[active] += 1
@@ -173,21 +234,31 @@ class DWAWeights(nn.Module):
         r = self.epoch_means[-1] / self.epoch_means[-2].clamp(min=1e-12)
         return self.num_tasks * torch.softmax(r / self.tau, dim=0)
 
-    def terms(self, losses, active=None):
-        return self.weights().to(losses.device) * _masked(losses, active)
+    def state_dict(self):
+        return {"epoch_means": self.epoch_means.clone(), "sums": self.sums.clone(),
+                "counts": self.counts.clone(), "epoch": self.epoch}
 
-    def forward(self, losses, active=None):
-        return self.terms(losses, active).sum()
+    def load_state_dict(self, state):
+        self.epoch_means, self.sums = state["epoch_means"].clone(), state["sums"].clone()
+        self.counts, self.epoch = state["counts"].clone(), int(state["epoch"])
+
+    @classmethod
+    def add_args(cls, group):
+        group.add_argument("--dwa-tau", type=float, default=_default(cls, "tau"))
+
+    @classmethod
+    def from_args(cls, num_tasks, args):
+        return cls(num_tasks, tau=args.dwa_tau)
 
 
-class RandomWeights(nn.Module):
+class RLW(Weighting):
     """Random Loss Weighting (Lin et al., TMLR 2022, "Reasonable Effectiveness of Random Weighting"):
     each step w = softmax(z), z ~ N(0, I). Scaled by T here (sum T, like equal weights) so that the
     learning rate means the same as for the other weightings; the paper's weights sum to 1."""
+    name = "rlw"
 
     def __init__(self, num_tasks, seed=0):
-        super().__init__()
-        self.num_tasks = num_tasks
+        super().__init__(num_tasks)
         self.generator = torch.Generator().manual_seed(seed + 15485863)
         self.current = torch.ones(num_tasks)
 
@@ -197,51 +268,58 @@ class RandomWeights(nn.Module):
     def weights(self):
         return self.current.clone()
 
-    def terms(self, losses, active=None):
-        return self.current.to(losses.device) * _masked(losses, active)
-
-    def forward(self, losses, active=None):
-        return self.terms(losses, active).sum()
-
-    def state_dict(self, *args, **kwargs):
+    def state_dict(self):
         return {"generator": self.generator.get_state(), "current": self.current.clone()}
 
-    def load_state_dict(self, state, strict=True):
+    def load_state_dict(self, state):
         self.generator.set_state(state["generator"])
         self.current = state["current"].clone()
 
+    @classmethod
+    def from_args(cls, num_tasks, args):
+        return cls(num_tasks, seed=args.seed)
 
-class FAMOWeights:
-    """FAMO (Liu, Liang, Liu, Yu, Gong, NeurIPS 2023, "FAMO: Fast Adaptive Multitask Optimization"):
-    weights z = softmax(xi) on the log-losses, loss = sum_t z_t log(L_t - m_t + eps) / c with
-    c = sum_t z_t / (L_t - m_t + eps) (a constant), so every task's log-loss falls at a similar rate in
-    O(1) extra cost. xi is moved by Adam (lr 0.025, weight decay gamma 0.01) along the observed change of
-    the log-losses, delta_t = log L_t(before) - log L_t(after), pushed through the softmax's Jacobian.
-    The official code measures L(after) with a second forward on the same batch; here L(after) is the
-    next step's loss (one forward per step; documented deviation). m_t = 0 (known minimum losses)."""
+
+class FAMO(Weighting):
+    """FAMO (Liu, Liang, Liu, Yu, Gong, NeurIPS 2023, "FAMO: Fast Adaptive Multitask Optimization";
+    official code Cranial-XIX/FAMO, methods/weight_methods.py FAMO and experiments/*/trainer.py).
+
+        loss = sum_t z_t log(L_t - m_t + eps) / c,   z = softmax(xi),   c = sum_t z_t / (L_t - m_t + eps)
+    with c a constant (detached), eps = 1e-8, m_t = 0 (the official default minimum losses). After the
+    optimizer step, the losses of the SAME batch are recomputed without grad (the official trainer's
+    second forward, in train mode as there) and xi takes one Adam step (lr 0.025, weight decay
+    gamma = 0.01, the official defaults) along J_softmax(xi)^T delta,
+        delta_t = log(L_t(before) + eps) - log(L_t(after) + eps).
+    The cost is that second forward (no backward). With a scheduler, a task inactive on this step
+    gets delta_t = 0."""
+    name = "famo"
+    needs_loss_after_step = True
 
     def __init__(self, num_tasks, lr=0.025, gamma=0.01, eps=1e-8):
-        self.num_tasks, self.eps = num_tasks, eps
+        super().__init__(num_tasks)
+        self.eps = eps
         self.xi = torch.zeros(num_tasks, requires_grad=True)
         self.optimizer = torch.optim.Adam([self.xi], lr=lr, weight_decay=gamma)
-        self.prev_losses = None
-
-    def observe(self, losses, active, epoch):
-        losses = losses.detach().double().cpu()
-        if self.prev_losses is not None:
-            both = active.cpu() & self.prev_active
-            delta = torch.where(both, (self.prev_losses + self.eps).log() - (losses + self.eps).log(),
-                                torch.zeros_like(losses))
-            with torch.enable_grad():
-                z = torch.softmax(self.xi, dim=0)
-                (grad,) = torch.autograd.grad(z, self.xi, grad_outputs=delta.float())
-            self.optimizer.zero_grad()
-            self.xi.grad = grad
-            self.optimizer.step()
-        self.prev_losses, self.prev_active = losses, active.cpu().clone()
+        self.before = None
 
     def weights(self):
         return torch.softmax(self.xi.detach(), dim=0)
+
+    def observe(self, losses, active, epoch):
+        self.before = losses.detach().double().cpu()
+
+    def observe_after_step(self, losses_after, active):
+        """One step on xi from the change of the log-losses of this batch over the optimizer step."""
+        after = losses_after.detach().double().cpu()
+        active = active.cpu()
+        delta = torch.where(active, (self.before + self.eps).log() - (after + self.eps).log(),
+                            torch.zeros_like(after))
+        with torch.enable_grad():
+            (grad,) = torch.autograd.grad(torch.softmax(self.xi, dim=0), self.xi, grad_outputs=delta.float())
+        self.optimizer.zero_grad()
+        self.xi.grad = grad
+        self.optimizer.step()
+        return delta
 
     def terms(self, losses, active=None):
         z = self.weights().to(losses.device)
@@ -250,20 +328,23 @@ class FAMOWeights:
         c = (torch.where(keep, z / d, torch.zeros_like(z))).sum().detach()
         return _masked(z * torch.log(d) / c, active)
 
-    def forward(self, losses, active=None):
-        return self.terms(losses, active).sum()
-
-    __call__ = forward
-
-    def parameters(self):
-        return []
-
     def state_dict(self):
-        return {"xi": self.xi.detach().clone(), "optimizer": self.optimizer.state_dict(),
-                "prev_losses": self.prev_losses, "prev_active": getattr(self, "prev_active", None)}
+        return {"xi": self.xi.detach().clone(), "optimizer": self.optimizer.state_dict(), "before": self.before}
 
     def load_state_dict(self, state):
         with torch.no_grad():
             self.xi.copy_(state["xi"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.prev_losses, self.prev_active = state["prev_losses"], state["prev_active"]
+        self.before = state["before"]
+
+    @classmethod
+    def add_args(cls, group):
+        group.add_argument("--famo-lr", type=float, default=_default(cls, "lr"), help="lr of FAMO's logits")
+        group.add_argument("--famo-gamma", type=float, default=_default(cls, "gamma"), help="FAMO's weight decay")
+
+    @classmethod
+    def from_args(cls, num_tasks, args):
+        return cls(num_tasks, lr=args.famo_lr, gamma=args.famo_gamma)
+
+
+WEIGHTINGS = {cls.name: cls for cls in (Equal, Learned, Uncertainty, GradNorm, DWA, RLW, FAMO)}

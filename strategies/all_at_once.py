@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.train import Run, build_parser  # noqa: E402
-from common.weighting import EqualWeights, LearnedWeights  # noqa: E402
+from common.weighting import Equal, Learned  # noqa: E402
 
 
 def main(argv=None):
@@ -28,8 +28,8 @@ def main(argv=None):
 
     run = Run(args, strategy="all_at_once" if args.weights == "equal" else "all_at_once_learned")
     T = len(run.tasks)
-    weighting = EqualWeights(T) if args.weights == "equal" else LearnedWeights(T)
-    run.add_parameters(weighting.parameters(), lr=args.weights_lr)
+    weighting = Equal(T) if args.weights == "equal" else Learned(T)
+    run.add_parameters(weighting.to(run.device).parameters(), lr=args.weights_lr)
     run.start(weighting=weighting)
 
     for batch in run.batches():

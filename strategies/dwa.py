@@ -4,7 +4,7 @@ Attention").
     w_t = T exp(r_t / tau) / sum_s exp(r_s / tau),   r_t = L_t(k-1) / L_t(k-2),   tau = 2 (--dwa-tau)
 
 L_t(k) is task t's mean training loss over epoch k; the weights are 1 for the first two epochs. A task
-whose loss fell less over the last epoch gets more weight. Rule: common/weighting.py:DWAWeights.
+whose loss fell less over the last epoch gets more weight. Rule: common/weighting.py:DWA.
 
     python strategies/dwa.py --epochs 6
 """

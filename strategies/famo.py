@@ -5,8 +5,8 @@
            delta_t = log L_t(before) - log L_t(after)
 
 Every task's log-loss is made to fall at a similar rate, at O(1) cost per step (no per-task gradients).
-The official code measures L(after) with a second forward on the same batch; here it is the next step's
-loss, keeping one forward per step. Rule: common/weighting.py:FAMOWeights.
+As the official trainer, L(after) is the loss of the same batch after the optimizer step: a second
+forward without grad (its cost is in make bench). Rule: common/weighting.py:FAMO.
 
     python strategies/famo.py
 """

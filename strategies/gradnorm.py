@@ -25,4 +25,4 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common.multitask import run_every_task  # noqa: E402
 
 if __name__ == "__main__":
-    run_every_task("gradnorm", __doc__, weighting="gradnorm", grad_space="params")
+    run_every_task("gradnorm", __doc__, weighting="gradnorm")

@@ -2,10 +2,11 @@
 Multi-Objective Optimization").
 
 The update is the min-norm point of the convex hull of the per-task gradients,
-d = sum_t w_t g_t, w = argmin_{w in simplex} w^T G w (Frank-Wolfe on the Gram matrix G,
-common/aggregators.py:mgda_weights); it is a common descent direction when one exists.
---grad-space representation (default) is the paper's MGDA-UB: gradients of the shared representation,
-one backward through the trunk; --grad-space params is the exact MGDA.
+d = sum_t w_t g_t, w = argmin_{w in simplex} w^T G w, solved exactly on the Gram matrix G
+(common/aggregators.py:MGDA, mgda_weights; the paper runs Frank-Wolfe); it is a common descent
+direction when one exists. --grad-space params (default) is the paper's MGDA: gradients of all shared
+parameters. --grad-space representation is the paper's cheaper MGDA-UB: gradients of the shared
+representation, one backward through the trunk (make compare shows both).
 
     python strategies/mgda.py
 """

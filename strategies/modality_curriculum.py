@@ -23,7 +23,7 @@ import torch  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 from common.data import MODALITIES  # noqa: E402
-from common.multitask import MultiTaskUpdate, add_update_args  # noqa: E402
+from common.multitask import add_update_args, make_update  # noqa: E402
 from common.train import Run, build_parser  # noqa: E402
 
 
@@ -68,7 +68,7 @@ def main(argv=None):
     run = Run(args, strategy="modality_curriculum" if args.mode == "curriculum" else "modality_dropout")
     phase_steps = max(int(run.total_steps * args.single_fraction / len(order)), 1)
     rng = GeneratorState(args.seed + 3571)
-    update = MultiTaskUpdate(run, args.weighting, args.aggregator, args.grad_space, args)
+    update = make_update(run, args)
     run.start(update=update, rng=rng)
 
     for batch in run.batches():

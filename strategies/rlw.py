@@ -4,7 +4,7 @@ Weighting: A Litmus Test for Multi-Task Learning").
     each step: w = T * softmax(z),  z ~ N(0, I)
 
 A baseline that a learned weighting must beat. The paper's weights sum to 1; here they sum to T like
-equal weights, so the learning rate means the same. Rule: common/weighting.py:RandomWeights.
+equal weights, so the learning rate means the same. Rule: common/weighting.py:RLW.
 
     python strategies/rlw.py
 """

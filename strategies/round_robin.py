@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from common.multitask import MultiTaskUpdate, add_update_args  # noqa: E402
+from common.multitask import add_update_args, make_update  # noqa: E402
 from common.train import Run, build_parser  # noqa: E402
 
 
@@ -29,7 +29,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     run = Run(args, strategy="round_robin")
-    update = MultiTaskUpdate(run, args.weighting, args.aggregator, args.grad_space, args)
+    update = make_update(run, args)
     run.start(update=update)
 
     for batch in run.batches():

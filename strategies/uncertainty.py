@@ -5,7 +5,7 @@ Learning Using Uncertainty to Weigh Losses for Scene Geometry and Semantics").
 
 dL/ds_t = 1 - exp(-s_t) L_t, so s_t settles near log L_t: a task with a high, noisy loss gets a small
 weight exp(-s_t), and the + s_t term stops every weight from shrinking to zero. The rule itself is
-common/weighting.py:UncertaintyWeights (shared with the schedulers' --weighting uncertainty).
+common/weighting.py:Uncertainty (shared with the schedulers' --weighting uncertainty).
 
     python strategies/uncertainty.py
     python strategies/uncertainty.py --aggregator pcgrad      # uncertainty weights + PCGrad

@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import aggregators as agg  # noqa: E402
 from common import gradagg as ga  # noqa: E402
 
 
@@ -94,7 +95,7 @@ def main(argv=None):
     rows = []
     for P in sizes:
         gen = torch.Generator().manual_seed(0)
-        order = ga.pcgrad_order(T, gen)
+        order = agg.pcgrad_order(T, gen)
         buf = torch.empty(T, (P + 15) // 16 * 16, device=device)[:, :P]
         for t in range(T):  # conflicting tasks: a shared direction with alternating signs
             buf[t].normal_(generator=None)
@@ -105,19 +106,19 @@ def main(argv=None):
         kept = {}
 
         def naive():
-            kept["naive"] = ga.pcgrad_reference(buf, order)
+            kept["naive"] = agg.pcgrad_reference(buf, order)
 
         def mm():
             G = (buf @ buf.T).double()
-            w = ga.pcgrad_coefficients(G, order)
+            w = agg.pcgrad_coefficients(G, order)
             return torch.mv(buf.T, w.to(device=device, dtype=torch.float32), out=out)
 
         def chunked():
-            w = ga.pcgrad_coefficients(ga.gram(buf, backend="torch"), order)
+            w = agg.pcgrad_coefficients(ga.gram(buf, backend="torch"), order)
             return ga.combine(buf, w, out=out, backend="torch")
 
         def fused():
-            w = ga.pcgrad_coefficients(ga.gram(buf, backend=kernel if have_kernel else "torch"), order)
+            w = agg.pcgrad_coefficients(ga.gram(buf, backend=kernel if have_kernel else "torch"), order)
             return ga.combine(buf, w, out=out, backend=kernel if have_kernel else "torch")
 
         big = P >= 100_000_000
@@ -129,7 +130,7 @@ def main(argv=None):
         ref = gram_fp64(buf)
         err_mm = gram_error((buf @ buf.T).double(), ref)
         err_kernel = gram_error(ga.gram(buf, backend=kernel if have_kernel else "torch"), ref)
-        truth = ga.pcgrad_reference(buf.double(), order)  # fp64 textbook loop
+        truth = agg.pcgrad_reference(buf.double(), order)  # fp64 textbook loop
         upd_err = ((fused().double() - truth).norm() / truth.norm()).item()
         naive_err = ((kept.pop("naive").double() - truth).norm() / truth.norm()).item()
         gbs = 2 * T * P * 4 / t_kernel / 1e9

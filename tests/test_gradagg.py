@@ -14,6 +14,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import aggregators as agg  # noqa: E402
 from common import gradagg as ga  # noqa: E402
 
 KINDS = ("conflicting", "aligned", "parallel", "zero")
@@ -75,7 +76,7 @@ def update_error(update, truth, buf):
 
 def pcgrad_update(buf, order, backend):
     G = ga.gram(buf, backend=backend)
-    w = ga.pcgrad_coefficients(G, order)
+    w = agg.pcgrad_coefficients(G, order)
     return ga.combine(buf, w, backend=backend)
 
 
@@ -95,7 +96,7 @@ def test_gram_matches_fp64(backend, T, P):
     # the PyTorch path (fp32 mm over 65536 columns) near 1e-6.
     tol = 1e-7 if backend == "cpp" else 1e-5
     assert gram_error(G, ref) < tol
-    norms = ga.task_norms(G)  # GradNorm's per-task norms
+    norms = G.diagonal().clamp_min(0).sqrt()  # GradNorm's per-task norms
     torch.testing.assert_close(norms, torch.linalg.vector_norm(buf.double(), dim=1), rtol=tol, atol=0)
 
 
@@ -170,13 +171,13 @@ def test_pcgrad_coefficients_by_hand():
     # g1 = (1, 0), g2 = (-1, 1): g1' = g1 + g2 / 2 = (.5, .5), g2' = g2 + g1 = (0, 1);
     # the update (.5, 1.5) = 2 g1 + 1.5 g2.
     G = torch.tensor([[1.0, -1.0], [-1.0, 2.0]], dtype=torch.float64)
-    w = ga.pcgrad_coefficients(G, torch.tensor([[1], [0]]))
+    w = agg.pcgrad_coefficients(G, torch.tensor([[1], [0]]))
     torch.testing.assert_close(w, torch.tensor([2.0, 1.5], dtype=torch.float64), rtol=0, atol=1e-15)
 
 
 def test_pcgrad_aligned_is_plain_sum_and_zero_is_skipped():
     G = torch.tensor([[2.0, 1.0, 0.0], [1.0, 3.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
-    w = ga.pcgrad_coefficients(G, ga.pcgrad_order(3, torch.Generator().manual_seed(0)))
+    w = agg.pcgrad_coefficients(G, agg.pcgrad_order(3, torch.Generator().manual_seed(0)))
     assert torch.isfinite(w).all()
     torch.testing.assert_close(w, torch.ones(3, dtype=torch.float64), rtol=0, atol=0)
 
@@ -185,34 +186,34 @@ def test_pcgrad_permuting_tasks_permutes_weights():
     gen = torch.Generator().manual_seed(3)
     g = torch.randn(5, 40, generator=gen, dtype=torch.float64)
     g[2] = -g[0] + 0.1 * g[2]
-    order = ga.pcgrad_order(5, gen)
+    order = agg.pcgrad_order(5, gen)
     perm = torch.tensor([3, 0, 4, 1, 2])
     inv = torch.argsort(perm)
-    w = ga.pcgrad_coefficients(g @ g.T, order)
+    w = agg.pcgrad_coefficients(g @ g.T, order)
     gp = g[perm]
     order_p = inv[order[perm]]  # same projection sequence, tasks renamed
-    wp = ga.pcgrad_coefficients(gp @ gp.T, order_p)
+    wp = agg.pcgrad_coefficients(gp @ gp.T, order_p)
     torch.testing.assert_close(wp, w[perm], rtol=1e-12, atol=1e-12)
     assert not torch.allclose(w, torch.ones(5, dtype=torch.float64))  # projections did happen
 
 
 def test_pcgrad_order_is_a_seeded_permutation_of_the_others():
-    order = ga.pcgrad_order(6, torch.Generator().manual_seed(7))
+    order = agg.pcgrad_order(6, torch.Generator().manual_seed(7))
     assert order.shape == (6, 5) and order.dtype == torch.long
     for i, row in enumerate(order.tolist()):
         assert sorted(row) == [j for j in range(6) if j != i]
-    assert torch.equal(order, ga.pcgrad_order(6, torch.Generator().manual_seed(7)))
-    assert ga.pcgrad_order(1).shape == (1, 0)
+    assert torch.equal(order, agg.pcgrad_order(6, torch.Generator().manual_seed(7)))
+    assert agg.pcgrad_order(1).shape == (1, 0)
 
 
 def test_pcgrad_rejects_bad_order_and_nan():
     G = torch.eye(3, dtype=torch.float64)
     with pytest.raises(ValueError, match="permutation"):
-        ga.pcgrad_coefficients(G, torch.tensor([[1, 1], [0, 2], [0, 1]]))
+        agg.pcgrad_coefficients(G, torch.tensor([[1, 1], [0, 2], [0, 1]]))
     with pytest.raises(ValueError, match="shape"):
-        ga.pcgrad_coefficients(G, torch.tensor([[1], [0], [0]]))
+        agg.pcgrad_coefficients(G, torch.tensor([[1], [0], [0]]))
     with pytest.raises(FloatingPointError):
-        ga.pcgrad_coefficients(torch.full((3, 3), float("nan"), dtype=torch.float64), ga.pcgrad_order(3))
+        agg.pcgrad_coefficients(torch.full((3, 3), float("nan"), dtype=torch.float64), agg.pcgrad_order(3))
 
 
 @pytest.mark.parametrize("backend", ["cpp", "torch"])
@@ -222,14 +223,14 @@ def test_pcgrad_matches_pairwise_reference(backend, kind, T):
     require(backend)
     P = 10_007
     buf = make_grads(kind, T, P, seed=T)
-    order = ga.pcgrad_order(T, torch.Generator().manual_seed(T))
-    truth = ga.pcgrad_reference(buf.double(), order)
+    order = agg.pcgrad_order(T, torch.Generator().manual_seed(T))
+    truth = agg.pcgrad_reference(buf.double(), order)
     update = pcgrad_update(buf, order, backend)
     assert torch.isfinite(update).all()
     assert update_error(update, truth, buf) < 1e-5
     # The fp32 textbook loop agrees as well (what the benchmark calls "naive").
-    assert update_error(ga.pcgrad_reference(buf, order), truth, buf) < 1e-5
-    w = ga.pcgrad_coefficients(ga.gram(buf, backend=backend), order)
+    assert update_error(agg.pcgrad_reference(buf, order), truth, buf) < 1e-5
+    w = agg.pcgrad_coefficients(ga.gram(buf, backend=backend), order)
     if kind == "aligned":
         assert torch.equal(w, torch.ones(T, dtype=torch.float64))
     if kind in ("conflicting", "parallel"):
@@ -241,8 +242,8 @@ def test_pcgrad_matches_pairwise_reference(backend, kind, T):
 def test_pcgrad_matches_reference_at_1e6(kind, T):
     P = 1_000_000
     buf = make_grads(kind, T, P, seed=10 + T)
-    order = ga.pcgrad_order(T, torch.Generator().manual_seed(T + 1))
-    truth = ga.pcgrad_reference(buf.double(), order)
+    order = agg.pcgrad_order(T, torch.Generator().manual_seed(T + 1))
+    truth = agg.pcgrad_reference(buf.double(), order)
     assert update_error(pcgrad_update(buf, order, "torch"), truth, buf) < 1e-5
     require("cpp")
     assert update_error(pcgrad_update(buf, order, "cpp"), truth, buf) < 1e-5
@@ -251,7 +252,7 @@ def test_pcgrad_matches_reference_at_1e6(kind, T):
 def test_backends_agree():
     require("cpp")
     buf = make_grads("conflicting", 5, 123_457, seed=5)
-    order = ga.pcgrad_order(5, torch.Generator().manual_seed(0))
+    order = agg.pcgrad_order(5, torch.Generator().manual_seed(0))
     a, b = pcgrad_update(buf, order, "cpp"), pcgrad_update(buf, order, "torch")
     assert update_error(a, b.double(), buf) < 1e-6
 
@@ -328,11 +329,11 @@ def test_task_grad_buffer_writes_pcgrad_into_dot_grad(backend):
         torch.testing.assert_close(tgb.row(t), flat, rtol=0, atol=0)
     assert tgb.row(1)[-1] == 0.0  # `extra` gets no gradient from task 1: zero slot
 
-    order = ga.pcgrad_order(T, torch.Generator().manual_seed(0))
-    w = ga.pcgrad_coefficients(tgb.gram(backend=backend), order)
+    order = agg.pcgrad_order(T, torch.Generator().manual_seed(0))
+    w = agg.pcgrad_coefficients(tgb.gram(backend=backend), order)
     assert not torch.allclose(w, torch.ones(T, dtype=torch.float64))
     tgb.write_combined(w, backend=backend)
-    truth = ga.pcgrad_reference(tgb.grads.double(), order)
+    truth = agg.pcgrad_reference(tgb.grads.double(), order)
     assert update_error(tgb.flat_grad, truth, tgb.grads) < 1e-5
     base = tgb.flat_grad.data_ptr()
     offset = 0
@@ -379,8 +380,8 @@ def test_task_grad_buffer_zero_row_for_a_constant_loss_and_checks():
 def test_cuda_matches_reference(kind, T, P):
     require("cuda", "cuda")
     buf_cpu = make_grads(kind, T, P, seed=T + P)
-    order = ga.pcgrad_order(T, torch.Generator().manual_seed(T))
-    truth = ga.pcgrad_reference(buf_cpu.double(), order)
+    order = agg.pcgrad_order(T, torch.Generator().manual_seed(T))
+    truth = agg.pcgrad_reference(buf_cpu.double(), order)
     ref_G = buf_cpu.double() @ buf_cpu.double().T
     for padded in (P + 13, (P + 15) // 16 * 16):  # unaligned rows (scalar loads) and aligned (float4)
         buf = torch.zeros(T, padded, device="cuda")[:, :P]
