@@ -6,10 +6,10 @@ item, and every padded position is False in its mask, so padding never reaches a
 if it were data. A modality that a clip lacks has length 0 and `present` False.
 
     ds = H5Dataset("data_prep/synthetic/train.h5", feature_stats("data_prep/synthetic/train.h5"))
-    loader = make_loader(ds, batch_size=16, shuffle=True, seed=0, bucket=True)
+    plan = common.train.epoch_batches(len(ds), 16, seed=0, epoch=0, lengths=ds.text_lengths())
+    loader = DataLoader(ds, batch_sampler=plan, collate_fn=collate)   # what Run.loader does
     for batch in loader: ...   # keys: see collate()
 """
-import math
 import os
 from pathlib import Path
 
@@ -198,75 +198,3 @@ def collate(items, pad_text_to=None):
         index=torch.tensor([it["index"] for it in items], dtype=torch.long),
         clip_ids=[it["clip_id"] for it in items],
     )
-
-
-class LengthBucketSampler(torch.utils.data.Sampler):
-    """Batches of clips with similar text length (less padding), in a seeded random order.
-
-    An epoch's batches are a function of (seed, epoch) only: indices are shuffled, cut into chunks of
-    `batch_size * chunk_batches`, sorted by length inside each chunk, cut into batches, and the batches
-    shuffled. Each pass over the sampler uses the current epoch and then advances it; `set_epoch(e)`
-    chooses the epoch of the next pass (e.g. when resuming). Same scheme as common.train.epoch_batches.
-    shuffle=False: one sort over all clips, batches in length order.
-    """
-
-    def __init__(self, lengths, batch_size, seed=0, shuffle=True, drop_last=False, chunk_batches=50):
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        self.lengths = np.asarray(lengths)
-        self.batch_size = int(batch_size)
-        self.seed = int(seed)
-        self.shuffle = shuffle
-        self.drop_last = drop_last
-        self.chunk = self.batch_size * chunk_batches
-        self.epoch = 0
-
-    def set_epoch(self, epoch):
-        self.epoch = int(epoch)
-
-    def batches(self, epoch):
-        n = len(self.lengths)
-        if not self.shuffle:
-            order = sorted(range(n), key=lambda j: (self.lengths[j], j))
-            out = [order[k:k + self.batch_size] for k in range(0, n, self.batch_size)]
-        else:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            order = torch.randperm(n, generator=g).tolist()
-            out = []
-            for i in range(0, n, self.chunk):
-                part = sorted(order[i:i + self.chunk], key=lambda j: self.lengths[j])
-                out += [part[k:k + self.batch_size] for k in range(0, len(part), self.batch_size)]
-            out = [out[k] for k in torch.randperm(len(out), generator=g).tolist()]
-        if self.drop_last:
-            out = [b for b in out if len(b) == self.batch_size]
-        return out
-
-    def __iter__(self):
-        epoch = self.epoch
-        self.epoch += 1
-        yield from self.batches(epoch)
-
-    def __len__(self):
-        n = len(self.lengths)
-        if not self.drop_last:
-            return math.ceil(n / self.batch_size)
-        # with shuffling only the last chunk can leave a short batch; without, only the very last batch
-        if self.shuffle:
-            full_chunks, rest = divmod(n, self.chunk)
-            return full_chunks * (self.chunk // self.batch_size) + rest // self.batch_size
-        return n // self.batch_size
-
-
-def make_loader(path_or_dataset, batch_size, shuffle, seed, bucket=False, num_workers=0):
-    """A DataLoader over one split with collate(); its order depends only on seed (and on how many
-    epochs were already drawn from it)."""
-    ds = path_or_dataset if isinstance(path_or_dataset, torch.utils.data.Dataset) else H5Dataset(path_or_dataset)
-    # an own generator: otherwise the loader draws its shuffling and worker seeds from the global RNG
-    g = torch.Generator().manual_seed(int(seed))
-    common = dict(collate_fn=collate, num_workers=num_workers, generator=g,
-                  persistent_workers=num_workers > 0)
-    if bucket:
-        lengths = ds.text_lengths() if hasattr(ds, "text_lengths") else [len(ds[i]["text"]) for i in range(len(ds))]
-        sampler = LengthBucketSampler(lengths, batch_size, seed=seed, shuffle=shuffle)
-        return torch.utils.data.DataLoader(ds, batch_sampler=sampler, **common)
-    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=shuffle, **common)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from common.data import (AUDIO_DIM, MAX_AUDIO_SEGMENTS, MAX_TEXT_LEN, MAX_VIDEO_SEGMENTS, TASKS, VIDEO_DIM,
-                         H5Dataset, LengthBucketSampler, collate, feature_stats, make_loader)
+                         H5Dataset, collate, feature_stats)
 
 
 def raw_clips(tiny_data, split):
@@ -115,53 +115,36 @@ def test_collate_truncates_to_the_original_limits():
     assert b["text_mask"].all() and b["video_mask"].all() and b["audio_mask"].all()
 
 
-def test_bucket_sampler_covers_each_index_once_and_is_deterministic():
+def test_bucketed_epochs_cover_each_index_once_and_depend_on_seed_and_epoch_only():
+    from common.train import epoch_batches
     rng = np.random.default_rng(0)
     lengths = rng.integers(2, 300, 1000)
-    s = LengthBucketSampler(lengths, batch_size=8, seed=3)
-    e0, e1 = list(s), list(s)                      # each pass advances the epoch
+    e0, e1 = (epoch_batches(1000, 8, seed=3, epoch=e, lengths=lengths) for e in (0, 1))
     for batches in (e0, e1):
         assert sorted(i for b in batches for i in b) == list(range(1000))
-        assert len(batches) == len(s) == 125
+        assert len(batches) == 125
     assert e0 != e1
-    again = LengthBucketSampler(lengths, batch_size=8, seed=3)
-    assert list(again) == e0
-    again.set_epoch(1)
-    assert list(again) == e1
-    assert list(LengthBucketSampler(lengths, batch_size=8, seed=4)) != e0
+    assert epoch_batches(1000, 8, seed=3, epoch=0, lengths=lengths) == e0
+    assert epoch_batches(1000, 8, seed=4, epoch=0, lengths=lengths) != e0
     # batches hold similar lengths: far less spread than random batches
     spread = np.mean([np.ptp(lengths[b]) for b in e0])
     random_spread = np.mean([np.ptp(lengths[rng.permutation(1000)[:8]]) for _ in range(100)])
     assert spread < random_spread / 4
 
 
-def test_bucket_sampler_drop_last_and_no_shuffle():
-    lengths = np.arange(21)[::-1]
-    s = LengthBucketSampler(lengths, batch_size=4, seed=0, drop_last=True)
-    batches = list(s)
-    assert len(batches) == len(s) == 5 and all(len(b) == 4 for b in batches)
-    ordered = list(LengthBucketSampler(lengths, batch_size=4, shuffle=False))
-    assert ordered[0] == [20, 19, 18, 17] and ordered[-1] == [0]
+def test_loader_workers_read_their_own_handles_and_agree(tiny_data):
+    from common.train import epoch_batches
+    ds = H5Dataset(tiny_data / "train.h5")
+    plan = epoch_batches(len(ds), 8, seed=1, epoch=0, lengths=ds.text_lengths())
 
-
-def test_make_loader_is_reproducible_and_workers_agree(tiny_data):
-    path = tiny_data / "train.h5"
-    ids = lambda loader: [b["index"].tolist() for b in loader]  # noqa: E731
-    a = ids(make_loader(path, 8, shuffle=True, seed=1))
-    assert sorted(sum(a, [])) == list(range(len(H5Dataset(path))))
-    assert a == ids(make_loader(path, 8, shuffle=True, seed=1))
-    assert a != ids(make_loader(path, 8, shuffle=True, seed=2))
-    plain = ids(make_loader(path, 8, shuffle=False, seed=0))
-    assert plain[0] == list(range(8))
-    bucket = make_loader(path, 8, shuffle=True, seed=1, bucket=True)
-    first = ids(bucket)
-    assert sorted(sum(first, [])) == sorted(sum(a, []))
-    # two worker processes (fork) read their own handles and give the same batches
-    workers = make_loader(path, 8, shuffle=True, seed=1, bucket=True, num_workers=2)
-    batches = list(workers)
-    assert [b["index"].tolist() for b in batches] == first
-    direct = collate([H5Dataset(path)[i] for i in first[0]])
-    assert torch.equal(batches[0]["video"], direct["video"]) and torch.equal(batches[0]["text_ids"], direct["text_ids"])
+    def load(workers):
+        loader = torch.utils.data.DataLoader(ds, batch_sampler=plan, collate_fn=collate, num_workers=workers,
+                                             generator=torch.Generator())
+        return list(loader)
+    direct, workers = load(0), load(2)
+    assert [b["index"].tolist() for b in direct] == [b["index"].tolist() for b in workers] == plan
+    assert torch.equal(direct[0]["video"], workers[0]["video"])
+    assert torch.equal(direct[0]["text_ids"], collate([ds[i] for i in plan[0]])["text_ids"])
 
 
 def test_features_standardised_with_training_statistics(tiny_data, tmp_path):
