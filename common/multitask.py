@@ -198,6 +198,9 @@ def run_every_task(strategy, doc, argv=None, **defaults):
     """
     parser = add_update_args(build_parser(doc), **defaults)
     args = parser.parse_args(argv)
+    uses_task_grads = args.aggregator != "sum" or WEIGHTINGS[args.weighting].needs_grad_norms
+    if uses_task_grads and args.grad_space == "representation":
+        strategy += "_representation"       # its own row and run folder (make compare shows both)
     run = Run(args, strategy=strategy)
     update = make_update(run, args)
     run.start(update=update)
