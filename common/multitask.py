@@ -71,6 +71,7 @@ class MultiTaskUpdate:
             self.task_grads = gradagg.TaskGradBuffer(params, self.T)
         self.last = {}
         self.conflicts_total = 0  # conflicting gradient pairs summed over steps, checkpointed
+        self.report_totals = {}   # the aggregator's reports summed over steps (e.g. Nash-MTL's fallbacks)
 
     # -- the step
     def step(self, batch, task_mask=None):
@@ -150,6 +151,8 @@ class MultiTaskUpdate:
         self.last["aggregator_weights"] = coeffs.float()
         self.last["conflicts"] = int((G_active < 0).sum().item() // 2)
         self.last.update(self.aggregator.report)
+        for k, v in self.aggregator.report.items():
+            self.report_totals[k] = self.report_totals.get(k, 0) + v
         self.conflicts_total += self.last["conflicts"]
         # heads and rule parameters: the plain gradient of the summed terms (cheap: no trunk backward)
         own = [p for p in self.own_params if p.requires_grad]
@@ -173,19 +176,21 @@ class MultiTaskUpdate:
                "aggregator": self.aggregator.name if self.aggregator is not None else "sum"}
         if self.aggregator is not None:
             out.update(grad_space=self.grad_space,
-                       conflicting_pairs_per_step=self.conflicts_total / max(self.run.step_count, 1))
+                       conflicting_pairs_per_step=self.conflicts_total / max(self.run.step_count, 1),
+                       **{f"{k}_steps": v for k, v in self.report_totals.items()})
         return out
 
     def state_dict(self):
         return {"weighting": self.weighting.state_dict(),
                 "aggregator": self.aggregator.state_dict() if self.aggregator is not None else {},
-                "conflicts_total": self.conflicts_total}
+                "conflicts_total": self.conflicts_total, "report_totals": dict(self.report_totals)}
 
     def load_state_dict(self, state):
         self.weighting.load_state_dict(state["weighting"])
         if self.aggregator is not None:
             self.aggregator.load_state_dict(state["aggregator"])
         self.conflicts_total = state["conflicts_total"]
+        self.report_totals = dict(state["report_totals"])
 
 
 def run_every_task(strategy, doc, argv=None, **defaults):
