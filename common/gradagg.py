@@ -173,6 +173,14 @@ def combine(buf, coeffs, out=None, backend=None):
     return torch.mv(buf.T, coeffs.to(device=buf.device, dtype=buf.dtype), out=out)
 
 
+def _copy_or_zero(view, grad):
+    """One parameter's slot of a task row: its gradient, or zeros where the task gives it none."""
+    if grad is None:
+        view.zero_()
+    else:
+        view.copy_(grad)
+
+
 class TaskGradBuffer:
     """Per-task gradients of the shared parameters in one float32 buffer, and .grad as views of one flat vector.
 
@@ -181,11 +189,21 @@ class TaskGradBuffer:
                        so the CUDA kernel's float4 loads stay aligned); row t = task t.
       self.flat_grad   [P]; every shared parameter's .grad is a view into it, so
                        combine() writes the update straight into .grad.
-    fill_from_losses runs one autograd.grad per task (the only place gradients
-    are materialised) and copies each parameter's gradient into its row slice.
+    fill_from_losses is the only place gradients are materialised; each parameter's
+    gradient is copied into its row slice. Two ways, same rows (tests/test_perf_equivalence.py):
+      batched=False  one autograd.grad per task (T backward passes)
+      batched=True   one backward of the T one-hot cotangents at once
+                     (autograd.grad(..., is_grads_batched=True), vmap over the VJP); where an op
+                     cannot be batched (random ops in a forward recomputed by gradient
+                     checkpointing, .item() in a backward) it falls back to the T passes, with a
+                     one-line notice; batch_fallback keeps the reason.
+    The T vector-Jacobian products cost T times the backward's FLOPs either way: batching only
+    widens the matrix products. On 2 CPU cores it was slower (vmap copies; the oneDNN LSTM
+    backward has no batching rule and runs once per task), so the default is the loop; `make bench`
+    prints both.
     """
 
-    def __init__(self, params, num_tasks):
+    def __init__(self, params, num_tasks, batched=False):
         self.params = list(params)
         if not self.params:
             raise ValueError("TaskGradBuffer: no shared parameters given")
@@ -198,6 +216,8 @@ class TaskGradBuffer:
                 raise ValueError(f"TaskGradBuffer: shared parameter {k} is {p.dtype} on {p.device}; all "
                                  f"must be float32 on {self.params[0].device}")
         self.num_tasks = num_tasks
+        self.batched = batched
+        self.batch_fallback = None  # why the batched backward last fell back to the loop (None: it did not)
         device = self.params[0].device
         sizes = [p.numel() for p in self.params]
         self.num_params = P = sum(sizes)
@@ -222,8 +242,9 @@ class TaskGradBuffer:
         """Task t's gradient as one view per shared parameter (shaped like the parameters)."""
         return self._row_views[t]
 
-    def fill_from_losses(self, losses, retain_graph=True):
-        """One backward per task: row t = d losses[t] / d shared params (zeros where a param gets none).
+    def fill_from_losses(self, losses, retain_graph=True, batched=None):
+        """Row t = d losses[t] / d shared params (zeros where a param gets none, and for an inactive task:
+        None, or a loss that does not require grad). batched: None = self.batched (see the class).
 
         The graph is kept between the passes; retain_graph applies to the last one
         (keep it True to backpropagate the heads afterwards).
@@ -231,20 +252,44 @@ class TaskGradBuffer:
         losses = list(losses)
         if len(losses) != self.num_tasks:
             raise ValueError(f"TaskGradBuffer.fill_from_losses: expected {self.num_tasks} losses, got {len(losses)}")
-        for t, loss in enumerate(losses):
-            views = self._row_views[t]
-            if not (isinstance(loss, torch.Tensor) and loss.requires_grad):
+        active = [t for t, loss in enumerate(losses) if isinstance(loss, torch.Tensor) and loss.requires_grad]
+        for t in range(self.num_tasks):
+            if t not in active:
                 self.grads[t].zero_()  # e.g. a task absent from this batch
-                continue
-            keep = retain_graph or t < len(losses) - 1
-            grads = torch.autograd.grad(loss, self.params, retain_graph=keep, allow_unused=True)
+        if not active:
+            return self.grads
+        if self.batched if batched is None else batched:
+            grads = self._batched_grads([losses[t] for t in active])
+            if grads is not None:
+                with torch.no_grad():
+                    for k, g in enumerate(grads):
+                        for i, t in enumerate(active):
+                            _copy_or_zero(self._row_views[t][k], None if g is None else g[i])
+                return self.grads
+        for n, t in enumerate(active):
+            keep = retain_graph or n < len(active) - 1
+            grads = torch.autograd.grad(losses[t], self.params, retain_graph=keep, allow_unused=True)
             with torch.no_grad():
-                for view, g in zip(views, grads):
-                    if g is None:
-                        view.zero_()
-                    else:
-                        view.copy_(g)
+                for view, g in zip(self._row_views[t], grads):
+                    _copy_or_zero(view, g)
         return self.grads
+
+    def _batched_grads(self, losses):
+        """Per-parameter gradients [A, *shape] (or None) of A scalar losses in one batched backward, or None
+        where an op of the graph cannot be batched (then the caller runs one pass per task). The graph is
+        always kept (retain_graph does not apply), so that the fallback can still run through it."""
+        vector = torch.stack([loss.reshape(()) for loss in losses])
+        eye = torch.eye(len(losses), dtype=vector.dtype, device=vector.device)
+        try:
+            return torch.autograd.grad(vector, self.params, grad_outputs=eye, is_grads_batched=True,
+                                       retain_graph=True, allow_unused=True)
+        except RuntimeError as exc:  # e.g. dropout recomputed under gradient checkpointing, .item() in a backward
+            why = str(exc).strip().splitlines()[0][:200]
+            if self.batch_fallback != why:
+                print(f"gradagg.TaskGradBuffer: batched backward not supported here ({why}); "
+                      f"one backward per task instead", file=sys.stderr)
+            self.batch_fallback = why
+            return None
 
     def attach_grads(self):
         """Make every shared parameter's .grad the view into flat_grad (again, after zero_grad(set_to_none=True))."""

@@ -1,13 +1,16 @@
-"""HCA / HICCAP multi-task model: one shared trunk, one small classifier per task.
+"""HCA / HICCAP multi-task model: one shared trunk, one small classifier per task; and the pieces
+every trunk shares (MultiTaskModel: heads, masks, parameter groups; `build_model` for --trunk).
 
 Follow one batch through `HCAModel.trunk`:
-  text  [B, Lt] token ids    -> BERT (last hidden layer)                                   -> [B, Lt, H]
+  text  [B, Lt] token ids    -> text encoder (transformers; last hidden layer)                 -> [B, Lt, H]
   video [B, Sv, 1024]        -> 2-layer BiLSTM -> dropout+LayerNorm -> Linear+LayerNorm+Dropout -> [B, Sv, H]
   audio [B, Sa, 128]         -> the same with its own weights                                 -> [B, Sa, H]
   three branches of hierarchical cross-attention (query <- context 1, then <- context 2, + query):
       text  <- video <- audio,   audio <- video <- text,   video <- text <- audio
   attention pooling per branch -> dropout+LayerNorm -> three [B, H] vectors -> fused [B, 3H] (text, audio, video)
 `classify` maps fused to logits [B, T, 2], one pair per task (the loss is the training code's business).
+The other trunks (common/trunks.py: late_fusion, concat, mult, text_only, video_only, audio_only) have the
+same interface; a strategy sees only the per-task losses and the fused vector.
 
 Masks. A modality that is absent for a clip (present False, length 0) or switched off by `active_modalities`
 has an all-False mask, and is then excluded *exactly*: as attention keys it gives a zero context, as a branch
@@ -15,8 +18,11 @@ query it gives an exact zero vector in `fused`. Padded positions never change an
 (A zero context still passes its step's dropout+LayerNorm, which then outputs the LayerNorm's bias; the
 query modality itself reaches the pooled vector through the branch's residual.)
 
+Text encoder: common/text_encoder.py (transformers' BertModel of our size with random weights, or any local
+encoder folder with --text-encoder; the model's hidden size H is then the encoder's).
+
 Deviations from the original code (GitHub RiTUAL-UH/Comic-Mischief-Prediction), all deliberate:
-  - BERT gets the text mask (the original calls BERT without one, so padding tokens are attended to);
+  - the text encoder gets the text mask (the original calls BERT without one, so padding tokens are attended to);
   - the BiLSTMs give what packed sequences give (the original runs them over the zero padding, so its
     backward direction starts in the padding);
   - attention pooling uses the real masks (the original passes all-ones masks, so padding is pooled) and a
@@ -26,7 +32,8 @@ Deviations from the original code (GitHub RiTUAL-UH/Comic-Mischief-Prediction), 
   - heads are Linear-ReLU-Dropout-Linear (the original: four Linear layers with BatchNorm, no activation);
   - the projections of the LSTM outputs are computed once per batch (the original calls them once per use,
     so in training each use draws its own dropout mask);
-  - dropout on CPU uses a cheaper random mask (common.bert.dropout; p rounded to a multiple of 1/256);
+  - dropout outside the text encoder uses a cheaper random mask on CPU (`dropout`; p rounded to a multiple
+    of 1/256);
   - the pooling vector v is initialised N(0, 1/H) (the original: U(0, 1), which makes pooling nearly an argmax).
 """
 from __future__ import annotations
@@ -35,16 +42,76 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from common.bert import BertConfig, BertEncoder, Dropout, additive_mask, attention
 from common.data import MODALITIES, TASKS
+from common.text_encoder import build_text_encoder, encode_text, encoder_config
+
+MASK_VALUE = -10000.0  # BERT's additive mask for padded keys (the original's cross-attention uses it too)
 
 
+# ---------------------------------------------------------------------------------------------------------
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """F.dropout with a cheaper random mask on CPU.
+
+    PyTorch's CPU dropout draws one random number per element (~13 ns each on the 2-core machine), which
+    was a quarter of a small-model training step. Here one random 64-bit integer gives eight random bytes;
+    an element is dropped when its byte is below round(256 p), so p is rounded to a multiple of 1/256
+    (0.1 -> 0.1016, 0.2 -> 0.1992, 0.3 -> 0.3008) and kept values are scaled by 1 / (1 - that p): the
+    expectation is unchanged. Other devices use F.dropout."""
+    if not training or p == 0.0:
+        return x
+    k = round(p * 256)
+    if x.device.type != "cpu" or k == 0 or k >= 256:
+        return F.dropout(x, p, True)
+    n = x.numel()
+    bytes_ = torch.randint(-2**63, 2**63 - 1, ((n + 7) // 8,), dtype=torch.int64).view(torch.uint8)[:n]
+    keep = (bytes_.view(x.shape) >= k).to(x.dtype)
+    return x * keep.mul_(256.0 / (256 - k))
+
+
+class Dropout(nn.Module):
+    """Drop-in replacement for nn.Dropout using `dropout` above (no parameters, so state dicts are unchanged)."""
+
+    def __init__(self, p: float = 0.5):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+        self.p = p
+
+    def forward(self, x):
+        return dropout(x, self.p, self.training)
+
+    def extra_repr(self):
+        return f"p={self.p}"
+
+
+def attention(q, k, v, add_mask, p: float, training: bool) -> torch.Tensor:
+    """BERT attention: softmax(q k^T / sqrt(d) + add_mask), dropout p on the probabilities, times v.
+    q [B, heads, Lq, d], k and v [B, heads, Lk, d], add_mask broadcastable to [B, heads, Lq, Lk] or None.
+
+    Without dropout, scaled_dot_product_attention computes exactly this. With dropout on CPU the explicit
+    matmuls and the cheap `dropout` are used instead (SDPA's own CPU dropout costs more than the attention)."""
+    if not training or p == 0.0 or q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=add_mask, dropout_p=p if training else 0.0)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
+    if add_mask is not None:
+        scores = scores + add_mask
+    return torch.matmul(dropout(torch.softmax(scores, dim=-1), p, True), v)
+
+
+def additive_mask(mask: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """Bool key mask [B, L] (True = real) -> additive mask [B, 1, 1, L]: 0 for real keys, -10000 for padding."""
+    return (~mask).to(dtype)[:, None, None, :] * MASK_VALUE
+
+
+# ---------------------------------------------------------------------------------------------------------
 @dataclass
 class HCAConfig:
-    # text encoder (BERT-base-cased sizes by default)
+    # text encoder of --model-size (BERT-base-cased sizes by default); with --text-encoder the folder's
+    # encoder is used and model_config copies its hidden and vocabulary sizes here
     vocab_size: int = 28996
     hidden: int = 768
     bert_layers: int = 12
@@ -60,6 +127,8 @@ class HCAConfig:
     # cross-attention and heads
     xattn_heads: int = 12
     head_hidden: int = 200          # the original heads' first layer is 768*3 -> 200
+    # the mult trunk (common/trunks.py): layers of each cross-modal and self-attention transformer
+    mult_layers: int = 2
     # dropouts (values of the original multi-task code)
     bert_dropout: float = 0.1       # BERT hidden dropout
     bert_attn_dropout: float = 0.1  # BERT attention-probability dropout
@@ -74,23 +143,37 @@ class HCAConfig:
     # audio first, then text: (("text","video","audio"), ("audio","video","text"), ("video","audio","text")).
     branches: tuple = (("text", "video", "audio"), ("audio", "video", "text"), ("video", "text", "audio"))
 
-    def bert_config(self) -> BertConfig:
-        return BertConfig(vocab_size=self.vocab_size, hidden=self.hidden, layers=self.bert_layers,
-                          heads=self.bert_heads, intermediate=self.bert_intermediate,
-                          max_positions=self.max_positions, type_vocab_size=self.type_vocab_size,
-                          hidden_dropout=self.bert_dropout, attn_dropout=self.bert_attn_dropout)
+    @property
+    def slot_order(self) -> tuple:
+        """The modalities in the order of their H-wide slots in a 3H fused vector: (text, audio, video)."""
+        return tuple(b[0] for b in self.branches)
 
 
 MODEL_SIZES = {
     # unit tests: a few thousand parameters outside the embedding table
     "tiny": HCAConfig(hidden=32, bert_layers=1, bert_heads=2, bert_intermediate=64, lstm_hidden=16,
-                      xattn_heads=2, head_hidden=16),
+                      xattn_heads=2, head_hidden=16, mult_layers=1),
     # default for CPU runs: a forward+backward of a realistic batch of 16 in tens of milliseconds on 2 cores
     "small": HCAConfig(hidden=128, bert_layers=2, bert_heads=4, bert_intermediate=256, lstm_hidden=64,
                        xattn_heads=4, head_hidden=64),
     # the paper's sizes (BERT-base, 512-unit LSTMs, 12 heads)
-    "full": HCAConfig(),
+    "full": HCAConfig(mult_layers=4),
 }
+
+
+def model_config(size="small", text_encoder=None) -> HCAConfig:
+    """The HCAConfig of --model-size; with --text-encoder FOLDER its hidden size (the width of every
+    branch) and vocabulary come from the folder's config.json, the rest from the size."""
+    config = MODEL_SIZES[size]
+    if text_encoder is None:
+        return config
+    enc = encoder_config(text_encoder)
+    config = replace(config, hidden=enc.hidden_size, vocab_size=enc.vocab_size,
+                     max_positions=getattr(enc, "max_position_embeddings", config.max_positions))
+    if config.hidden % config.xattn_heads:
+        raise ValueError(f"--text-encoder {text_encoder}: hidden size {config.hidden} is not a multiple of the "
+                         f"{config.xattn_heads} attention heads of --model-size {size}; choose another size")
+    return config
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -142,30 +225,40 @@ class CrossAttention(nn.Module):
         return out * key_mask.any(dim=1).to(out.dtype)[:, None, None]
 
 
-class Branch(nn.Module):
+class PooledModality(nn.Module):
+    """Attention pooling of one modality's sequence, then dropout+LayerNorm; an exact zero vector for a clip
+    without that modality (LayerNorm(0) would be its bias: a learned constant that would look like evidence).
+    Used by HCA's branches' and by the simpler trunks."""
+
+    def __init__(self, hidden: int, c: HCAConfig):
+        super().__init__()
+        self.pool = AttentionPooling(hidden)
+        self.pool_dropout = Dropout(c.pool_dropout)
+        self.pool_norm = nn.LayerNorm(hidden, eps=1e-5)
+
+    def forward(self, h, mask):
+        pooled, _ = self.pool(h, mask)
+        present = mask.any(dim=1).to(pooled.dtype)[:, None]
+        return self.pool_norm(self.pool_dropout(pooled)) * present
+
+
+class Branch(PooledModality):
     """query <- context 1, then <- context 2 (one attention module shared by both steps, as the original),
-    dropout+LayerNorm after each step, + query; then attention pooling, dropout+LayerNorm."""
+    dropout+LayerNorm after each step, + query; then attention pooling, dropout+LayerNorm (PooledModality:
+    an exact zero vector for a clip without the query modality, so that an absent or switched-off modality
+    is the same thing for the heads whatever the training did)."""
 
     def __init__(self, c: HCAConfig):
-        super().__init__()
+        super().__init__(c.hidden, c)
         self.attn = CrossAttention(c.hidden, c.xattn_heads, c.xattn_dropout)
         self.norm1 = nn.LayerNorm(c.hidden, eps=1e-5)
         self.norm2 = nn.LayerNorm(c.hidden, eps=1e-5)
         self.step_dropout = Dropout(c.step_dropout)
-        self.pool = AttentionPooling(c.hidden)
-        self.pool_dropout = Dropout(c.pool_dropout)
-        self.pool_norm = nn.LayerNorm(c.hidden, eps=1e-5)
 
     def forward(self, q, q_mask, ctx1, mask1, ctx2, mask2, return_sequence=False):
         x = self.norm1(self.step_dropout(self.attn(q, ctx1, mask1)))
         x = self.norm2(self.step_dropout(self.attn(x, ctx2, mask2)))
-        pooled, _ = self.pool(x + q, q_mask)
-        # A clip without this branch's query modality pools nothing (all-zero weights), but LayerNorm(0) is
-        # its bias, a learned constant that would look like evidence to the heads and differ from "no
-        # information". Multiplying by the presence flag makes the branch contribute an exact zero vector,
-        # so an absent or switched-off modality is the same thing for the heads whatever the training did.
-        present = q_mask.any(dim=1).to(pooled.dtype)[:, None]
-        out = self.pool_norm(self.pool_dropout(pooled)) * present
+        out = super().forward(x + q, q_mask)
         return (out, x + q) if return_sequence else out
 
 
@@ -232,35 +325,37 @@ class SequenceEncoder(nn.Module):
         return self.proj_dropout(self.proj_norm(self.proj(out)))
 
 
-def make_head(c: HCAConfig) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(3 * c.hidden, c.head_hidden), nn.ReLU(), Dropout(c.head_dropout),
+def make_head(in_dim: int, c: HCAConfig) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_dim, c.head_hidden), nn.ReLU(), Dropout(c.head_dropout),
                          nn.Linear(c.head_hidden, 2))
 
 
 # ---------------------------------------------------------------------------------------------------------
-class HCAModel(nn.Module):
-    """Hierarchical cross-attention model with one head per task. See the module docstring for the data flow."""
+class MultiTaskModel(nn.Module):
+    """What every trunk shares: one head per task on the fused vector, the effective modality masks and the
+    parameter groups the strategies use. A trunk subclass builds its modules, sets `fused_dim` and
+    `slots` (the modalities of the H-wide slots of `fused`, in order; None when fused is not made of
+    per-modality slots) and implements `trunk` and `last_shared_parameters`.
 
-    def __init__(self, config: HCAConfig, tasks=TASKS, bert_path=None):
+    The interface a strategy (common/train.py, common/multitask.py) relies on:
+      trunk(batch, active_modalities=None, return_sequences=False) -> fused [B, fused_dim]
+          (with return_sequences also {modality: [B, L, H]}, the per-position outputs the pretraining heads read)
+      classify(fused) -> logits [B, T, 2];  forward(batch, active_modalities) = classify(trunk(batch))
+      heads[task], shared_parameters(), head_parameters(), last_shared_parameters(), parameter_counts()"""
+
+    trunk_name = "?"
+    modalities = MODALITIES  # the modalities the trunk reads
+
+    def __init__(self, config: HCAConfig, tasks=TASKS):
         super().__init__()
         self.config = config
         self.tasks = tuple(tasks)
         if not self.tasks or len(set(self.tasks)) != len(self.tasks):
             raise ValueError(f"tasks must be distinct and non-empty, got {self.tasks}")
-        if sorted(b[0] for b in config.branches) != sorted(MODALITIES) or \
-                any(sorted(b) != sorted(MODALITIES) for b in config.branches):
-            raise ValueError(f"config.branches must give each modality one branch over the other two: {config.branches}")
-        if bert_path is None:
-            self.text_encoder = BertEncoder(config.bert_config())
-        else:
-            self.text_encoder = BertEncoder.from_pretrained(bert_path)
-            if self.text_encoder.config.hidden != config.hidden:
-                raise ValueError(f"{bert_path}: BERT hidden size {self.text_encoder.config.hidden} != "
-                                 f"config.hidden {config.hidden}; pick a model size with hidden={self.text_encoder.config.hidden}")
-        self.video_encoder = SequenceEncoder(config.video_dim, config)
-        self.audio_encoder = SequenceEncoder(config.audio_dim, config)
-        self.branches = nn.ModuleDict({b[0]: Branch(config) for b in config.branches})
-        self.heads = nn.ModuleDict({t: make_head(config) for t in self.tasks})
+
+    def _make_heads(self, fused_dim: int):
+        self.fused_dim = fused_dim
+        self.heads = nn.ModuleDict({t: make_head(fused_dim, self.config) for t in self.tasks})
 
     # ----- forward ------------------------------------------------------------------------------------------
     def effective_masks(self, batch, active_modalities=None) -> dict:
@@ -278,22 +373,10 @@ class HCAModel(nn.Module):
         return masks
 
     def trunk(self, batch, active_modalities=None, return_sequences=False):
-        """Text encoder, BiLSTMs, hierarchical cross-attention and pooling, once: fused [B, 3*hidden].
-        With return_sequences, also {modality: [B, L, hidden]}, each branch's output before pooling
-        (the pretraining heads predict masked tokens and segments from them)."""
-        masks = self.effective_masks(batch, active_modalities)
-        seqs = {"text": self.text_encoder(batch["text_ids"], masks["text"]),
-                "video": self.video_encoder(batch["video"], masks["video"]),
-                "audio": self.audio_encoder(batch["audio"], masks["audio"])}
-        outs = [self.branches[q](seqs[q], masks[q], seqs[c1], masks[c1], seqs[c2], masks[c2], return_sequence=True)
-                for q, c1, c2 in self.config.branches]
-        fused = torch.cat([pooled for pooled, _ in outs], dim=-1)
-        if return_sequences:
-            return fused, {q: seq for (q, _, _), (_, seq) in zip(self.config.branches, outs)}
-        return fused
+        raise NotImplementedError
 
     def classify(self, fused) -> torch.Tensor:
-        """fused [B, 3H] -> logits [B, T, 2], tasks in the order of self.tasks."""
+        """fused [B, fused_dim] -> logits [B, T, 2], tasks in the order of self.tasks."""
         return torch.stack([self.heads[t](fused) for t in self.tasks], dim=1)
 
     def forward(self, batch, active_modalities=None) -> torch.Tensor:
@@ -308,14 +391,89 @@ class HCAModel(nn.Module):
         return list(self.heads.parameters())
 
     def last_shared_parameters(self) -> list:
-        """The last layer shared by all heads: the three LayerNorms after attention pooling (their outputs are
-        concatenated into `fused`, which every head reads). GradNorm measures per-task gradient norms here."""
-        return [p for b in self.branches.values() for p in b.pool_norm.parameters()]
+        """The last layer shared by all heads (GradNorm measures per-task gradient norms here)."""
+        raise NotImplementedError
 
     def parameter_counts(self) -> dict:
         counts = {name: sum(p.numel() for p in module.parameters()) for name, module in self.named_children()}
         counts["total"] = sum(p.numel() for p in self.parameters())
         return counts
+
+
+class HCAModel(MultiTaskModel):
+    """Hierarchical cross-attention model with one head per task. See the module docstring for the data flow."""
+
+    trunk_name = "hca"
+
+    def __init__(self, config: HCAConfig, tasks=TASKS, text_encoder=None, grad_checkpointing=False):
+        super().__init__(config, tasks)
+        if sorted(b[0] for b in config.branches) != sorted(MODALITIES) or \
+                any(sorted(b) != sorted(MODALITIES) for b in config.branches):
+            raise ValueError(f"config.branches must give each modality one branch over the other two: {config.branches}")
+        self.text_encoder = build_text_encoder(config, text_encoder, grad_checkpointing)
+        self.video_encoder = SequenceEncoder(config.video_dim, config)
+        self.audio_encoder = SequenceEncoder(config.audio_dim, config)
+        self.branches = nn.ModuleDict({b[0]: Branch(config) for b in config.branches})
+        self.slots = config.slot_order
+        self._make_heads(3 * config.hidden)
+
+    def trunk(self, batch, active_modalities=None, return_sequences=False):
+        """Text encoder, BiLSTMs, hierarchical cross-attention and pooling, once: fused [B, 3*hidden].
+        With return_sequences, also {modality: [B, L, hidden]}, each branch's output before pooling
+        (the pretraining heads predict masked tokens and segments from them)."""
+        masks = self.effective_masks(batch, active_modalities)
+        seqs = {"text": encode_text(self.text_encoder, batch["text_ids"], masks["text"]),
+                "video": self.video_encoder(batch["video"], masks["video"]),
+                "audio": self.audio_encoder(batch["audio"], masks["audio"])}
+        outs = [self.branches[q](seqs[q], masks[q], seqs[c1], masks[c1], seqs[c2], masks[c2], return_sequence=True)
+                for q, c1, c2 in self.config.branches]
+        fused = torch.cat([pooled for pooled, _ in outs], dim=-1)
+        if return_sequences:
+            return fused, {q: seq for (q, _, _), (_, seq) in zip(self.config.branches, outs)}
+        return fused
+
+    def last_shared_parameters(self) -> list:
+        """The three LayerNorms after attention pooling (their outputs are concatenated into `fused`, which
+        every head reads)."""
+        return [p for b in self.branches.values() for p in b.pool_norm.parameters()]
+
+
+# ---------------------------------------------------------------------------------------------------------
+TRUNK_NAMES = ("hca", "late_fusion", "concat", "mult", "text_only", "video_only", "audio_only")
+
+
+def build_model(config: HCAConfig, trunk="hca", tasks=TASKS, text_encoder=None, grad_checkpointing=False,
+                token_files=()) -> MultiTaskModel:
+    """The model of --trunk (common/trunks.py for all but hca). token_files: .h5 splits whose stored token
+    ids are checked against the text encoder's tokenizer (common.text_encoder.check_token_ids)."""
+    if trunk == "hca":
+        model = HCAModel(config, tasks, text_encoder, grad_checkpointing)
+    elif trunk in TRUNK_NAMES:
+        from common.trunks import TRUNKS
+        model = TRUNKS[trunk](config, tasks, text_encoder, grad_checkpointing)
+    else:
+        raise ValueError(f"unknown trunk {trunk!r}; choose from {', '.join(TRUNK_NAMES)}")
+    if token_files and "text" in model.modalities:
+        from common.text_encoder import check_token_ids
+        check_token_ids(model.text_encoder, token_files)
+    return model
+
+
+def model_from_args(args, config: HCAConfig, tasks, data_dir) -> MultiTaskModel:
+    """The model of a run's arguments (--trunk, --text-encoder, --grad-checkpointing), its token ids
+    checked against the run's splits. Pretraining needs a trunk whose fused vector has the three modality
+    slots (its matching and contrastive heads read them)."""
+    trunk = getattr(args, "trunk", "hca")
+    if getattr(args, "stage", "finetune") == "pretrain" and trunk not in ("hca", "late_fusion", "mult"):
+        raise SystemExit(f"--stage pretrain needs a trunk with text, video and audio slots in its fused vector "
+                         f"(hca, late_fusion, mult), not --trunk {trunk}")
+    from common.text_encoder import TokenizerMismatch
+    try:
+        return build_model(config, trunk, tasks, text_encoder=getattr(args, "text_encoder", None),
+                           grad_checkpointing=getattr(args, "grad_checkpointing", False),
+                           token_files=[Path(data_dir) / f"{s}.h5" for s in ("train", "val", "test")])
+    except TokenizerMismatch as e:  # a message for the user, not a traceback
+        raise SystemExit(f"error: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -354,7 +512,7 @@ ORIGINAL_NAME_MAP = {
 }
 # Not mapped (reported as unexpected): the original heads img_audio_text_linear_{mature,gory,slapstick,sarcasm}
 # (binary: img_audio_text_linear, sequential; pre-training: TAM_linear, ITM_linear, IAM_linear) are
-# Linear/BatchNorm stacks of another shape than our heads; BERT's pooler is unused here.
+# Linear/BatchNorm stacks of another shape than our heads; BERT's pooler (text_encoder.pooler.*) is unused here.
 
 
 def format_name_map() -> str:
@@ -373,14 +531,20 @@ def original_to_ours(state: dict) -> dict:
                 k = ours + k[len(orig):]
                 break
         out[k] = v
-    # inside BERT: HF conventions (old gamma/beta names, position_ids buffer)
-    bert = BertEncoder.hf_to_ours({k[len("text_encoder."):]: v for k, v in out.items() if k.startswith("text_encoder.")})
-    out = {k: v for k, v in out.items() if not k.startswith("text_encoder.")}
-    out.update({"text_encoder." + k: v for k, v in bert.items()})
-    return out
+    # inside the text encoder, older transformers conventions: LayerNorm gamma/beta (TF names) are
+    # weight/bias; embeddings.position_ids was a saved buffer (a constant arange, no longer in state dicts)
+    renamed = {}
+    for k, v in out.items():
+        if k.startswith("text_encoder."):
+            if k.endswith("embeddings.position_ids"):
+                continue
+            if ".LayerNorm." in k:
+                k = k.replace(".gamma", ".weight").replace(".beta", ".bias")
+        renamed[k] = v
+    return renamed
 
 
-def load_original_checkpoint(model: HCAModel, path_or_state_dict, verbose: bool = True, show_map: bool = False):
+def load_original_checkpoint(model: MultiTaskModel, path_or_state_dict, verbose: bool = True, show_map: bool = False):
     """Load a checkpoint of the original code into `model`, non-strictly, through ORIGINAL_NAME_MAP.
 
     Accepts a path or a dict: {"model_state": state_dict} (as best_pretrain_matching.pth), {"state_dict": ...},

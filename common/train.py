@@ -45,19 +45,23 @@ import random
 import signal
 import sys
 import time
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common import distributed
 from common.data import TASKS, H5Dataset, collate, feature_stats
 from common.evaluate import evaluate_predictions
-from common.model import MODEL_SIZES, HCAModel
+from common.model import MODEL_SIZES, TRUNK_NAMES, model_config, model_from_args
 from common.pretrain import PRETRAIN_TASKS, PretrainObjective
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO / "data_prep" / "synthetic"
+# per-task validation metrics a run can select on and rules can read (loss is scored as minus the loss)
+METRIC_CHOICES = ("ap", "loss", "f1_macro", "f1_pos", "f1_pos_tuned", "accuracy")
 
 
 # ---------------------------------------------------------------- arguments
@@ -83,21 +87,40 @@ def build_parser(description=None):
     p.add_argument("--run", default=None, help="run name (default seed<seed>)")
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     p.add_argument("--model-size", default="small", choices=sorted(MODEL_SIZES))
-    p.add_argument("--bert-path", default=None, help="Hugging Face style BERT folder to initialise the text encoder")
+    # -- models (issue 15): the shared trunk and the text encoder (common/model.py, trunks.py, text_encoder.py)
+    p.add_argument("--trunk", default="hca", choices=TRUNK_NAMES,
+                   help="the shared model: hca (default), late_fusion, concat, mult (MulT-style), or one modality alone")
+    p.add_argument("--text-encoder", default=None, metavar="FOLDER",
+                   help="a local Hugging Face encoder folder (BERT, RoBERTa, DeBERTa, DistilBERT, MiniLM, ...); "
+                        "the model's width follows it. Default: a random BERT of --model-size. Nothing is downloaded")
+    p.add_argument("--bert-path", dest="text_encoder", help=argparse.SUPPRESS)  # deprecated name of --text-encoder
+    p.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute the text encoder's activations in the backward pass (less memory, same gradients)")
+    # -- end models
     p.add_argument("--init", default=None,
                    help="start from a checkpoint: ours (results/.../best.pt, a pretraining checkpoint) or the "
                         "original code's (its names are mapped); missing and unexpected keys are reported")
     p.add_argument("--feature-norm", choices=("train", "none"), default="train",
                    help="standardise video/audio per dimension with the training split's mean and std "
                         "(none: raw features, e.g. to fine-tune the original code's checkpoints)")
-    p.add_argument("--metric", default="f1_macro", choices=("f1_macro", "f1_pos", "accuracy", "ap"),
-                   help="per-task validation metric that rules read (stop-and-go, curricula, sampling, ...) and "
-                        "whose mean selects the best model; every metrics dict carries it as 'score' "
-                        "(minus the loss when pretraining)")
+    # -- metrics, model selection, early stopping (issue 14)
+    p.add_argument("--metric", default="ap", choices=METRIC_CHOICES,
+                   help="per-task validation metric that rules read (stop-and-go, curricula, sampling, ...); every "
+                        "metrics dict carries it as 'score', higher is better (loss: minus the mean cross-entropy; "
+                        "minus the loss when pretraining). Default ap: threshold-free, it does not stay flat on a "
+                        "task that still predicts its majority class")
+    p.add_argument("--select-metric", default=None, choices=METRIC_CHOICES,
+                   help="metric whose mean over tasks selects the best model, steps the LR schedule and drives "
+                        "early stopping (default: --metric)")
+    p.add_argument("--early-stop-patience", type=int, default=0,
+                   help="stop after N evaluations in a row without a new best selection score (0 = off: train "
+                        "the whole budget, --epochs capped by --max-steps)")
+    # -- end metrics
     p.add_argument("--eval-every", type=int, default=0, help="validate every N steps (0 = once per epoch)")
     p.add_argument("--checkpoint-every", type=int, default=100, help="also checkpoint every N steps")
     p.add_argument("--log-every", type=int, default=20, help="write a train line to metrics.jsonl every N steps")
-    p.add_argument("--max-steps", type=int, default=0, help="stop after N optimizer steps (0 = no limit; smoke tests)")
+    p.add_argument("--max-steps", type=int, default=0,
+                   help="cap on optimizer steps: the budget is min(epochs x steps per epoch, N) (0 = no cap)")
     p.add_argument("--on-nonfinite", choices=("stop", "skip"), default="stop",
                    help="a NaN/Inf loss or gradient stops the run with a report, or skips the batch (counted)")
     p.add_argument("--bucket", action=argparse.BooleanOptionalAction, default=True,
@@ -107,6 +130,26 @@ def build_parser(description=None):
     p.add_argument("--quiet", action="store_true", help="no progress line")
     # fault injection for the resume tests: exit abruptly (no checkpoint, like a kill -9) after step N
     p.add_argument("--crash-after-step", type=int, default=0, help=argparse.SUPPRESS)
+    # -- devices and precision (issue 16; common/distributed.py for torchrun)
+    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="autocast of the forward (bf16, or fp16 with a gradient scaler); losses, per-task "
+                        "gradients, the Gram matrix and the aggregators' solve stay fp32 or better")
+    p.add_argument("--deterministic", action="store_true",
+                   help="deterministic kernels (torch.use_deterministic_algorithms, no cuDNN autotuning): "
+                        "exact resumes on a GPU, at some cost in speed")
+    # test-only: the 1-process vs torchrun equality tests switch dropout off (each rank draws the dropout
+    # masks of its own clips, so with dropout the two runs differ by construction)
+    p.add_argument("--zero-dropout", action="store_true", help=argparse.SUPPRESS)
+    # test-only: with --crash-after-step, only this rank exits (-1: every rank)
+    p.add_argument("--crash-rank", type=int, default=-1, help=argparse.SUPPRESS)
+    # -- end devices and precision
+    # -- performance (issue 17; measured in `make bench`)
+    p.add_argument("--eval-batch-size", type=int, default=128,
+                   help="clips per batch in evaluation (no gradients are kept there, so it can be larger)")
+    p.add_argument("--flush-denormal", action=argparse.BooleanOptionalAction, default=False,
+                   help="on CPU, flush denormal floats to zero (values below about 1e-38 become 0); "
+                        "off by default: it did not change the step time measurably in `make bench`")
+    # -- end performance
     return p
 
 
@@ -155,6 +198,8 @@ def ensure_data(path):
 
 
 def device_batch(batch, device):
+    """The batch's tensors on the device; non_blocking overlaps the copy with compute when the loader
+    pinned the memory (CUDA); a no-op copy on CPU."""
     return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
@@ -196,10 +241,11 @@ class FinetuneObjective:
     to, state_dict, load_state_dict."""
     strategy_suffix = ""
 
-    def __init__(self, tasks, metric="f1_macro"):
+    def __init__(self, tasks, metric="ap", select_metric=None):
         self.tasks = list(tasks)
         self.model_tasks = self.tasks  # the heads the model needs
         self.metric = metric
+        self.select_metric = select_metric or metric
         self.columns = torch.tensor([TASKS.index(t) for t in self.tasks])
 
     def labels(self, batch):
@@ -213,11 +259,15 @@ class FinetuneObjective:
     def task_parameters(self, model, task=None):
         return list(model.heads[task].parameters()) if task else model.head_parameters()
 
-    def evaluate(self, run, dataset, model, modalities):
+    def evaluate(self, run, dataset, model, modalities, thresholds=None):
+        """Metrics of a split (common.evaluate). thresholds: {task: threshold} of f1_pos_tuned, the
+        validation-chosen ones when scoring test (None: chosen on this split). Each per-task dict and the
+        mean carry "score" (--metric, higher is better); the mean also "selection" (--select-metric)."""
         scores, labels = run.predict(dataset, model, modalities)
-        metrics = evaluate_predictions(labels, scores, self.tasks)
+        metrics = evaluate_predictions(labels, scores, self.tasks, thresholds)
         for m in list(metrics["per_task"].values()) + [metrics["mean"]]:
-            m["score"] = m[self.metric]
+            m["score"] = higher_is_better(m, self.metric)
+        metrics["mean"]["selection"] = higher_is_better(metrics["mean"], self.select_metric)
         return metrics
 
     def parameters(self):
@@ -233,6 +283,11 @@ class FinetuneObjective:
         pass
 
 
+def higher_is_better(metrics, name):
+    """The value of a metric oriented so that higher is better: minus the loss for "loss"."""
+    return -metrics["loss"] if name == "loss" else metrics[name]
+
+
 # ---------------------------------------------------------------- the run
 class Run:
     """Model, optimizer, data and bookkeeping of one training run (see the module docstring)."""
@@ -241,17 +296,36 @@ class Run:
         """objective: what to train (default: from --stage; FinetuneObjective on --tasks, or the
         pretraining objective on --pretrain-tasks). tasks overrides --tasks / --pretrain-tasks."""
         self.args = args
-        config = MODEL_SIZES[args.model_size]
+        config = model_config(args.model_size, args.text_encoder)  # the width follows --text-encoder
+        if args.zero_dropout:  # test-only (see build_parser)
+            config = replace(config, **{f.name: 0.0 for f in fields(config) if f.name.endswith("dropout")})
         if objective is None:
             if args.stage == "pretrain":
                 pre_tasks = tasks or parse_tasks(args.pretrain_tasks, PRETRAIN_TASKS, "--pretrain-tasks")
                 objective = PretrainObjective(config, pre_tasks, seed=args.seed)
             else:
-                objective = FinetuneObjective(tasks or parse_tasks(args.tasks), metric=args.metric)
+                objective = FinetuneObjective(tasks or parse_tasks(args.tasks), metric=args.metric,
+                                              select_metric=args.select_metric)
         self.objective = objective
         self.tasks = list(objective.tasks)
         self.strategy = strategy + objective.strategy_suffix
-        self.device = torch.device(args.device)
+        # -- devices and precision: torchrun ranks (common/distributed.py), autocast, deterministic kernels
+        self.dist, self.device = distributed.setup(args.device)
+        if not distributed.is_main():  # rank 0 alone prints (errors still reach stderr)
+            sys.stdout = open(os.devnull, "w")
+        if args.deterministic:
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for determinism
+            torch.use_deterministic_algorithms(True, warn_only=True)   # a warning names any op without one
+            torch.backends.cudnn.benchmark = False
+            torch.backends.cudnn.deterministic = True
+        self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+        # fp16 gradients overflow and underflow: a scaler multiplies the loss, skips a step whose
+        # gradients overflowed and lowers the scale (not an error); bf16 has fp32's range and needs none
+        self.scaler = torch.amp.GradScaler(self.device.type) if args.precision == "fp16" else None
+        self.scaler_skips = 0
+        # -- end devices and precision
+        if self.device.type == "cpu":  # -- performance (issue 17): process-wide, see --flush-denormal
+            torch.set_flush_denormal(args.flush_denormal)
         self.dir = Path(args.out) / self.strategy / (run_name or args.run or f"seed{args.seed}")
         self.dir.mkdir(parents=True, exist_ok=True)
         if args.threads:
@@ -265,8 +339,8 @@ class Run:
         self.test_set = H5Dataset(data / "test.h5", stats)
         # the objective says which fine-tuning heads the model has (pretraining keeps all of them, so
         # that its checkpoint is a whole model)
-        self.model = HCAModel(config, tasks=objective.model_tasks,
-                              bert_path=args.bert_path).to(self.device)
+        # --trunk / --text-encoder; the stored token ids are checked against the encoder's tokenizer
+        self.model = model_from_args(args, config, objective.model_tasks, data).to(self.device)
         if args.init:
             self.init_report = load_init(self.model, args.init)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
@@ -274,6 +348,8 @@ class Run:
         self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(self.optimizer, mode="max", factor=0.5, patience=2)
         self.objective.to(self.device)
         self.add_parameters(self.objective.parameters())  # e.g. the pretraining heads
+        if distributed.is_distributed():  # same initial weights everywhere; each rank its own dropout masks
+            torch.manual_seed(distributed.rank_seed(args.seed))
         self.lengths = self.train_set.text_lengths() if args.bucket else None
         self.steps_per_epoch = math.ceil(len(self.train_set) / args.batch_size)
         self.eval_every = args.eval_every or self.steps_per_epoch
@@ -284,7 +360,11 @@ class Run:
         self.lr_dropped = False
         self.stateful = {}
         self.progress = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_val": -math.inf, "best_step": 0,
-                         "nonfinite_skips": 0, "train_seconds": 0.0, "evals": 0}
+                         "nonfinite_skips": 0, "train_seconds": 0.0, "evals": 0,
+                         "evals_without_best": 0, "stopped_at": 0}  # early stopping (validate)
+        # a strategy sets this while its schedule still brings tasks in (curriculum entries, sequential
+        # phases): early stopping waits, and its count of evaluations without a new best restarts
+        self.hold_early_stop = False
         self._pending = []  # train lines not yet written
         self._stop_requested = False
         self._last_val = None
@@ -305,13 +385,16 @@ class Run:
         metrics_path = self.dir / "metrics.jsonl"
         if self.args.resume and ckpt_path.exists():
             self._load_checkpoint(ckpt_path)
-            self._cut_metrics(metrics_path, self.progress["step"])
+            if distributed.is_main():
+                self._cut_metrics(metrics_path, self.progress["step"])
             print(f"[{self.strategy}] resumed from {ckpt_path} at step {self.progress['step']}", flush=True)
         else:
             if ckpt_path.exists():
                 print(f"[{self.strategy}] starting fresh in {self.dir} (use --resume to continue it)", flush=True)
+            distributed.barrier()  # every rank has seen whether a checkpoint exists before rank 0 removes it
             for f in ("checkpoint.pt", "best.pt", "metrics.jsonl", "summary.json"):
-                (self.dir / f).unlink(missing_ok=True)
+                if distributed.is_main():
+                    (self.dir / f).unlink(missing_ok=True)
             self.log({"event": "start", "strategy": self.strategy, "tasks": self.tasks, "args": vars(self.args),
                       "train_clips": len(self.train_set), "steps_per_epoch": self.steps_per_epoch})
         # a SIGINT/SIGTERM finishes the current step, checkpoints and exits: nothing is lost
@@ -330,7 +413,8 @@ class Run:
         # an own generator: a DataLoader otherwise draws its worker seed from the global RNG, which
         # would shift the dropout masks of a resumed run
         return torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
-                                           num_workers=self.args.num_workers, generator=torch.Generator())
+                                           num_workers=self.args.num_workers, generator=torch.Generator(),
+                                           pin_memory=self.device.type == "cuda")  # for non_blocking copies
 
     def batches(self):
         """Yield training batches on the device until the step budget is spent, resuming mid-epoch."""
@@ -338,15 +422,26 @@ class Run:
         while self.progress["step"] < self.total_steps:
             epoch = self.progress["epoch"]
             plan = epoch_batches(len(self.train_set), self.args.batch_size, self.args.seed, epoch, self.lengths)
-            for batch in self.loader(plan[self.progress["batch_in_epoch"]:], self.train_set):
+            # torchrun: this rank's part of each global batch (same global batches and order as one process)
+            plan = plan[self.progress["batch_in_epoch"]:]
+            shards = [distributed.shard(b) for b in plan]
+            for (indices, ghost), global_batch, batch in zip(shards, plan, self.loader([i for i, _ in shards], self.train_set)):
                 if self.progress["step"] >= self.total_steps:
                     break
                 # counted before the strategy's step, so a checkpoint taken inside it resumes after this batch
                 self.progress["batch_in_epoch"] += 1
-                yield device_batch(batch, self.device)
+                batch = device_batch(batch, self.device)
+                # where this rank's rows sit in the global batch (a rule that draws per clip draws for all of
+                # them and takes its rows); a ghost rank's one borrowed clip is masked in per_item_losses
+                batch.update(global_batch_size=len(global_batch), shard_start=distributed.shard_start(len(global_batch)),
+                             ghost=ghost)
+                yield batch
                 self._show_progress()
-                if self.args.crash_after_step and self.progress["step"] >= self.args.crash_after_step:
+                if self.args.crash_after_step and self.progress["step"] >= self.args.crash_after_step \
+                        and self.args.crash_rank in (-1, distributed.rank()):
                     os._exit(3)
+                if distributed.is_distributed():  # a signal may reach the ranks at different steps: stop together
+                    self._stop_requested = distributed.any_true(self._stop_requested)
                 if self._stop_requested:
                     self.save_checkpoint()
                     print(f"[{self.strategy}] stopped at step {self.progress['step']}; rerun with --resume",
@@ -357,6 +452,8 @@ class Run:
             else:
                 self.progress["epoch"] += 1
                 self.progress["batch_in_epoch"] = 0
+        self.flush_log()
+        distributed.barrier()  # torchrun: metrics.jsonl is complete before any rank reads it back
 
     @property
     def step_count(self):
@@ -373,7 +470,9 @@ class Run:
 
     @property
     def total_steps(self):
-        return self._total_steps
+        """The step budget; after early stopping, the step at which the run stopped (checkpointed)."""
+        stopped = self.progress.get("stopped_at", 0)
+        return min(self._total_steps, stopped) if stopped else self._total_steps
 
     def set_total_steps(self, n):
         """Change the step budget (e.g. a probe or lookahead phase that uses part of it)."""
@@ -399,12 +498,29 @@ class Run:
     def per_item_losses(self, batch, model=None, generator=None):
         """Trunk once -> fused representation z [B, 3H] and per-clip task losses [B, T], with which of
         them are scored (bool [B, T]; all of them when fine-tuning). Cross-entropy on logits, not BCE on
-        softmax: it does not saturate. The objective decides (pretraining corrupts the batch first)."""
-        return self.objective.per_item_losses(model or self.model, batch, self.active_modalities, generator)
+        softmax: it does not saturate. The objective decides (pretraining corrupts the batch first).
+        --precision bf16/fp16: the forward runs under autocast; z and the losses come back in fp32."""
+        with self.autocast():
+            fused, per_item, valid = self.objective.per_item_losses(model or self.model, batch,
+                                                                    self.active_modalities, generator)
+        if self.autocast_dtype is not None:
+            fused = fused.float() if torch.is_tensor(fused) else fused
+            per_item = per_item.float()
+        if batch.get("ghost"):  # torchrun: a rank without clips in this global batch scores none
+            valid = torch.zeros_like(valid)
+        return fused, per_item, valid
+
+    def autocast(self):
+        """The forward's autocast context (--precision; a no-op at fp32)."""
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                              enabled=self.autocast_dtype is not None)
 
     def task_losses(self, batch, model=None, generator=None):
-        """The per-task losses [T] of a batch: the mean over the clips each task scores."""
+        """The per-task losses [T] of a batch: the mean over the clips each task scores (under torchrun
+        over the global batch, identical on every rank: common.distributed.global_task_losses)."""
         _, per_item, valid = self.per_item_losses(batch, model, generator)
+        if distributed.is_distributed():
+            return distributed.global_task_losses(per_item, valid)[0]
         return masked_mean(per_item, valid)
 
     def head_parameters(self, task=None):
@@ -420,7 +536,12 @@ class Run:
         if torch.isfinite(losses).all():
             return True
         bad = [t for t, v in zip(self.tasks, losses.detach().reshape(-1, len(self.tasks)).T) if not torch.isfinite(v).all()]
-        where = first_nonfinite_module(self.model, batch, self.active_modalities) if batch is not None else ""
+        where = ""
+        if batch is not None:
+            with self.autocast():  # the forward that failed ran under autocast
+                where = first_nonfinite_module(self.model, batch, self.active_modalities)
+        if distributed.is_distributed():  # the losses are global; each rank reruns its own clips
+            where = "; ".join(f"rank {r}: {w}" for r, w in enumerate(distributed.gather_objects(where)))
         return self._nonfinite(f"non-finite loss at step {self.progress['step']} for task(s) {bad}; {where}")
 
     def check_finite_grads(self):
@@ -439,27 +560,62 @@ class Run:
         self.optimizer.zero_grad(set_to_none=True)
         return False
 
-    def step(self, loss=None, losses=None, batch=None):
+    def step(self, loss=None, losses=None, batch=None, synced=(), scaled=False):
         """One optimizer step. With loss: zero grads, backward, guard, clip, step. With loss=None the
         strategy has already written the .grad fields (gradient aggregation) and only the guard, clip
-        and step run. The step counter advances even for a skipped batch, so schedules stay aligned."""
+        and step run. The step counter advances even for a skipped batch, so schedules stay aligned.
+        torchrun: every gradient is averaged over the ranks here, except those of `synced` parameters
+        (already global: parameter-space aggregation all-reduced the per-task gradients).
+        fp16: the loss is multiplied by the scaler's scale; with loss=None, scaled=True says the strategy
+        wrote .grad from losses multiplied by run.loss_scale. A step whose scaled gradients overflowed is
+        skipped and the scale lowered (counted as fp16_overflow_skips, not an error)."""
         ok = True
         if losses is not None:
             ok = self.check_finite(losses, batch)
         if ok and loss is not None:
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        if ok:
+            distributed.average_gradients(self._trained_parameters(), synced)
+        if ok and self.scaler is not None and (loss is not None or scaled):
+            self.scaler.unscale_(self.optimizer)
+            if not self._grads_finite():  # overflow of the scaled fp16 gradients: the scaler's business
+                self.scaler.step(self.optimizer)  # skips the update
+                self.scaler.update()
+                self.progress["fp16_overflow_skips"] = self.progress.get("fp16_overflow_skips", 0) + 1
+                self.log({"event": "fp16_overflow", "step": self.progress["step"],
+                          "loss_scale": self.scaler.get_scale()})
+                self.optimizer.zero_grad(set_to_none=True)
+                self.progress["step"] += 1
+                return False
         if ok:
             ok = self.check_finite_grads()
         if ok:
             if self.args.clip_grad > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.clip_grad)
-            self.optimizer.step()
+            if self.scaler is not None and (loss is not None or scaled):
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
         self.progress["step"] += 1
         return ok
 
+    @property
+    def loss_scale(self):
+        """The fp16 scaler's current scale (1.0 without one): multiply losses by it before a backward whose
+        gradients reach run.step(None, scaled=True)."""
+        return self.scaler.get_scale() if self.scaler is not None else 1.0
+
+    def _trained_parameters(self):
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def _grads_finite(self):
+        grads = [p.grad for p in self._trained_parameters() if p.grad is not None]
+        return all(bool(torch.isfinite(g).all()) for g in grads)
+
     # -- evaluation
-    @torch.no_grad()
+    @torch.inference_mode()  # no autograd bookkeeping at all (cheaper than no_grad); issue 17
     def predict(self, dataset, model=None, modalities="current"):
         """Positive-class probabilities [N, T] and labels [N, T] of a dataset, model in eval mode.
         modalities: "current" (the run's active modalities), None (all) or a tuple of modalities."""
@@ -467,7 +623,8 @@ class Run:
         modalities = self.active_modalities if modalities == "current" else modalities
         model.eval()
         scores, labels = [], []
-        plan = [list(range(i, min(i + 64, len(dataset)))) for i in range(0, len(dataset), 64)]
+        size = self.args.eval_batch_size
+        plan = [list(range(i, min(i + size, len(dataset)))) for i in range(0, len(dataset), size)]
         for batch in self.loader(plan, dataset):
             batch = device_batch(batch, self.device)
             logits = model(batch, active_modalities=modalities)
@@ -476,37 +633,56 @@ class Run:
         model.train()
         return torch.cat(scores).numpy(), torch.cat(labels).numpy()
 
-    def evaluate(self, dataset, model=None, modalities="current"):
+    def evaluate(self, dataset, model=None, modalities="current", **options):
         """Per-task and mean metrics of a split, as the objective defines them; each per-task dict and
-        the mean carry a "score" (higher is better) that model selection and the rules read: --metric
-        when fine-tuning, minus the loss when pretraining. modalities: "current", None (all) or a tuple."""
+        the mean carry a "score" (higher is better) that the rules read: --metric when fine-tuning, minus
+        the loss when pretraining; model selection reads the mean's "selection" (--select-metric) where
+        there is one. modalities: "current", None (all) or a tuple. options go to the objective
+        (thresholds= when fine-tuning)."""
         modalities = self.active_modalities if modalities == "current" else modalities
-        return self.objective.evaluate(self, dataset, model or self.model, modalities)
+        return self.objective.evaluate(self, dataset, model or self.model, modalities, **options)
 
     def validate(self, **extra):
-        """Validate, step the LR schedule on the mean score (mean --metric; minus the loss when
-        pretraining), keep the best model, log. Sets run.lr_dropped. Returns the metrics."""
-        metrics = self.evaluate(self.val_set)
-        score = metrics["mean"]["score"]
+        """Validate, step the LR schedule on the selection score (mean --select-metric; minus the loss
+        when pretraining), keep the best model, stop early after --early-stop-patience evaluations
+        without a new best (the budget ends at this step), log. Sets run.lr_dropped. Returns the metrics."""
+        # torchrun: rank 0's metrics on every rank, so that every rank's rule and schedule decide alike
+        metrics = distributed.broadcast_object(self.evaluate(self.val_set))
+        score = metrics["mean"].get("selection", metrics["mean"]["score"])
         lr_before = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step(score)
         self.lr_dropped = self.optimizer.param_groups[0]["lr"] < lr_before
         self.progress["evals"] += 1
-        improved = score > self.progress["best_val"]
+        improved = score > self.progress["best_val"]  # a nan score is never a new best
         if improved:
             self.progress["best_val"] = score
             self.progress["best_step"] = self.progress["step"]
             best = {"model": self.model.state_dict(), "step": self.progress["step"], "stage": self.args.stage}
             best["objective"] = self.objective.state_dict()
             atomic_save(best, self.dir / "best.pt")
+        stopping = self._early_stop(improved)
         self._last_val = score
         self.log({"event": "val", "step": self.progress["step"], "epoch": self.progress["epoch"],
-                  "lr": self.optimizer.param_groups[0]["lr"], "best": improved, **metrics, **extra})
+                  "lr": self.optimizer.param_groups[0]["lr"], "best": improved,
+                  "evals_without_best": self.progress["evals_without_best"], "early_stop": stopping,
+                  **metrics, **extra})
         return metrics
+
+    def _early_stop(self, improved):
+        """Count evaluations without a new best; True (and the budget ends now) when they reach the patience."""
+        patience = getattr(self.args, "early_stop_patience", 0)
+        self.progress["evals_without_best"] = 0 if improved or self.hold_early_stop else (
+            self.progress.get("evals_without_best", 0) + 1)
+        if patience and self.progress["evals_without_best"] >= patience:
+            self.progress["stopped_at"] = self.progress["step"]
+            return True
+        return False
 
     # -- logging
     def log(self, record):
         self.flush_log()
+        if not distributed.is_main():  # torchrun: rank 0 writes
+            return
         with open(self.dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(_jsonable(record)) + "\n")
 
@@ -521,6 +697,8 @@ class Run:
             self._pending.append(rec)
 
     def flush_log(self):
+        if not distributed.is_main():  # torchrun: rank 0 writes
+            self._pending = []
         if self._pending:
             with open(self.dir / "metrics.jsonl", "a") as f:
                 for rec in self._pending:
@@ -543,7 +721,7 @@ class Run:
         print(f"[{self.strategy}] {message}", flush=True)
 
     def _show_progress(self):
-        if self.args.quiet or not sys.stderr.isatty():
+        if self.args.quiet or not sys.stderr.isatty() or not distributed.is_main():
             return
         s, tot = self.progress["step"], self.total_steps
         rate = s / max(time.perf_counter() - self._t_start, 1e-9) if self._t_start else 0
@@ -565,21 +743,35 @@ class Run:
             "strategy": {k: v.state_dict() for k, v in self.stateful.items()},
             "active_modalities": self._active_modalities,
         }
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
         if torch.cuda.is_available():
             state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+        if distributed.is_distributed():  # model and optimizer are rank 0's (identical); RNGs and rule state per rank
+            state["world_size"] = distributed.world_size()
+            state["ranks"] = distributed.gather_objects(_to_cpu({"rng": state["rng"], "strategy": state["strategy"]}))
         atomic_save(state, self.dir / "checkpoint.pt")
 
     def _load_checkpoint(self, path):
         state = torch.load(path, map_location=self.device, weights_only=False)
+        saved_world = state.get("world_size", 1)
+        if saved_world != distributed.world_size():
+            raise SystemExit(f"{path}: written by a run of {saved_world} process(es), resumed with "
+                             f"{distributed.world_size()}; resume with the same torchrun --nproc_per_node "
+                             f"(each rank's shard and random state depend on it)")
+        if "ranks" in state:  # this rank's own RNGs and rule state
+            state["rng"], state["strategy"] = state["ranks"][distributed.rank()]["rng"], state["ranks"][distributed.rank()]["strategy"]
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.progress.update(state["progress"])
-        torch.set_rng_state(state["rng"]["torch"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"]["torch"].cpu())  # map_location may have moved it to the GPU
         np.random.set_state(state["rng"]["numpy"])
         random.setstate(state["rng"]["python"])
         if "cuda" in state["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
         self._active_modalities = state.get("active_modalities")
         missing = set(self.stateful) - set(state["strategy"])
         if missing:
@@ -601,6 +793,7 @@ class Run:
             pass
         else:
             print(file=sys.stderr)
+        distributed.barrier()  # torchrun: rank 0 has written best.pt
         best = self.dir / "best.pt"
         if best.exists():
             state = torch.load(best, map_location=self.device, weights_only=False)
@@ -608,23 +801,37 @@ class Run:
             if "objective" in state:
                 self.objective.load_state_dict(state["objective"])
         val = self.evaluate(self.val_set)
-        test = self.evaluate(self.test_set)
+        # F1 at a tuned threshold: each task's threshold is chosen on validation, then applied to test
+        thresholds = ({t: m["threshold"] for t, m in val["per_task"].items()}
+                      if all("threshold" in m for m in val["per_task"].values()) else None)  # none when pretraining
+        test = self.evaluate(self.test_set, thresholds=thresholds) if thresholds else self.evaluate(self.test_set)
         steps = max(self.progress["step"], 1)
         summary = {
             "strategy": self.strategy, "run": self.dir.name, "tasks": self.tasks, "seed": self.args.seed,
-            "model_size": self.args.model_size, "data": str(self.args.data),
+            "model_size": self.args.model_size, "data": str(self.args.data), "lr": self.args.lr,
             "steps": self.progress["step"], "epochs": self.progress["step"] / self.steps_per_epoch,
             "best_step": self.progress["best_step"], "train_seconds": self.progress["train_seconds"],
+            # budget and model selection (issue 14): the same budget for every strategy; steps_to_best is
+            # the step of the selected model, stopped_early says whether patience or the budget ended it
+            "budget_steps": self._total_steps, "stopped_early": bool(self.progress.get("stopped_at", 0)),
+            "steps_to_best": self.progress["best_step"], "evals": self.progress["evals"],
+            "metric": getattr(self.args, "metric", None),
+            "select_metric": getattr(self.args, "select_metric", None) or getattr(self.args, "metric", None),
+            "best_val_selection": self.progress["best_val"], "thresholds": thresholds,
             "seconds_per_step": self.progress["train_seconds"] / steps,
             "seconds_per_epoch": self.progress["train_seconds"] / steps * self.steps_per_epoch,
             "nonfinite_skips": self.progress["nonfinite_skips"],
             "val": val, "test": test, "decisions": decisions or {},
         }
+        # how it ran (issue 16): processes, precision, fp16 steps the scaler skipped
+        summary.update(world_size=distributed.world_size(), precision=self.args.precision,
+                       fp16_overflow_skips=self.progress.get("fp16_overflow_skips", 0))
         summary = _jsonable(summary)
         self.write_summary(summary)
         self.log({"event": "end", "step": self.progress["step"], "test_mean": test["mean"]})
         print(format_metrics(test, self.tasks, title=f"{self.strategy} {self.dir.name}: test metrics (best val model)"))
         print(f"summary: {self.dir / 'summary.json'}")
+        distributed.barrier()  # torchrun: no rank reads the summary before rank 0 has written it
         return summary
 
 
@@ -723,6 +930,8 @@ def atomic_save(obj, path):
 
 
 def atomic_write_bytes(path, data):
+    if not distributed.is_main():  # torchrun: rank 0 alone writes files (checkpoints, best.pt, summaries)
+        return
     tmp = Path(str(path) + ".tmp")
     with open(tmp, "wb") as f:
         f.write(data)
@@ -738,6 +947,15 @@ def atomic_write_text(path, text):
 def write_json(path, obj):
     """Atomically write JSON; NaN becomes null so that the file stays valid JSON."""
     atomic_write_text(path, json.dumps(_jsonable(obj), indent=2))
+
+
+def _to_cpu(x):
+    """A copy of nested dicts/lists with every tensor on the CPU (to gather state from other ranks)."""
+    if isinstance(x, dict):
+        return {k: _to_cpu(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to_cpu(v) for v in x)
+    return x.detach().cpu() if torch.is_tensor(x) else x
 
 
 def _jsonable(x):

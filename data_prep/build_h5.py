@@ -3,6 +3,7 @@ HDF5 file per split, the format common/data.py reads.
 
     python data_prep/build_h5.py --json-dir RAW --features RAW/features --out OUT [--missing mask]
     python data_prep/build_h5.py --json val_features.json --features FEATS --out val.h5 --missing mask
+    python data_prep/build_h5.py --json-dir RAW --features FEATS --out OUT --tokenizer path/to/encoder
 
 Input, per split: `<split>_features.json`, a dict keyed by clip id with fields `indexes` (token ids),
 `label` and/or `y` (0/1 and one-hot [no, yes]), `mature`, `gory`, `slapstick`, `sarcasm` (one-hot);
@@ -23,6 +24,13 @@ clips is printed. The original code silently fed zeros instead.
 Token ids at or above the vocabulary size (28996 for bert-base-cased) would crash the embedding; the
 public val split holds a few (part of it seems tokenised with the uncased vocabulary). --oov unk
 (default) replaces them by [UNK] = 100 and prints how many; --oov error stops; --oov keep stores them.
+
+Tokenizer. By default the stored ids are the JSON's `indexes` (bert-base-cased ids). An encoder with another
+vocabulary needs its own: --tokenizer FOLDER (a local Hugging Face folder with tokenizer files, e.g. the
+text encoder's) re-tokenises each clip's `words` (the word pieces, "##" joined back, [CLS]/[SEP] dropped;
+the tokenizer adds its own special tokens, at most 512 ids). The file's attributes record which tokenizer
+made the ids (tokenizer, tokenizer_fingerprint, tokenizer_vocab_size, max_token_id); a run whose text
+encoder has another tokenizer stops (common/text_encoder.py: check_token_ids).
 """
 import argparse
 import json
@@ -34,7 +42,8 @@ import h5py
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common.data import AUDIO_DIM, MODALITIES, TASKS, VIDEO_DIM  # noqa: E402
+from common.data import AUDIO_DIM, MAX_TEXT_LEN, MODALITIES, TASKS, VIDEO_DIM  # noqa: E402
+from common.text_encoder import STORED_INDEXES, load_tokenizer, token_info  # noqa: E402
 
 VOCAB_SIZE = 28996   # bert-base-cased
 UNK_ID = 100
@@ -86,17 +95,22 @@ def _one_hot(path, clip, rec, field):
     return int(v[1])
 
 
-def parse_clip(path, clip, rec, vocab_size=VOCAB_SIZE):
-    """Validate one clip's JSON record -> (token ids int64 array, labels int8[5] in TASKS order)."""
+def parse_clip(path, clip, rec, vocab_size=VOCAB_SIZE, tokenizer=None):
+    """Validate one clip's JSON record -> (token ids int64 array, labels int8[5] in TASKS order).
+    With a tokenizer the ids are made from the clip's `words` (see words_to_text), else read from `indexes`."""
     if not isinstance(rec, dict):
         raise DataError(f"{_where(path, clip)}: expected an object, got {type(rec).__name__}")
-    for field in ("indexes",) + LABEL_FIELDS:
+    for field in ("indexes" if tokenizer is None else "words",) + LABEL_FIELDS:
         if field not in rec:
             raise DataError(f"{_where(path, clip, field)}: missing field")
     if "label" not in rec and "y" not in rec:
         raise DataError(f"{_where(path, clip, 'label')}: missing field (neither 'label' nor 'y' present)")
 
-    ids = rec["indexes"]
+    if tokenizer is not None:
+        ids = tokenizer(words_to_text(path, clip, rec["words"]), truncation=True,
+                        max_length=min(MAX_TEXT_LEN, tokenizer.model_max_length))["input_ids"]
+    else:
+        ids = rec["indexes"]
     if not isinstance(ids, list) or not ids:
         raise DataError(f"{_where(path, clip, 'indexes')}: expected a non-empty list of token ids, got {str(ids)[:60]}")
     bad = next((k for k, v in enumerate(ids) if not _is_int(v) or v < 0 or v >= 2**31), None)
@@ -116,6 +130,22 @@ def parse_clip(path, clip, rec, vocab_size=VOCAB_SIZE):
     labels = {"binary": binary}
     labels.update({t: _one_hot(path, clip, rec, t) for t in LABEL_FIELDS})
     return np.asarray(ids, dtype=np.int64), np.array([labels[t] for t in TASKS], dtype=np.int8)
+
+
+SPECIAL_PIECES = ("[CLS]", "[SEP]", "[PAD]")
+
+
+def words_to_text(path, clip, words):
+    """The clip's text from its word pieces: "##" continuations joined to the previous piece, BERT's
+    [CLS]/[SEP]/[PAD] dropped (the new tokenizer adds its own special tokens)."""
+    if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
+        raise DataError(f"{_where(path, clip, 'words')}: expected a list of word pieces (strings), got {str(words)[:60]}")
+    text = ""
+    for w in words:
+        if w in SPECIAL_PIECES:
+            continue
+        text += w[2:] if w.startswith("##") and text else (" " + w if text else w)
+    return text
 
 
 def _load_npy(path, clip, field, width):
@@ -193,11 +223,15 @@ class _Appender:
                 parts.clear()
 
 
-def build_split(json_path, features_dir, out_path, missing="error", oov="unk", vocab_size=VOCAB_SIZE, verbose=True):
+def build_split(json_path, features_dir, out_path, missing="error", oov="unk", vocab_size=VOCAB_SIZE, verbose=True,
+                tokenizer=None, clip_ids=None):
     """Validate and convert one split. Returns a summary dict (n, missing counts per modality, oov count).
 
     missing: "error" (a missing feature file stops) or "mask" (the modality is marked absent).
     oov: what to do with token ids >= vocab_size: "unk" (replace by [UNK]), "error", "keep".
+    tokenizer: None (the JSON's bert-base-cased `indexes`), a tokenizer folder, or a loaded transformers
+    tokenizer: the ids are then made from each clip's `words` (vocab_size becomes the tokenizer's).
+    clip_ids: only these clips, in this order (data_prep/real_text_folds.py); default all of the JSON.
     Written atomically: to out_path + ".tmp", then renamed, so a failed run leaves no half file.
     """
     if missing not in ("error", "mask"):
@@ -206,6 +240,20 @@ def build_split(json_path, features_dir, out_path, missing="error", oov="unk", v
         raise ValueError(f"oov must be 'unk', 'error' or 'keep', got {oov!r}")
     json_path, out_path = Path(json_path), Path(out_path)
     clips = load_split_json(json_path)
+    if clip_ids is not None:
+        unknown = [c for c in clip_ids if c not in clips]
+        if unknown:
+            raise DataError(f"{json_path}: no clip(s) {unknown[:5]}")
+        clips = {c: clips[c] for c in clip_ids}
+    made_by = STORED_INDEXES
+    if tokenizer is not None:
+        name = tokenizer
+        if isinstance(tokenizer, (str, Path)):
+            name, tokenizer = Path(tokenizer).resolve(), load_tokenizer(tokenizer)
+        else:
+            name = getattr(tokenizer, "name_or_path", type(tokenizer).__name__)
+        made_by = token_info(tokenizer, name)
+        vocab_size = len(tokenizer)
     n = len(clips)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(str(out_path) + ".tmp")
@@ -213,12 +261,13 @@ def build_split(json_path, features_dir, out_path, missing="error", oov="unk", v
     labels = np.zeros((n, len(TASKS)), np.int8)
     present = np.zeros((n, len(MODALITIES)), bool)
     lengths = np.zeros((n, len(MODALITIES)), np.int64)
-    n_oov, oov_clips = 0, []
+    n_oov, oov_clips, max_id = 0, [], -1
+    unk_id = UNK_ID if tokenizer is None else tokenizer.unk_token_id
     try:
         with h5py.File(tmp, "w") as f:
             app = _Appender(f)
             for i, (clip, rec) in enumerate(clips.items()):
-                ids, labels[i] = parse_clip(json_path, clip, rec)
+                ids, labels[i] = parse_clip(json_path, clip, rec, tokenizer=tokenizer)
                 over = ids >= vocab_size
                 if over.any():
                     if oov == "error":
@@ -228,11 +277,12 @@ def build_split(json_path, features_dir, out_path, missing="error", oov="unk", v
                     n_oov += int(over.sum())
                     oov_clips.append(clip)
                     if oov == "unk":
-                        ids[over] = UNK_ID
+                        ids[over] = unk_id
                 video, audio = load_features(features_dir, clip, missing)
                 for m, arr in enumerate((ids.astype(np.int32), video, audio)):
                     present[i, m] = arr is not None
                     lengths[i, m] = 0 if arr is None else len(arr)
+                max_id = max(max_id, int(ids.max()))
                 app.add("text_ids", ids.astype(np.int32))
                 app.add("video", video)
                 app.add("audio", audio)
@@ -253,6 +303,9 @@ def build_split(json_path, features_dir, out_path, missing="error", oov="unk", v
             f.attrs["video"] = "I3D rgb + flow, summed in float32"
             f.attrs["oov_policy"] = oov
             f.attrs["oov_tokens"] = n_oov
+            for key, value in made_by.as_attrs().items():  # which tokenizer made the ids (check_token_ids)
+                f.attrs[key] = value
+            f.attrs["max_token_id"] = max_id
         os.replace(tmp, out_path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -264,9 +317,9 @@ def build_split(json_path, features_dir, out_path, missing="error", oov="unk", v
             if absent[m]:
                 print(f"{json_path.name}: {m} missing for {absent[m]}/{n} clips, marked absent (masked)")
         if n_oov:
-            what = {"unk": f"replaced by [UNK]={UNK_ID}", "keep": "kept"}[oov]
+            what = {"unk": f"replaced by [UNK]={unk_id}", "keep": "kept"}[oov]
             print(f"{json_path.name}: {n_oov} token ids >= {vocab_size} in {len(oov_clips)} clips, {what}")
-        print(f"{json_path.name} -> {out_path} ({n} clips)")
+        print(f"{json_path.name} -> {out_path} ({n} clips, token ids of {made_by.name})")
     return {"n": n, "missing": absent, "oov_tokens": n_oov, "out": str(out_path)}
 
 
@@ -285,9 +338,12 @@ def find_split_files(json_dir):
     return found
 
 
-def build_all(json_dir, features_dir, out_dir, missing="error", oov="unk", verbose=True):
+def build_all(json_dir, features_dir, out_dir, missing="error", oov="unk", verbose=True, tokenizer=None):
     """Convert every split found in json_dir to out_dir/<split>.h5. Returns {split: summary}."""
-    return {split: build_split(path, features_dir, Path(out_dir) / f"{split}.h5", missing, oov, verbose=verbose)
+    if isinstance(tokenizer, (str, Path)):  # loaded once for all splits
+        tokenizer = load_tokenizer(tokenizer)
+    return {split: build_split(path, features_dir, Path(out_dir) / f"{split}.h5", missing, oov, verbose=verbose,
+                               tokenizer=tokenizer)
             for split, path in find_split_files(json_dir).items()}
 
 
@@ -301,13 +357,17 @@ def main(argv=None):
     p.add_argument("--missing", choices=("error", "mask"), default="error",
                    help="a missing feature file: stop (default) or mark the modality absent for that clip")
     p.add_argument("--oov", choices=("unk", "error", "keep"), default="unk",
-                   help=f"token ids >= {VOCAB_SIZE}: replace by [UNK] (default), stop, or keep")
+                   help=f"token ids >= the vocabulary size ({VOCAB_SIZE} for the stored ids): replace by [UNK] "
+                        f"(default), stop, or keep")
+    p.add_argument("--tokenizer", default=None, metavar="FOLDER",
+                   help="re-tokenise each clip's `words` with this local tokenizer (e.g. the --text-encoder folder) "
+                        "instead of storing the JSON's bert-base-cased `indexes`")
     a = p.parse_args(argv)
     try:
         if a.json:
-            build_split(a.json, a.features, a.out, a.missing, a.oov)
+            build_split(a.json, a.features, a.out, a.missing, a.oov, tokenizer=a.tokenizer)
         else:
-            build_all(a.json_dir, a.features, a.out, a.missing, a.oov)
+            build_all(a.json_dir, a.features, a.out, a.missing, a.oov, tokenizer=a.tokenizer)
     except DataError as e:
         raise SystemExit(f"error: {e}")
 

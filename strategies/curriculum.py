@@ -6,8 +6,10 @@ with Dynamic Stop-and-Go, as in 12-in-1 (Lu et al., CVPR 2020).
    --difficulty single_task: 1 - the single-task model's validation score (results/single_task/seed<seed>).
 2. Order. --order easy: easiest first (curriculum); --order hard: hardest first (anti-curriculum).
 3. Schedule. The k-th task of the order enters at step k * --entry-every (default: all tasks are in by
-   half of the budget). Entered tasks train under stop-and-go (common/schedulers.py), which judges a task
-   only once it has entered.
+   half of the budget). Entered tasks train under stop-and-go (common/schedulers.py, the 12-in-1 rule),
+   which judges a task only once it has entered: every --eval-every steps (40 here, finer than
+   stop_and_go.py's once per epoch, so that it acts within a short budget); all tasks back to go at every
+   learning-rate drop.
 
 12-in-1 reports that no curriculum did as well or better; this script is the experiment, not a claim.
 
@@ -23,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from common.multitask import MultiTaskUpdate, add_update_args  # noqa: E402
+from common.multitask import add_update_args, make_update  # noqa: E402
 from common.schedulers import StopAndGo  # noqa: E402
 from common.train import Run, build_parser, epoch_batches  # noqa: E402
 
@@ -38,7 +40,7 @@ def entered(step, tasks, planned_order, entry_every):
     return torch.tensor([step >= planned_order.index(t) * entry_every for t in tasks])
 
 
-def probe_difficulty(run, steps, lr, metric):
+def probe_difficulty(run, steps, lr):
     """Train a copy of the model on all tasks for a few steps; difficulty = 1 - its validation score."""
     model = copy.deepcopy(run.model)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
@@ -50,7 +52,7 @@ def probe_difficulty(run, steps, lr, metric):
         losses.sum().backward()
         optimizer.step()
     scores = run.evaluate(run.val_set, model=model)["per_task"]
-    return {t: 1.0 - scores[t][metric] for t in run.tasks}
+    return {t: 1.0 - scores[t]["score"] for t in run.tasks}
 
 
 class Plan:
@@ -72,7 +74,6 @@ def main(argv=None):
     parser.add_argument("--difficulty", choices=("probe", "single_task"), default="probe")
     parser.add_argument("--probe-steps", type=int, default=60)
     parser.add_argument("--entry-every", type=int, default=0, help="steps between task entries (0 = auto)")
-    parser.add_argument("--metric", default="score", help="per-task validation metric (score = macro F1, or -loss when pretraining)")
     parser.add_argument("--stop-gap", type=int, default=4)
     parser.set_defaults(eval_every=40)
     args = parser.parse_args(argv)
@@ -80,7 +81,7 @@ def main(argv=None):
     run = Run(args, strategy=f"curriculum_{args.order}")
     entry_every = args.entry_every or max(run.total_steps // (2 * len(run.tasks)), 1)
     plan, rule = Plan(), StopAndGo(run.tasks, stop_gap=args.stop_gap)
-    update = MultiTaskUpdate(run, args.weighting, args.aggregator, args.grad_space, args)
+    update = make_update(run, args)
     run.start(plan=plan, rule=rule, update=update)
 
     if plan.order is None:  # not resumed: measure, then fix the order for the whole run
@@ -89,7 +90,7 @@ def main(argv=None):
             per_task = json.loads(path.read_text())["val"]["per_task"]
             plan.difficulty = {t: 1.0 - per_task[t][args.metric] for t in run.tasks}
         else:
-            plan.difficulty = probe_difficulty(run, args.probe_steps, args.lr, args.metric)
+            plan.difficulty = probe_difficulty(run, args.probe_steps, args.lr)
         plan.order = curriculum_order(plan.difficulty, args.order)
         run.log({"event": "curriculum", "difficulty": plan.difficulty, "order": plan.order,
                  "entry_steps": {t: plan.order.index(t) * entry_every for t in run.tasks}})
@@ -103,9 +104,12 @@ def main(argv=None):
         run.log_step(losses, entered=is_in, states=rule.states(), **update.decisions())
         if run.at_eval():
             metrics = run.validate(entered=is_in, states=rule.states())
-            scores = {t: metrics["per_task"][t][args.metric] for t, on in zip(run.tasks, is_in) if on}
+            scores = {t: metrics["per_task"][t]["score"] for t, on in zip(run.tasks, is_in) if on}
             for task, state in rule.observe(scores):
                 run.log({"event": "transition", "step": run.step_count, "task": task, "state": state})
+            if run.lr_dropped:  # as in 12-in-1 (strategies/stop_and_go.py): every task back to go
+                rule.reset()
+                run.log({"event": "reset", "step": run.step_count, "why": "learning-rate drop"})
             run.save_checkpoint()
 
     return run.finish(decisions={"order": plan.order, "difficulty": plan.difficulty, "entry_every": entry_every,

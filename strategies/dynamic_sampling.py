@@ -1,22 +1,34 @@
 """dynamic_sampling: dynamic difficulty sampling (Gottumukkala, Dua, Singh, Gardner, ACL 2020, "Dynamic
 Sampling Strategies for Multi-Task Reading Comprehension").
 
-Every --interval steps (default: once per epoch) the task sampling probabilities become
+Once per epoch (or every --interval steps) each task gets a sampling probability proportional to how far
+it is behind:
 
-    p_t  proportional to  exp(d_t / tau)
+    p_t = d_t / sum_s d_s          (all d_t = 0: uniform; the first epoch is uniform)
 
-with d_t the task's current difficulty:
-  --difficulty gap   the relative gap between its single-task validation score and its current
-                     multi-task validation score, (S_t - M_t) / S_t  (needs results/single_task/seed<seed>)
-  --difficulty loss  its training loss relative to its initial loss, L_t / L_t(0)
-  --difficulty auto  gap where the single-task references exist, loss otherwise (the log says which)
-Batches are composed per these ratios: every clip of a batch is assigned one task drawn from p, and each
-task's loss is taken over its own clips (--compose batch); or one task is drawn per step (--compose task).
+with d_t its difficulty:
+  --difficulty gap         max(S_t - M_t, 0): its single-task validation score minus the multi-task model's
+                           current one (Gottumukkala et al.; needs results/single_task/seed<seed>, same --metric)
+  --difficulty loss        L_t / L_t(0): its mean training loss over the last interval relative to the first
+                           interval's (the fallback where no single-task reference exists)
+  --difficulty loss_share  L_t: the mean training loss itself, so p_t = L_t / sum_s L_s (the rule of the student
+                           code the research plan refers to, cullena20/IRESComicMischief train.py)
+  --difficulty auto        gap where every single-task reference exists, loss otherwise; the log says which.
+
+How p acts on training (--apply). In the paper every dataset has its own instances and p decides how many of
+each an epoch draws; here every clip carries all five labels, so drawing "instances of task t" would throw
+labels away. The default keeps every label:
+  weights (default)  every clip trains every task; task t's loss is weighted T * p_t (sum T): the share of
+                     task t's instances a batch sampled by p would hold, without discarding any label
+  task               one task drawn from p per step trains on the whole batch (homogeneous batches)
+  clips              each clip of a batch is handed to one task drawn from p (the paper's heterogeneous
+                     batches, and the student code's batches): a task sees about p_t of its labels
 
     python strategies/dynamic_sampling.py
-    python strategies/dynamic_sampling.py --difficulty loss --tau 0.1 --weighting uncertainty
+    python strategies/dynamic_sampling.py --difficulty loss --apply task --weighting uncertainty
 """
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -24,26 +36,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from common.multitask import MultiTaskUpdate, add_update_args  # noqa: E402
+from common.multitask import add_update_args, make_update  # noqa: E402
 from common.train import Run, build_parser  # noqa: E402
 
 
-def sampling_probabilities(difficulty, tau):
-    """p_t = softmax(d_t / tau): harder tasks are drawn more often."""
-    return torch.softmax(torch.as_tensor(difficulty, dtype=torch.float64) / tau, dim=0)
+def sampling_probabilities(difficulty):
+    """p_t proportional to max(d_t, 0); uniform when no task has a positive difficulty."""
+    d = torch.as_tensor(difficulty, dtype=torch.float64).clamp(min=0)
+    if d.sum() <= 0:
+        return torch.full_like(d, 1.0 / len(d))
+    return d / d.sum()
+
+
+def gap_difficulty(references, scores):
+    """Gottumukkala et al.: single-task score minus current multi-task score, per task."""
+    return [references[t] - scores[t] for t in references]
 
 
 def compose_batch(probs, batch_size, generator):
-    """Assign each clip of the batch one task drawn from probs: a bool mask [B, T]."""
+    """--apply clips: hand each clip of the batch to one task drawn from probs; a bool mask [B, T]."""
     tasks = torch.multinomial(probs.float(), batch_size, replacement=True, generator=generator)
     return torch.nn.functional.one_hot(tasks, len(probs)).bool()
 
 
 class DifficultySampler:
-    """Keeps the probabilities and what they are computed from; checkpointed with the run."""
+    """The probabilities and the training losses they are computed from; checkpointed with the run."""
 
-    def __init__(self, num_tasks, tau, seed):
-        self.T, self.tau = num_tasks, tau
+    def __init__(self, num_tasks, seed):
+        self.T = num_tasks
         self.probs = torch.full((num_tasks,), 1.0 / num_tasks, dtype=torch.float64)
         self.initial_loss = torch.full((num_tasks,), float("nan"), dtype=torch.float64)
         self.loss_sum = torch.zeros(num_tasks, dtype=torch.float64)
@@ -51,25 +71,34 @@ class DifficultySampler:
         self.generator = torch.Generator().manual_seed(seed + 104729)
 
     def record(self, losses, active):
-        """Accumulate the training losses of the tasks that were trained on this step."""
+        """Accumulate the training losses of the tasks trained on this step."""
         active = active.cpu()
         self.loss_sum[active] += losses.detach().double().cpu()[active]
         self.loss_count[active] += 1
 
-    def loss_difficulty(self):
-        """L_t / L_t(0) over the last interval; the first interval's mean defines L_t(0)."""
-        mean = self.loss_sum / self.loss_count.clamp(min=1)
-        seen = self.loss_count > 0
-        first = seen & torch.isnan(self.initial_loss)
-        self.initial_loss[first] = mean[first]
-        ratio = torch.where(seen, mean / self.initial_loss, torch.ones_like(mean))  # unseen: neutral
+    def interval_losses(self):
+        """Mean training loss per task since the last call (NaN for a task not trained), then start anew."""
+        mean = torch.where(self.loss_count > 0, self.loss_sum / self.loss_count.clamp(min=1),
+                           torch.full_like(self.loss_sum, float("nan")))
         self.loss_sum.zero_()
         self.loss_count.zero_()
-        return torch.nan_to_num(ratio, nan=1.0)
+        return mean
 
-    def update(self, difficulty):
-        self.probs = sampling_probabilities(difficulty, self.tau)
-        return self.probs
+    def loss_difficulty(self):
+        """L_t / L_t(0); L_t(0) is the task's first interval mean. A task not trained in the interval: 1."""
+        mean = self.interval_losses()
+        first = ~torch.isnan(mean) & torch.isnan(self.initial_loss)
+        self.initial_loss[first] = mean[first]
+        return torch.nan_to_num(mean / self.initial_loss, nan=1.0)
+
+    def draw(self, apply, batch_size):
+        """What the probabilities decide on one step: (bool mask [T] or [B, T], loss scale [T] or None)."""
+        if apply == "weights":
+            return torch.ones(self.T, dtype=torch.bool), (self.T * self.probs).float()
+        if apply == "task":
+            task = torch.multinomial(self.probs.float(), 1, generator=self.generator)[0]
+            return torch.nn.functional.one_hot(task, self.T).bool(), None
+        return compose_batch(self.probs, batch_size, self.generator), None
 
     def state_dict(self):
         return {k: getattr(self, k) for k in ("probs", "initial_loss", "loss_sum", "loss_count")} | {
@@ -81,60 +110,84 @@ class DifficultySampler:
         self.generator.set_state(state["generator"])
 
 
+class ScaledTerms:
+    """The update's weighting with each task's term multiplied by the sampler's scale (--apply weights)."""
+
+    def __init__(self, weighting):
+        self.inner, self.scale = weighting, None
+
+    def terms(self, losses, active):
+        terms = self.inner.terms(losses, active)
+        return terms if self.scale is None else terms * self.scale.to(terms.device)
+
+    def __getattr__(self, name):  # everything else (observe, update, weights, state_dict, ...) is the inner one's
+        return getattr(self.inner, name)
+
+
 def single_task_references(out, seed, tasks, metric):
-    """{task: single-task val score} from results/single_task/seed<seed>/summary.json, or None."""
+    """({task: single-task val score}, None) from results/single_task/seed<seed>/summary.json, or (None, why)."""
     path = Path(out) / "single_task" / f"seed{seed}" / "summary.json"
     if not path.exists():
-        return None
+        return None, f"no {path}"
     per_task = json.loads(path.read_text())["val"]["per_task"]
-    return {t: per_task[t][metric] for t in tasks} if all(t in per_task for t in tasks) else None
+    refs = {t: per_task.get(t, {}).get(metric) for t in tasks}
+    missing = [t for t, v in refs.items() if v is None or not math.isfinite(v)]
+    return (None, f"{path} has no finite val {metric} for {missing}") if missing else (refs, f"references from {path}")
 
 
 def main(argv=None):
     parser = add_update_args(build_parser(__doc__))
-    parser.add_argument("--difficulty", choices=("auto", "gap", "loss"), default="auto")
-    parser.add_argument("--tau", type=float, default=0.2, help="temperature of p = softmax(d / tau)")
+    parser.add_argument("--difficulty", choices=("auto", "gap", "loss", "loss_share"), default="auto")
+    parser.add_argument("--apply", choices=("weights", "task", "clips"), default="weights",
+                        help="how the probabilities act: loss weights T*p (every label kept), one task per step, "
+                             "or one task per clip")
     parser.add_argument("--interval", type=int, default=0, help="steps between updates (0 = once per epoch)")
-    parser.add_argument("--compose", choices=("batch", "task"), default="batch")
-    parser.add_argument("--metric", default="f1_macro", help="validation metric of the gap difficulty")
     args = parser.parse_args(argv)
 
     run = Run(args, strategy="dynamic_sampling")
     interval = args.interval or run.steps_per_epoch
-    refs = single_task_references(args.out, args.seed, run.tasks, args.metric)
-    if args.difficulty == "gap" and refs is None:
-        raise SystemExit("--difficulty gap needs results/single_task/seed<seed>/summary.json: "
-                         "run strategies/single_task.py first, or use --difficulty loss")
-    mode = "gap" if args.difficulty == "gap" or (args.difficulty == "auto" and refs) else "loss"
-    sampler = DifficultySampler(len(run.tasks), args.tau, args.seed)
-    update = MultiTaskUpdate(run, args.weighting, args.aggregator, args.grad_space, args)
+    refs, mode, why = None, args.difficulty, "chosen with --difficulty"
+    if args.difficulty in ("auto", "gap"):
+        refs, why = (None, "pretraining has no single-task references") if args.stage == "pretrain" else \
+            single_task_references(args.out, args.seed, run.tasks, args.metric)
+        if args.difficulty == "gap" and refs is None:
+            raise SystemExit(f"--difficulty gap: {why}; run strategies/single_task.py first (same --metric "
+                             f"{args.metric}), or use --difficulty loss")
+        mode, why = ("gap", why) if refs is not None else ("loss", f"fallback: {why}")
+    sampler = DifficultySampler(len(run.tasks), args.seed)
+    update = make_update(run, args)
+    scaled = update.weighting = ScaledTerms(update.weighting)
     run.start(sampler=sampler, update=update)
-    run.log({"event": "difficulty", "mode": mode, "references": refs})
+    run.say(f"difficulty: {mode} ({why}); probabilities applied as {args.apply}, updated every {interval} steps")
+    run.log({"event": "difficulty", "mode": mode, "why": why, "references": refs, "apply": args.apply})
 
     for batch in run.batches():
-        if args.compose == "batch":
-            mask = compose_batch(sampler.probs, len(batch["clip_ids"]), sampler.generator)
-        else:
-            task = torch.multinomial(sampler.probs.float(), 1, generator=sampler.generator)
-            mask = torch.nn.functional.one_hot(task[0], len(run.tasks)).bool()
+        mask, scaled.scale = sampler.draw(args.apply, len(batch["clip_ids"]))
         losses = update.step(batch, mask)
-        active = mask.any(0) if mask.dim() == 2 else mask
-        sampler.record(losses, active)
+        sampler.record(losses, mask.any(0) if mask.dim() == 2 else mask)
+        run.log_step(losses, probs=sampler.probs, **update.decisions())
+        validated = run.at_eval()
+        metrics = run.validate(probs=sampler.probs) if validated else None
         if run.step_count % interval == 0:
             if mode == "gap":
-                scores = run.evaluate(run.val_set)["per_task"]
-                d = [(refs[t] - scores[t][args.metric]) / max(refs[t], 1e-8) for t in run.tasks]
-            else:
+                metrics = metrics or run.evaluate(run.val_set)
+                d = gap_difficulty(refs, {t: metrics["per_task"][t]["score"] for t in run.tasks})
+            elif mode == "loss":
                 d = sampler.loss_difficulty().tolist()
-            sampler.update(d)
-            run.log({"event": "sampling", "step": run.step_count, "mode": mode,
+            else:
+                d = torch.nan_to_num(sampler.interval_losses(), nan=0.0).tolist()
+            bad = [t for t, v in zip(run.tasks, d) if v is None or not math.isfinite(v)]
+            if bad:  # an undefined score (e.g. AP without positives): keep the last probabilities, say so
+                run.say(f"step {run.step_count}: difficulty not finite for {bad}; probabilities unchanged")
+            else:
+                sampler.probs = sampling_probabilities(d)
+            run.log({"event": "sampling", "step": run.step_count, "mode": mode, "skipped": bad,
                      "difficulty": dict(zip(run.tasks, d)), "probs": dict(zip(run.tasks, sampler.probs.tolist()))})
-        run.log_step(losses, probs=sampler.probs, **update.decisions())
-        if run.at_eval():
-            run.validate(probs=sampler.probs)
+        if validated:
             run.save_checkpoint()
 
-    return run.finish(decisions={"difficulty": mode, "final_probs": dict(zip(run.tasks, sampler.probs.tolist()))})
+    return run.finish(decisions={"difficulty": mode, "difficulty_source": why, "apply": args.apply,
+                                 "final_probs": dict(zip(run.tasks, sampler.probs.tolist()))})
 
 
 if __name__ == "__main__":

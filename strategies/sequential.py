@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
-from common.multitask import MultiTaskUpdate, add_update_args  # noqa: E402
+from common.multitask import add_update_args, make_update  # noqa: E402
 from common.train import Run, build_parser, parse_tasks  # noqa: E402
 
 
@@ -68,7 +68,6 @@ def main(argv=None):
     parser.add_argument("--order", default=None, help="task order (default: --tasks order)")
     parser.add_argument("--patience", type=int, default=2, help="evaluations without improvement that end a phase")
     parser.add_argument("--max-task-epochs", type=float, default=0, help="cap per phase (default: epochs / T)")
-    parser.add_argument("--metric", default="score", help="per-task validation metric (score = macro F1, or -loss when pretraining)")
     parser.set_defaults(eval_every=40)
     args = parser.parse_args(argv)
 
@@ -78,7 +77,7 @@ def main(argv=None):
         raise SystemExit(f"--order {order} must list the tasks {run.tasks}")
     cap = int((args.max_task_epochs or args.epochs / len(order)) * run.steps_per_epoch)
     phases = Phases(order, args.patience, cap)
-    update = MultiTaskUpdate(run, args.weighting, args.aggregator, args.grad_space, args)
+    update = make_update(run, args)
     run.start(phases=phases, update=update)
 
     for batch in run.batches():
@@ -89,19 +88,19 @@ def main(argv=None):
         run.log_step(losses, task=phases.task)
         if run.at_eval():
             metrics = run.validate(task=phases.task)
-            scores = {t: metrics["per_task"][t][args.metric] for t in run.tasks}
+            scores = {t: metrics["per_task"][t]["score"] for t in run.tasks}
             if phases.observe(scores[phases.task], run.step_count):
-                run.say(f"step {run.step_count}: {phases.task} done ({args.metric} {scores[phases.task]:.3f})")
+                run.say(f"step {run.step_count}: {phases.task} done (val score {scores[phases.task]:.3f})")
                 run.log({"event": "phase_end", "step": run.step_count, "task": phases.task, "scores": scores})
                 phases.next(scores, run.step_count)
             run.save_checkpoint()
 
     while phases.task is not None:  # the step budget ran out first: close the open phases as they are
-        scores = {t: m[args.metric] for t, m in run.evaluate(run.val_set)["per_task"].items()}
+        scores = {t: m["score"] for t, m in run.evaluate(run.val_set)["per_task"].items()}
         phases.next(scores, run.step_count)
     drops = forgetting(phases.after_phase, order)
     rows = [[t] + [phases.after_phase[p][t] for p in order] + [drops.get(t, 0.0)] for t in order]
-    print(f"\nval {args.metric} after each phase (columns) and forgetting (own phase end - final)")
+    print(f"\nval score after each phase (columns) and forgetting (own phase end - final)")
     print(tabulate(rows, headers=["task"] + [f"after {p}" for p in order] + ["forgetting"], floatfmt=".3f"))
     return run.finish(decisions={"order": order, "forgetting": drops, "after_phase": phases.after_phase})
 

@@ -1,26 +1,30 @@
 """task_grouping: which tasks should share a model? TAG (Fifty, Amid, Zhao, Yu, Anil, Finn, NeurIPS
-2021, "Efficiently Identifying Task Groupings for Multi-Task Learning").
+2021, "Efficiently Identifying Task Groupings for Multi-Task Learning"; google-research tag/).
 
-1. Affinity. During one joint run (all tasks, equal weights, --affinity-fraction of the budget) every
-   --affinity-every steps, for each task i: take a lookahead SGD step (--lookahead-lr) on the shared
-   parameters along task i's gradient alone and measure every task's loss on the same batch:
-       Z_{i->j} = 1 - L_j(theta - lr * grad L_i) / L_j(theta)
-   Z_{i->j} > 0: a step for i helps j. Averaged over the run; the 5 x 5 matrix is printed.
-2. Grouping. Every partition of the tasks into k groups (k = 1..T, exhaustive: 52 partitions for 5
-   tasks) is scored by the affinity each task receives from its group mates (mean of Z_{i->j} over i in
-   its group, i != j; a task alone receives 0). The best partition per k is printed; --groups picks k
-   (default: the best score over all k).
-3. One model per group (equal weights), same budget as the other strategies; the per-task test metrics
-   of the grouped models are gathered into one summary.
+1. Affinity. During one joint run (all tasks, equal weights, --affinity-fraction of the budget), every
+   --affinity-every steps and for each task i: take the step the training optimizer itself would take on
+   the shared parameters from task i's gradient alone (Adam with its current moments, at the current
+   training learning rate, the run's gradient clipping; the real optimizer state is not touched), and
+   measure every task's loss on the same batch:
+       Z_{i->j} = (1 - L_j(theta + step_i) / L_j(theta)) / lr
+   Z_{i->j} > 0: a step for i helps j. Divided by the lr as the official code does, averaged over the run.
+2. Grouping (--selection tag, the official network selection): for every group of two or more tasks, the
+   affinity onto each member is the mean of Z_{i->j} over its group mates i; choose at most --groups groups
+   (overlapping allowed) covering every task that maximise the mean over tasks of the affinity each task
+   gets from its best group; that group serves it. --selection partition: the exhaustive search over
+   partitions (52 for 5 tasks) with the same per-task affinity, a task alone receiving 0; --groups 0 takes
+   the best number of groups.
+3. One model per group (equal weights), same budget as the other strategies; each task's test metrics
+   come from the group that serves it.
 --brute-force adds Standley et al. (ICML 2020): every possible group is trained on a smaller budget
-(--brute-epochs) and the partition with the best validation F1 found by brute force is compared with
-TAG's choice (31 models for 5 tasks: slow).
+(--brute-epochs) and the partition with the best summed validation score is compared with TAG's choice.
 
     python strategies/task_grouping.py
-    python strategies/task_grouping.py --groups 2 --brute-force --brute-epochs 1
+    python strategies/task_grouping.py --groups 3 --brute-force --brute-epochs 1
 """
 import argparse
 import itertools
+import math
 import sys
 from pathlib import Path
 
@@ -29,29 +33,96 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
-from common.gradagg import TaskGradBuffer  # noqa: E402
 from common.train import Run, build_parser, format_metrics, merge_summaries, train_sum_of_losses, write_json  # noqa: E402
 
 
-def lookahead_affinity(task_losses, params, grads, lr):
-    """Z [T, T] with Z[i, j] = 1 - L_j(theta - lr g_i) / L_j(theta). task_losses() evaluates the T
-    losses at the current parameters; grads [T, P] are the per-task gradients of params (flattened)."""
+def adam_step(optimizer, params, grads, clip=0.0):
+    """The change torch.optim.Adam `optimizer` would make to `params` if it stepped now on `grads` (one
+    tensor per parameter), from its current moments and step count; nothing is changed. clip: the
+    training's max gradient norm over these gradients (0 = none)."""
+    if type(optimizer) is not torch.optim.Adam:
+        raise TypeError(f"TAG lookahead: written for torch.optim.Adam, got {type(optimizer).__name__}")
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    if clip > 0:  # as torch.nn.utils.clip_grad_norm_
+        norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads)).item()
+        grads = [g * min(1.0, clip / (norm + 1e-6)) for g in grads]
+    steps = []
+    for p, g in zip(params, grads):
+        group = group_of[id(p)]
+        if group["amsgrad"] or group["maximize"]:
+            raise NotImplementedError("TAG lookahead: amsgrad / maximize are not handled")
+        beta1, beta2 = group["betas"]
+        lr, eps, wd = float(group["lr"]), group["eps"], group["weight_decay"]
+        state = optimizer.state.get(p) or {"step": 0.0, "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+        t = float(state["step"]) + 1
+        g = g + wd * p.detach() if wd else g                          # Adam's L2 weight decay
+        m = beta1 * state["exp_avg"] + (1 - beta1) * g
+        v = beta2 * state["exp_avg_sq"] + (1 - beta2) * g * g
+        denom = v.sqrt() / math.sqrt(1 - beta2 ** t) + eps
+        steps.append(-(lr / (1 - beta1 ** t)) * m / denom)
+    return steps
+
+
+def lookahead_affinity(task_losses, params, steps, lr):
+    """Z [T, T], Z[i, j] = (1 - L_j(theta + steps[i]) / L_j(theta)) / lr. task_losses() evaluates the T losses
+    at the current parameters; steps[i] is one tensor per parameter. theta is restored exactly."""
     with torch.no_grad():
         base = task_losses()
+        saved = [p.detach().clone() for p in params]
         Z = torch.zeros(len(base), len(base))
-        for i in range(len(base)):
-            _shift(params, grads[i], -lr)
-            Z[i] = 1.0 - task_losses() / base
-            _shift(params, grads[i], lr)  # restore theta exactly (up to float rounding of +/- lr g)
+        for i, step in enumerate(steps):
+            for p, d in zip(params, step):
+                p.add_(d)
+            Z[i] = ((1.0 - task_losses() / base) / lr).float().cpu()
+            for p, s in zip(params, saved):
+                p.copy_(s)
     return Z
 
 
-def _shift(params, flat, scale):
-    offset = 0
-    for p in params:
-        n = p.numel()
-        p.add_(flat[offset:offset + n].view_as(p), alpha=scale)
-        offset += n
+def affinity_on_batch(run, batch, shared):
+    """TAG's Z on one training batch, with the run's optimizer and lr; no dropout, and (pretraining) the same
+    corruption in every forward, so the losses differ only by the step taken."""
+    run.model.eval()
+    fixed = lambda: torch.Generator().manual_seed(run.step_count)  # noqa: E731
+    losses = run.task_losses(batch, generator=fixed())
+    grads = []
+    for t in range(len(run.tasks)):
+        g = torch.autograd.grad(losses[t], shared, retain_graph=t < len(run.tasks) - 1, allow_unused=True)
+        grads.append([torch.zeros_like(p) if x is None else x for p, x in zip(shared, g)])
+    steps = [adam_step(run.optimizer, shared, g, run.args.clip_grad) for g in grads]
+    lr = float(run.optimizer.param_groups[0]["lr"])
+    Z = lookahead_affinity(lambda: run.task_losses(batch, generator=fixed()), shared, steps, lr)
+    run.model.train()
+    return Z
+
+
+def affinity_onto(group, j, Z, index):
+    """The affinity task j gets from its group mates: mean of Z[i, j] over i in the group, i != j."""
+    mates = [i for i in group if i != j]
+    return sum(Z[index[i], index[j]].item() for i in mates) / len(mates) if mates else 0.0
+
+
+def select_groups(Z, tasks, max_groups):
+    """The official TAG network selection: at most max_groups groups of >= 2 tasks (overlapping allowed)
+    covering every task, maximising the mean over tasks of the affinity from the task's best group.
+    Returns (value, groups, serving {task: group})."""
+    if len(tasks) < 2:
+        raise ValueError(f"TAG selection needs at least two tasks, got {tasks}")
+    index = {t: n for n, t in enumerate(tasks)}
+    candidates = [g for r in range(2, len(tasks) + 1) for g in itertools.combinations(tasks, r)]
+    onto = {g: {j: affinity_onto(g, j, Z, index) for j in g} for g in candidates}
+    best = (-math.inf, None)
+    for k in range(1, max_groups + 1):
+        for chosen in itertools.combinations(candidates, k):
+            per_task = {t: max((onto[g][t] for g in chosen if t in g), default=None) for t in tasks}
+            if None in per_task.values():
+                continue                                   # some task left uncovered
+            value = sum(per_task.values()) / len(tasks)
+            if value > best[0] + 1e-12:
+                best = (value, chosen)
+    value, chosen = best
+    serving = {t: max((g for g in chosen if t in g), key=lambda g: onto[g][t]) for t in tasks}
+    return value, [list(g) for g in chosen], {t: list(g) for t, g in serving.items()}
 
 
 def partitions(items):
@@ -66,24 +137,13 @@ def partitions(items):
             yield part[:k] + [[first] + part[k]] + part[k + 1:]
 
 
-def grouping_score(groups, Z, index):
-    """Affinity the tasks receive from their group mates: sum over tasks j of mean_{i in group, i != j} Z[i, j]."""
-    total = 0.0
-    for g in groups:
-        for j in g:
-            mates = [i for i in g if i != j]
-            if mates:
-                total += sum(Z[index[i], index[j]].item() for i in mates) / len(mates)
-    return total
-
-
-def best_groupings(Z, tasks):
-    """{k: (score, partition)}: the best partition into exactly k groups, by exhaustive search."""
+def best_partitions(Z, tasks):
+    """{k: (score, partition)}: the best partition into exactly k groups, by exhaustive search; the score is
+    the affinity every task receives from its group mates, summed over tasks (a task alone receives 0)."""
     index = {t: n for n, t in enumerate(tasks)}
     best = {}
     for part in partitions(list(tasks)):
-        score = grouping_score(part, Z, index)
-        k = len(part)
+        score, k = sum(affinity_onto(g, j, Z, index) for g in part for j in g), len(part)
         if k not in best or score > best[k][0] + 1e-12:
             best[k] = (score, part)
     return dict(sorted(best.items()))
@@ -112,22 +172,14 @@ class AffinityAverage:
 def measure_affinity(args):
     """The joint run of step 1: equal-weight training that measures Z on the way."""
     run = Run(args, strategy="task_grouping", run_name=f"seed{args.seed}/affinity")
-    run.total_steps = max(int(run.total_steps * args.affinity_fraction), 1)
-    shared = run.model.shared_parameters()
-    buffer = TaskGradBuffer(shared, len(run.tasks))
+    run.set_total_steps(max(int(run.total_steps * args.affinity_fraction), 1))
+    shared = [p for p in run.model.shared_parameters() if p.requires_grad]
     affinity = AffinityAverage(len(run.tasks))
     run.start(affinity=affinity)
     for batch in run.batches():
         if run.step_count % args.affinity_every == 0:
-            # no dropout and (when pretraining) the same corruption: the losses differ only by the step taken
-            run.model.eval()
-            fixed = lambda: torch.Generator().manual_seed(run.step_count)  # noqa: E731
-            losses = run.task_losses(batch, generator=fixed())
-            buffer.fill_from_losses(list(losses), retain_graph=False)
-            Z = lookahead_affinity(lambda: run.task_losses(batch, generator=fixed()), shared, buffer.grads,
-                                   args.lookahead_lr)
+            Z = affinity_on_batch(run, batch, shared)
             affinity.add(Z)
-            run.model.train()
             run.log({"event": "affinity", "step": run.step_count, "Z": Z})
         losses = run.task_losses(batch)
         run.step(losses.sum(), losses, batch)
@@ -149,30 +201,42 @@ def train_group(args, group, name, epochs=None):
 def main(argv=None):
     parser = build_parser(__doc__)
     parser.add_argument("--affinity-fraction", type=float, default=0.5, help="share of the budget of the joint run")
-    parser.add_argument("--affinity-every", type=int, default=10)
-    parser.add_argument("--lookahead-lr", type=float, default=0.1)
-    parser.add_argument("--groups", type=int, default=0, help="number of groups (0 = the best over all k)")
+    parser.add_argument("--affinity-every", type=int, default=10, help="steps between affinity measurements (TAG: 10)")
+    parser.add_argument("--selection", choices=("tag", "partition"), default="tag")
+    parser.add_argument("--groups", type=int, default=2,
+                        help="tag: at most this many groups; partition: exactly this many (0 = the best k)")
     parser.add_argument("--brute-force", action="store_true", help="also search every group (Standley et al.)")
     parser.add_argument("--brute-epochs", type=int, default=1)
     args = parser.parse_args(argv)
+    if args.groups < 0 or (args.selection == "tag" and args.groups < 1):
+        raise SystemExit(f"--groups {args.groups}: --selection tag needs at least 1 group")
 
     tasks, Z = measure_affinity(args)
-    print("\ninter-task affinity Z[i -> j] (row i: the task whose lookahead step; column j: the task measured)")
+    print("\ninter-task affinity Z[i -> j] / lr (row i: the task whose lookahead step; column j: the task measured)")
     print(tabulate([[t] + Z[i].tolist() for i, t in enumerate(tasks)], headers=["i \\ j"] + tasks, floatfmt=".4f"))
-    best = best_groupings(Z, tasks)
-    print("\nbest partition into k groups:")
-    for k, (score, part) in best.items():
-        print(f"  k={k}: score {score:.4f}  {part}")
-    k = args.groups or max(best, key=lambda k: best[k][0])
-    chosen = best[k][1]
+    decisions = {"affinity": {t: dict(zip(tasks, Z[i].tolist())) for i, t in enumerate(tasks)}, "selection": args.selection}
+    if args.selection == "tag":
+        value, chosen, serving = select_groups(Z, tasks, args.groups)
+        print(f"\nTAG selection, at most {args.groups} groups: {chosen} (mean affinity onto a task {value:.4f})")
+        print("served by: " + ", ".join(f"{t} <- {'+'.join(g)}" for t, g in serving.items()))
+        decisions.update(groups=chosen, serving=serving, selection_value=value)
+    else:
+        best = best_partitions(Z, tasks)
+        print("\nbest partition into k groups:")
+        for k, (score, part) in best.items():
+            print(f"  k={k}: score {score:.4f}  {part}")
+        k = args.groups or max(best, key=lambda k: best[k][0])
+        chosen = best[k][1]
+        serving = {t: g for g in chosen for t in g}
+        decisions.update(groups=chosen, serving=serving, scores_by_k={k: s for k, (s, _) in best.items()})
     print(f"training one model per group: {chosen}")
 
-    summaries = {"+".join(g): train_group(args, g, "+".join(g)) for g in chosen}
-    summary = merge_summaries(summaries, tasks, "task_grouping")
-    summary["decisions"].update({"affinity": {t: dict(zip(tasks, Z[i].tolist())) for i, t in enumerate(tasks)},
-                                 "groups": chosen, "scores_by_k": {k: s for k, (s, _) in best.items()}})
+    trained = {"+".join(g): train_group(args, g, "+".join(g)) for g in chosen}
+    served = {name: {**s, "tasks": [t for t in s["tasks"] if "+".join(serving[t]) == name]} for name, s in trained.items()}
+    summary = merge_summaries(served, tasks, "task_grouping")
+    summary["decisions"].update(decisions)
     if args.brute_force:
-        summary["decisions"]["brute_force"] = brute_force(args, tasks, chosen)
+        summary["decisions"]["brute_force"] = brute_force(args, tasks, serving)
     path = Path(args.out) / "task_grouping" / f"seed{args.seed}" / "summary.json"
     write_json(path, summary)
     print(format_metrics(summary["test"], tasks, title=f"task_grouping {chosen}: test metrics"))
@@ -180,17 +244,18 @@ def main(argv=None):
     return summary
 
 
-def brute_force(args, tasks, chosen):
-    """Standley et al.: train every group briefly; the best partition by summed per-task val F1."""
+def brute_force(args, tasks, serving):
+    """Standley et al.: train every group briefly; the best partition by summed per-task val score, against
+    the score of TAG's choice (each task from the group serving it)."""
     val = {}
     for r in range(1, len(tasks) + 1):
         for group in itertools.combinations(tasks, r):
             s = train_group(args, group, "brute_" + "+".join(group), epochs=args.brute_epochs)
-            val[group] = {t: s["val"]["per_task"][t]["f1_macro"] for t in group}
+            val[group] = {t: s["val"]["per_task"][t]["score"] for t in group}
     scored = [(sum(val[tuple(g)][t] for g in part for t in g), part) for part in partitions(list(tasks))]
     score, part = max(scored, key=lambda x: x[0])
-    chosen_score = sum(val[tuple(g)][t] for g in chosen for t in g)
-    print(f"brute force best partition {part} (val F1 sum {score:.3f}); TAG's choice scores {chosen_score:.3f}")
+    chosen_score = sum(val[tuple(serving[t])][t] for t in tasks)
+    print(f"brute force best partition {part} (val score sum {score:.3f}); TAG's choice scores {chosen_score:.3f}")
     return {"best_partition": part, "best_score": score, "tag_choice_score": chosen_score}
 
 

@@ -1,110 +1,430 @@
-"""make bench: speed ratios measured side by side in one run (this machine is noisy: only compare
-numbers printed by the same run).
+"""make bench: speed and memory figures measured side by side in one run (issue 17).
 
-1. Dynamic padding vs padding text to 500 tokens (the original code): samples per second of a full
-   training step (forward, backward, Adam), same model, same batches; tiny and full-size model.
-2. The whole training step with PCGrad and GradNorm against the equal-weight step, for
-   --grad-space params and representation (small model).
-3. Aggregation alone (T = 5): naive pairwise PCGrad loop vs torch.mm Gram + combine vs the csrc kernel
-   (tests/bench_gradagg.py).
+The machine may be shared: only compare numbers printed by the same run. Timings are medians over
+repeats in which the sides alternate (A B, B A, ...), and the load average is printed before and after.
 
-    python tests/bench.py                    # everything (several minutes on 2 cores)
-    python tests/bench.py --skip-full        # without the full-size model
+1. Training step (forward, backward, clip, Adam) against a baseline that processes like the original code
+   (tests/bench_original.py: text padded to 500, no text mask, padded nn.LSTM, BCE on softmax), same
+   model and weights, same clips (default length-bucketed batches); small and full size, batch 8 and 16;
+   fp32, and bf16 autocast beside it where --precision exists.
+2. Per-task gradient steps (small model, batch 16) against the equal-weight step: GradNorm (last shared
+   layer), PCGrad and MGDA in parameter space (one backward per task, and batched), PCGrad in
+   representation space.
+3. Each component's share of a step (forward of text encoder, video/audio branches, cross-attention,
+   pooling, heads; backward; clip + optimizer).
+4. Peak memory (VmHWM) of one full-size step at batch 16, each configuration in a fresh process:
+   fp32, with --grad-checkpointing (where it exists), bf16, and the original-like baseline.
+5. Denormals: step time with torch.set_flush_denormal on and off, and a count of subnormal values.
+6. Evaluation: no_grad at batch 64 (before) against inference_mode at batch 128 (Run.predict now).
+7. Aggregation alone (T = 5): tests/bench_gradagg.py.
+
+    python tests/bench.py            # everything (over 25 min on 2 cores: full size in sections 1 and 4)
+    python tests/bench.py --quick    # fewer repeats, batch 16 only at full size, smaller aggregation sizes
+    python tests/bench.py --only 2,5 # some sections
 """
 import argparse
+import contextlib
+import json
+import os
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))
 
 import torch  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
-from common.data import collate  # noqa: E402
-from common.model import MODEL_SIZES, HCAModel  # noqa: E402
-from common.multitask import MultiTaskUpdate  # noqa: E402
+from bench_original import original_batch, original_like_step  # noqa: E402
+from common.data import H5Dataset, collate, feature_stats  # noqa: E402
+from common.model import MODEL_SIZES, build_model  # noqa: E402
+from common.multitask import add_update_args, make_update  # noqa: E402
 from common.train import DEFAULT_DATA, Run, build_parser, ensure_data, epoch_batches, losses_from_logits  # noqa: E402
 
-
-def timed(fn, repeats):
-    fn()  # warm-up
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - t0) / repeats
+TASK_COUNT = 5
 
 
-def padding_bench(dataset, size, batch_size, n_batches):
+def has_flag(name):
+    """Whether the strategies' parser (common/train.py) has this option yet."""
+    return hasattr(build_parser().parse_args([]), name.lstrip("-").replace("-", "_"))
+
+
+def load_avg():
+    return "load average " + " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def interleaved(fns, repeats):
+    """{name: [seconds]} of each fn over repeats, the order alternating every repeat. fns: {name: fn(r)}."""
+    times = {name: [] for name in fns}
+    names = list(fns)
+    for r in range(repeats):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            t0 = time.perf_counter()
+            fns[name](r)
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def median_ms(v):
+    return 1000 * statistics.median(v)
+
+
+def datasets(data):
+    stats = feature_stats(data / "train.h5")
+    return H5Dataset(data / "train.h5", stats), H5Dataset(data / "val.h5", stats)
+
+
+def bucketed_items(dataset, batch_size, count, seed=0):
+    """The first `count` batches of the default (length-bucketed) epoch order, as lists of items."""
+    plan = epoch_batches(len(dataset), batch_size, seed=seed, epoch=0, lengths=dataset.text_lengths())
+    return [[dataset[i] for i in b] for b in plan[:count]]
+
+
+def our_step(model, optimizer, batch, autocast_dtype=None):
+    """This project's step as Run.step does it: cross-entropy on logits, clip 1.0, Adam."""
+    with torch.autocast("cpu", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        logits = model(batch)
+    loss = losses_from_logits(logits.float(), batch["labels"]).sum()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    return loss.detach()
+
+
+# ---------------------------------------------------------------- 1. step against the original-like baseline
+def step_vs_original(train, sizes, batch_sizes, repeats):
+    bf16 = has_flag("--precision")
+    rows = []
+    for size in sizes:
+        torch.manual_seed(0)
+        model = build_model(MODEL_SIZES[size])
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
+        for bs in batch_sizes:
+            items = bucketed_items(train, bs, repeats + 1)
+            ours = [collate(b) for b in items]
+            orig = [original_batch(b) for b in items]
+            our_step(model, optimizer, ours[-1])        # warm-up (Adam state, kernel set-up), both sides
+            original_like_step(model, optimizer, orig[-1])
+            fns = {"original-like": lambda r: original_like_step(model, optimizer, orig[r]),
+                   "ours fp32": lambda r: our_step(model, optimizer, ours[r])}
+            if bf16:
+                our_step(model, optimizer, ours[-1], torch.bfloat16)
+                fns["ours bf16"] = lambda r: our_step(model, optimizer, ours[r], torch.bfloat16)
+            t = interleaved(fns, repeats)
+            base = statistics.median(t["original-like"])
+            tokens = statistics.mean(b["text_ids"].shape[1] for b in ours[:repeats])
+            row = [size, bs, f"{tokens:.0f} / 500", bs / base]
+            for name in ("ours fp32", "ours bf16"):
+                if name in t:
+                    row += [bs / statistics.median(t[name]), base / statistics.median(t[name])]
+                else:
+                    row += ["n/a", "n/a"]
+            rows.append(row)
+            print(f"  {size} batch {bs}: " + ", ".join(f"{k} {median_ms(v):.0f} ms" for k, v in t.items()), flush=True)
+        del model, optimizer
+    headers = ["size", "batch", "text tokens (ours / orig.)", "orig.-like samples/s", "ours fp32 samples/s",
+               "x orig.", "ours bf16 samples/s", "x orig."]
+    print(tabulate(rows, headers=headers, floatfmt=".2f"))
+    if not bf16:
+        print("(bf16: common/train.py has no --precision flag yet)")
+
+
+# ---------------------------------------------------------------- 2. per-task gradient steps
+def gradient_steps(data, repeats):
+    out = tempfile.mkdtemp(prefix="bench_runs_")
+    args = build_parser().parse_args(["--data", str(data), "--model-size", "small", "--batch-size", "16",
+                                      "--out", out, "--quiet"])
+    run = Run(args, strategy="bench")
+    configs = [("equal weights (sum)", "equal", "sum", "representation", False),
+               ("gradnorm, params (last shared layer)", "gradnorm", "sum", "params", False),
+               ("pcgrad, params, T backward passes", "equal", "pcgrad", "params", False),
+               ("pcgrad, params, batched backward", "equal", "pcgrad", "params", True),
+               ("mgda, params, T backward passes", "equal", "mgda", "params", False),
+               ("mgda, params, batched backward", "equal", "mgda", "params", True),
+               ("pcgrad, representation", "equal", "pcgrad", "representation", False)]
+    updates = {}
+    for label, weighting, aggregator, space, batched in configs:
+        update_args = add_update_args(build_parser()).parse_args(
+            ["--weighting", weighting, "--aggregator", aggregator, "--grad-space", space])
+        update = make_update(run, update_args)  # every update steps the same model
+        if batched:
+            update.task_grads.batched = True
+        updates[label] = update
+    plan = epoch_batches(len(run.train_set), 16, seed=0, epoch=0, lengths=run.lengths)[:repeats + 1]
+    batches = list(run.loader(plan, run.train_set))
+    for update in updates.values():
+        update.step(batches[-1])  # warm-up
+    t = interleaved({label: (lambda r, u=u: u.step(batches[r])) for label, u in updates.items()}, repeats)
+    base = statistics.median(t["equal weights (sum)"])
+    rows = [[label, median_ms(v), statistics.median(v) / base] for label, v in t.items()]
+    print(tabulate(rows, headers=["update (small model, batch 16)", "ms/step", "x equal"], floatfmt=".2f"))
+    fallbacks = {label: u.task_grads.batch_fallback for label, u in updates.items()
+                 if u.task_grads is not None and u.task_grads.batch_fallback}
+    for label, why in fallbacks.items():
+        print(f"  {label}: batched backward fell back to T passes: {why}")
+    return run
+
+
+# ---------------------------------------------------------------- 3. component shares
+class ComponentTimer:
+    """Forward time of named modules (forward pre/post hooks), summed over calls; nested calls of the same
+    module are not double counted."""
+
+    def __init__(self, groups):
+        self.seconds = {name: 0.0 for name in groups}
+        self.handles = []
+        for name, modules in groups.items():
+            for m in modules:
+                self.handles.append(m.register_forward_pre_hook(self._pre(name, m)))
+                self.handles.append(m.register_forward_hook(self._post(name, m)))
+        self.started = {}
+
+    def _pre(self, name, module):
+        def hook(*_):
+            self.started[id(module)] = time.perf_counter()
+        return hook
+
+    def _post(self, name, module):
+        def hook(*_):
+            self.seconds[name] += time.perf_counter() - self.started.pop(id(module))
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def component_shares(train, size, batch_size, repeats):
     torch.manual_seed(0)
-    model = HCAModel(MODEL_SIZES[size])
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    plan = epoch_batches(len(dataset), batch_size, seed=0, epoch=0)[:n_batches]
-    items = [[dataset[i] for i in b] for b in plan]
+    model = build_model(MODEL_SIZES[size])
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
+    branches = list(model.branches.values())
+    attn = [b.attn for b in branches]
+    groups = {"text encoder": [model.text_encoder], "video branch (BiLSTM + projection)": [model.video_encoder],
+              "audio branch (BiLSTM + projection)": [model.audio_encoder], "cross-attention + pooling": branches,
+              "heads": list(model.heads.values())}
+    batches = [collate(b) for b in bucketed_items(train, batch_size, repeats + 1)]
+    our_step(model, optimizer, batches[-1])
+    totals = {k: 0.0 for k in list(groups) + ["(of which) cross-attention", "other forward (masks, concat, loss)",
+                                             "backward", "clip + Adam"]}
+    attn_timer_groups = {"(of which) cross-attention": attn}
+    step_total = 0.0
+    for r in range(repeats):
+        timer, attn_timer = ComponentTimer(groups), ComponentTimer(attn_timer_groups)
+        t0 = time.perf_counter()
+        loss = losses_from_logits(model(batches[r]), batches[r]["labels"]).sum()
+        t1 = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        t2 = time.perf_counter()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        t3 = time.perf_counter()
+        timer.remove(), attn_timer.remove()
+        for k, v in list(timer.seconds.items()) + list(attn_timer.seconds.items()):
+            totals[k] += v
+        totals["other forward (masks, concat, loss)"] += (t1 - t0) - sum(timer.seconds.values())
+        totals["backward"] += t2 - t1
+        totals["clip + Adam"] += t3 - t2
+        step_total += t3 - t0
+    rows = [[k, 1000 * v / repeats, 100 * v / step_total] for k, v in totals.items()]
+    rows.append(["step", 1000 * step_total / repeats, 100.0])
+    print(f"model {size}, batch {batch_size}, {repeats} steps")
+    print(tabulate(rows, headers=["component (forward unless named)", "ms/step", "% of step"], floatfmt=".1f"))
+
+
+# ---------------------------------------------------------------- 4. peak memory, one process per configuration
+def vm_value(key):
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024  # kB
+    return None
+
+
+def memory_probe(config):
+    """Child process: one warm step of a configuration, then print {"rss_before", "peak"} as JSON."""
+    data = ensure_data(DEFAULT_DATA)
+    train, _ = datasets(data)
+    items = bucketed_items(train, config["batch_size"], 1)[0]
+    torch.manual_seed(0)
+    model = build_model(MODEL_SIZES[config["size"]], grad_checkpointing=config.get("grad_checkpointing", False))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
+    before = vm_value("VmRSS")
+    if config.get("original"):
+        original_like_step(model, optimizer, original_batch(items))
+    else:
+        our_step(model, optimizer, collate(items), torch.bfloat16 if config.get("bf16") else None)
+    print(json.dumps({"rss_before": before, "peak": vm_value("VmHWM")}))
+
+
+def peak_memory(size, batch_size, quick):
+    configs = [("fp32", {})]
+    if has_flag("--grad-checkpointing"):
+        configs.append(("fp32, --grad-checkpointing", {"grad_checkpointing": True}))
+    if not quick:
+        if has_flag("--precision"):
+            configs.append(("bf16", {"bf16": True}))
+        configs.append(("original-like (fp32)", {"original": True}))
     rows = []
-    for label, pad in (("dynamic (longest in batch)", None), ("fixed 500 tokens (original)", 500)):
-        batches = [collate(b, pad_text_to=pad) for b in items]
-
-        def train_steps():
-            for batch in batches:
-                loss = losses_from_logits(model(batch), batch["labels"]).sum()
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-        seconds = timed(train_steps, 1)
-        tokens = sum(b["text_ids"].shape[1] for b in batches) / len(batches)
-        rows.append([label, f"{tokens:.0f}", n_batches * batch_size / seconds])
-    ratio = rows[0][2] / rows[1][2]
-    return rows, ratio
-
-
-def step_bench(data, repeats):
-    """Seconds per training step of each aggregation, in one process, same batch."""
-    configs = [("equal weights (sum)", "equal", "sum", "representation"),
-               ("gradnorm, params (last shared layer)", "gradnorm", "sum", "params"),
-               ("gradnorm, representation", "gradnorm", "sum", "representation"),
-               ("pcgrad, params", "equal", "pcgrad", "params"),
-               ("pcgrad, representation", "equal", "pcgrad", "representation")]
-    rows = []
-    base = None
-    for label, weighting, aggregator, space in configs:
-        args = build_parser().parse_args(["--data", str(data), "--model-size", "small", "--out", "/tmp/bench_runs",
-                                          "--quiet"])
-        run = Run(args, strategy="bench")
-        update = MultiTaskUpdate(run, weighting, aggregator, space, args)
-        plan = epoch_batches(len(run.train_set), args.batch_size, seed=0, epoch=0)[:repeats]
-        batches = list(run.loader(plan, run.train_set))
-        it = iter(batches * 3)
-        seconds = timed(lambda: update.step(next(it)), repeats)
-        base = base or seconds
-        rows.append([label, seconds * 1000, seconds / base])
-    return rows
+    for label, extra in configs:
+        config = dict(size=size, batch_size=batch_size, **extra)
+        proc = subprocess.run([sys.executable, __file__, "--memory-probe", json.dumps(config)],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            rows.append([label, "failed", proc.stderr.strip().splitlines()[-1][:100] if proc.stderr else ""])
+            continue
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        rows.append([label, result["peak"] / 2**30, (result["peak"] - result["rss_before"]) / 2**30])
+    print(tabulate(rows, headers=[f"{size}, batch {batch_size}, one step", "peak RSS GiB (VmHWM)",
+                                  "GiB above the built model + data"], floatfmt=".2f"))
+    if not has_flag("--grad-checkpointing"):
+        print("(--grad-checkpointing: not in common/train.py yet)")
 
 
+# ---------------------------------------------------------------- 5. denormals
+def count_subnormals(model, optimizer, batch):
+    """Subnormal float32 values in the outputs of every op of one step (a dispatch mode sees each op's
+    outputs; the inside of fused kernels such as oneDNN's LSTM is not visible), and in the Adam state."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    tiny = torch.finfo(torch.float32).tiny
+
+    def subnormal(t):
+        return int(((t != 0) & (t.abs() < tiny)).sum()) if torch.is_tensor(t) and t.dtype == torch.float32 else 0
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.values, self.total, self.ops = 0, 0, {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            name = str(func.overloadpacket)
+            if "empty" in name:  # uninitialised memory: not a computed value
+                return out
+            for o in out if isinstance(out, (tuple, list)) else (out,):
+                n = subnormal(o)
+                self.values += n
+                self.total += o.numel() if torch.is_tensor(o) and o.dtype == torch.float32 else 0
+                if n:
+                    self.ops[name] = self.ops.get(name, 0) + n
+            return out
+
+    counter = Count()
+    with counter:
+        our_step(model, optimizer, batch)
+    state = sum(subnormal(s[k]) for s in optimizer.state.values() for k in ("exp_avg", "exp_avg_sq"))
+    return counter, state
+
+
+def denormals(train, repeats):
+    torch.manual_seed(0)
+    model = build_model(MODEL_SIZES["small"])
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    batches = [collate(b) for b in bucketed_items(train, 16, 8)]
+    for k in range(10):  # a few updates first: denormals, if any, come as values shrink
+        our_step(model, optimizer, batches[k % 8])
+
+    def step_with(flush):
+        def fn(r):
+            torch.set_flush_denormal(flush)
+            our_step(model, optimizer, batches[r % 8])
+        return fn
+    if not torch.set_flush_denormal(True):
+        print("this CPU does not support flushing denormals (torch.set_flush_denormal returned False)")
+        return
+    t = interleaved({"flush on": step_with(True), "flush off": step_with(False)}, repeats)
+    torch.set_flush_denormal(False)  # the default of --flush-denormal
+    ratios = [a / b for a, b in zip(t["flush off"], t["flush on"])]
+    print(f"small model, batch 16, {repeats} steps each, alternating: flush off {median_ms(t['flush off']):.0f} ms, "
+          f"flush on {median_ms(t['flush on']):.0f} ms; off/on per pair: median {statistics.median(ratios):.2f} "
+          f"(min {min(ratios):.2f}, max {max(ratios):.2f})")
+    counter, state = count_subnormals(model, optimizer, batches[0])
+    print(f"subnormal values in one step's op outputs: {counter.values} of {counter.total:.3g} "
+          f"({', '.join(f'{k} {v}' for k, v in sorted(counter.ops.items(), key=lambda kv: -kv[1])[:5]) or 'none'}); "
+          f"in Adam's state: {state}")
+
+
+# ---------------------------------------------------------------- 6. evaluation
+def evaluation(run, val, repeats):
+    model = run.model
+    n = len(val)
+
+    def predict(batch_size, context):
+        def fn(_):
+            model.eval()
+            with context():
+                for i in range(0, n, batch_size):
+                    model(collate([val[j] for j in range(i, min(i + batch_size, n))]))
+            model.train()
+        return fn
+    t = interleaved({"no_grad, batch 64 (before)": predict(64, torch.no_grad),
+                     "inference_mode, batch 128 (Run.predict)": predict(128, torch.inference_mode)}, repeats)
+    rows = [[k, n / statistics.median(v)] for k, v in t.items()]
+    print(tabulate(rows, headers=[f"evaluation of {n} clips, small model", "clips/s"], floatfmt=".1f"))
+
+
+# ---------------------------------------------------------------- main
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--skip-full", action="store_true", help="skip the full-size model (slow on CPU)")
-    p.add_argument("--gradagg-sizes", default="1e6,1e7,1.1e8")
+    p.add_argument("--quick", action="store_true", help="fewer repeats; full size at batch 16 only")
+    p.add_argument("--only", default="1,2,3,4,5,6,7", help="comma-separated sections to run")
+    p.add_argument("--skip-full", action="store_true", help="no full-size model (sections 1, 3, 4)")
+    p.add_argument("--gradagg-sizes", default=None)
+    p.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    if args.memory_probe:
+        return memory_probe(json.loads(args.memory_probe))
+    only = {int(s) for s in args.only.split(",")}
+    quick = args.quick
     data = ensure_data(DEFAULT_DATA)
-    from common.data import H5Dataset
-    train = H5Dataset(data / "train.h5")
+    train, val = datasets(data)
+    print(f"# make bench: torch {torch.__version__}, {torch.get_num_threads()} threads, {load_avg()}", flush=True)
+    t_start = time.perf_counter()
+    sizes = ("small",) if args.skip_full else ("small", "full")
 
-    print("== 1. dynamic padding vs padding to 500 tokens: training samples / second ==")
-    for size, bs, nb in (("tiny", 16, 8), ("small", 16, 4)) + (() if args.skip_full else (("full", 4, 2),)):
-        rows, ratio = padding_bench(train, size, bs, nb)
-        print(f"\nmodel {size}, batch {bs}, {nb} batches")
-        print(tabulate(rows, headers=["padding", "mean text length", "samples/s"], floatfmt=".2f"))
-        print(f"speed-up of dynamic padding: {ratio:.2f}x")
+    @contextlib.contextmanager
+    def section(number, title):
+        print(f"\n== {number}. {title} ==", flush=True)
+        t0 = time.perf_counter()
+        yield
+        print(f"({time.perf_counter() - t0:.0f} s, {load_avg()})", flush=True)
 
-    print("\n== 2. whole training step (small model, batch 16): ms per step, ratio to the equal-weight step ==")
-    print(tabulate(step_bench(data, repeats=6), headers=["update", "ms/step", "ratio"], floatfmt=".2f"))
-
-    print("\n== 3. aggregation alone (T = 5) ==", flush=True)
-    subprocess.run([sys.executable, str(REPO / "tests" / "bench_gradagg.py"), "--sizes", args.gradagg_sizes], check=True)
+    if 1 in only:
+        with section(1, "training step against the original-like baseline (samples/s; same model, weights, clips)"):
+            step_vs_original(train, ("small",), (8, 16), 3 if quick else 5)
+            if not args.skip_full:
+                step_vs_original(train, ("full",), (16,) if quick else (8, 16), 1 if quick else 3)
+    run = None
+    if 2 in only:
+        with section(2, "per-task gradient steps against the equal-weight step"):
+            run = gradient_steps(data, 4 if quick else 8)
+    if 3 in only:
+        with section(3, "each component's share of a step (fp32)"):
+            for size in sizes:
+                component_shares(train, size, 16, (2 if quick else 4) if size == "small" else 1)
+    if 4 in only and not args.skip_full:
+        with section(4, "peak memory of one full-size step at batch 16 (fresh process per row)"):
+            peak_memory("full", 16, quick)
+    if 5 in only:
+        with section(5, "denormals"):
+            denormals(train, 6 if quick else 12)
+    if 6 in only:
+        with section(6, "evaluation"):
+            if run is None:
+                args_run = build_parser().parse_args(["--data", str(data), "--out", tempfile.mkdtemp(), "--quiet"])
+                run = Run(args_run, strategy="bench")
+            evaluation(run, val, 2 if quick else 4)
+    if 7 in only:
+        with section(7, "aggregation alone (T = 5)"):
+            sizes_ga = args.gradagg_sizes or ("1e6,1e7" if quick else "1e6,1e7,1.1e8")
+            subprocess.run([sys.executable, str(REPO / "tests" / "bench_gradagg.py"), "--sizes", sizes_ga], check=True)
+    print(f"\n# total {time.perf_counter() - t_start:.0f} s")
 
 
 if __name__ == "__main__":

@@ -2,26 +2,46 @@
 import csv
 import json
 import math
+import re
 
 import pytest
 
 from common import compare
 
 
+# ---------------------------------------------------------------- statistics (scipy), by hand
 def test_paired_t_test_matches_closed_form_for_two_degrees_of_freedom():
-    t, p = compare.paired_t_test([1.0, 2.0, 3.0], [0.0, 0.0, 0.0])
-    assert t == pytest.approx(2 / (1 / math.sqrt(3)))
-    assert p == pytest.approx(1 - abs(t) / math.sqrt(2 + t * t), rel=1e-9)  # Student t, df = 2
+    from common.stats import paired_tests
+    p = paired_tests([1.0, 2.0, 3.0], [0.0, 0.0, 0.0])
+    t = 2 / (1 / math.sqrt(3))  # mean 2, sd 1, n 3
+    assert p["t"] == pytest.approx(1 - abs(t) / math.sqrt(2 + t * t), rel=1e-9)  # Student t, df = 2
+    # Wilcoxon, exact: 3 positive differences, W- = 0; of the 2^3 sign patterns only all+ and all- are as
+    # extreme: p = 2/8
+    assert p["wilcoxon"] == pytest.approx(0.25)
 
 
-def test_paired_t_test_large_df_near_normal():
-    import numpy as np
-    rng = np.random.default_rng(0)
-    a = rng.normal(size=200)
-    t, p = compare.paired_t_test(a + 0.1, a - 0.1 + rng.normal(scale=1.0, size=200))
-    z = abs(t)
-    normal_p = math.erfc(z / math.sqrt(2))
-    assert p == pytest.approx(normal_p, abs=0.01)
+def test_paired_tests_undefined_without_evidence():
+    from common.stats import paired_tests
+    assert all(math.isnan(v) for v in paired_tests([0.5, 0.6], [0.5, 0.6]).values())
+    assert all(math.isnan(v) for v in paired_tests([0.5], [0.4]).values())
+
+
+def test_holm_matches_a_hand_computed_case():
+    from common.stats import holm
+    # sorted: 0.01 (x4 = 0.04), 0.03 (x3 = 0.09), 0.04 (x2 = 0.08 -> monotone 0.09), 0.5 (x1 = 0.5);
+    # the nan is not part of the family
+    adjusted = holm([0.04, 0.01, 0.5, float("nan"), 0.03])
+    assert adjusted[:3] == pytest.approx([0.09, 0.04, 0.5]) and math.isnan(adjusted[3])
+    assert adjusted[4] == pytest.approx(0.09)
+    assert holm([0.4, 0.6]) == pytest.approx([0.8, 0.8])  # capped monotone: min(1, 2*0.4), max(0.8, 0.6)
+
+
+def test_interval_and_ranks_by_hand():
+    from common.stats import mean_interval, mean_ranks
+    m, sd, half = mean_interval([1.0, 2.0, 3.0])
+    assert (m, sd) == pytest.approx((2.0, 1.0)) and half == pytest.approx(4.302653 / math.sqrt(3), rel=1e-6)
+    ranks = mean_ranks({"a": {"x": 0.9, "y": 0.1}, "b": {"x": 0.5, "y": 0.5}, "c": {"x": 0.5, "y": 0.9}})
+    assert ranks == pytest.approx({"a": 2.0, "b": 2.25, "c": 1.75})  # x: a 1, b/c 2.5; y: c 1, b 2, a 3
 
 
 def test_discovery_finds_every_strategy_script():
@@ -44,14 +64,59 @@ def test_tiny_compare_end_to_end_and_reuse(tiny_data, tmp_path, capsys):
         assert float(r["mean_f1_pos"]) == pytest.approx(summary["test"]["mean"]["f1_pos"], abs=1e-12)
         assert float(r["f1_pos_gory"]) == pytest.approx(summary["test"]["per_task"]["gory"]["f1_pos"], abs=1e-12)
     rr = [json.loads((tmp_path / "runs/quick/round_robin" / f"seed{s}" / "summary.json").read_text()) for s in (0, 1)]
-    mean = sum(s["test"]["mean"]["f1_pos"] for s in rr) / 2
+    mean = sum(s["test"]["mean"]["ap"] for s in rr) / 2
     assert f"{mean:.3f} ±" in md.split("| round_robin")[1].split("\n")[0]
+    assert "quick profile: a first look" in md.splitlines()[0]
+    for png in ("compare_ap.png", "compare_curves.png"):
+        assert f"]({png})" in md and (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    # rerunning reuses the finished runs: no script is started again
+    # rerunning reuses the finished runs: no script is started again, also with another --jobs (threads)
     mtimes = {p: p.stat().st_mtime for p in (tmp_path / "runs" / "quick").glob("*/seed*/summary.json")}
     capsys.readouterr()
-    compare.main(argv)
+    compare.main(argv + ["--jobs", "2"])
     assert {p: p.stat().st_mtime for p in mtimes} == mtimes
+
+    # --plot-only redraws the tables and figures from the runs and trains nothing
+    (tmp_path / "compare.md").unlink()
+    (tmp_path / "compare_ap.png").unlink()
+    logs = {p: p.stat().st_mtime for p in (tmp_path / "runs/quick/logs").iterdir()}
+    compare.main(argv + ["--plot-only"])
+    assert (tmp_path / "compare.md").read_text() == md and (tmp_path / "compare_ap.png").exists()
+    assert {p: p.stat().st_mtime for p in (tmp_path / "runs/quick/logs").iterdir()} == logs
+
+
+def test_tuning_picks_the_best_validation_config_and_runs_it_over_the_seeds(tiny_data, tmp_path):
+    argv = ["--only", "round_robin", "--seeds", "1", "--tune", "--lrs", "1e-4,3e-3", "--out", str(tmp_path),
+            "--data", str(tiny_data), "--extra", "--model-size tiny --epochs 1 --batch-size 8"]
+    compare.main(argv)
+    tune = {lr: json.loads((tmp_path / f"runs/quick/tune/round_robin/lr{lr}/round_robin/seed100/summary.json").read_text())
+            for lr in ("0.0001", "0.003")}
+    best = max(tune, key=lambda lr: tune[lr]["val"]["mean"]["ap"])
+    final = json.loads((tmp_path / "runs/quick/round_robin/seed0/summary.json").read_text())
+    assert final["lr"] == float(best) and final["seed"] == 0
+    md = (tmp_path / "compare.md").read_text()
+    assert f"| round_robin | lr {best} " in md and "## Tuning" in md
+    assert f"{tune[best]['val']['mean']['ap']:.3f}*" in md.split("## Tuning")[1]
+    with pytest.raises(SystemExit, match="evaluation seed"):
+        compare.main(argv + ["--tune-seed", "0"])
+
+
+def test_tuning_choice_reads_validation_only(tmp_path):
+    # the tuning runs' summaries hold no test metrics at all: the choice must not need them
+    index, grids = {}, {"all_at_once": [["--lr", "0.001"], ["--lr", "0.003"], ["--lr", "0.01"]]}
+    for (config, val_ap) in zip(grids["all_at_once"], (0.4, 0.7, None)):
+        key = compare.run_key("tune", "all_at_once", [], config, 100)
+        if val_ap is None:
+            index[key] = {"status": "failed", "error": "boom"}
+            continue
+        path = tmp_path / f"{compare.config_tag(config)}.json"
+        path.write_text(json.dumps({"strategy": "all_at_once", "val": {"mean": {"ap": val_ap, "loss": 1 - val_ap}}}))
+        index[key] = {"status": "ok", "summary": str(path)}
+    config, scores = compare.choose_tuned(index, "all_at_once", [], grids, 100, "ap")
+    assert config == ["--lr", "0.003"] and scores == {"lr0.001": 0.4, "lr0.003": 0.7, "lr0.01": None}
+    config, _ = compare.choose_tuned(index, "all_at_once", [], grids, 100, "loss")  # minus the loss: same order
+    assert config == ["--lr", "0.003"]
+    assert compare.validation_view({"val": 1, "test": 2}) == {"val": 1}
 
 
 def test_failed_run_is_shown_and_others_continue(tiny_data, tmp_path):
@@ -76,27 +141,51 @@ def test_pretraining_section(tiny_data, tmp_path):
     assert pre.exists()
     start = json.loads((tmp_path / "runs/quick/all_at_once/from_round_robin_seed0/metrics.jsonl").read_text().splitlines()[0])
     assert start["args"]["init"] == str(pre)
-    assert f"{ft['test']['mean']['f1_pos']:.3f}" in section.split("| round_robin")[1].split("\n")[0]
+    row = section.split("| round_robin")[1].split("\n")[0]
+    numbers = [float(x) for x in re.findall(r"-?\d+\.\d+", row)]   # tabulate drops trailing zeros
+    assert any(abs(x - ft["test"]["mean"]["f1_pos"]) < 5e-4 for x in numbers), row
 
 
-def test_delta_m_undefined_for_a_zero_reference_is_left_out(tmp_path):
-    def summary(strategy, f1s):
-        per = {t: {"f1_pos": v, "f1_macro": v, "accuracy": v, "ap": 0.5 + v} for t, v in f1s.items()}
-        s = {"strategy": strategy, "seed": 0, "tasks": list(f1s), "seconds_per_step": 1.0, "seconds_per_epoch": 2.0,
-             "test": {"per_task": per, "mean": {"f1_pos": sum(f1s.values()) / 2, "f1_macro": 0.5, "ap": 0.5}},
-             "decisions": {}}
-        path = tmp_path / f"{strategy}.json"
-        path.write_text(json.dumps(s))
-        return {"status": "ok", "summary": str(path)}
-    index = {"single_task seed0": summary("single_task", {"binary": 0.5, "gory": 0.0}),
-             "all_at_once seed0": summary("all_at_once", {"binary": 0.6, "gory": 0.2})}
-    rows, _, csv_rows = compare.build_tables(index, [("single_task", [], 0), ("all_at_once", [], 0)], ["binary", "gory"])
+def fake_summary(strategy, aps, f1s, seed=0):
+    per = {t: {"f1_pos": f1s[t], "f1_pos_tuned": f1s[t], "f1_macro": 0.5, "accuracy": 0.5, "ap": aps[t],
+               "collapsed": f1s[t] == 0} for t in aps}
+    mean = {m: sum(v[m] for v in per.values()) / len(per) for m in ("f1_pos", "f1_pos_tuned", "f1_macro", "ap")}
+    return {"strategy": strategy, "seed": seed, "tasks": list(aps), "seconds_per_step": 1.0, "seconds_per_epoch": 2.0,
+            "steps": 10, "train_seconds": 10.0, "val": {"per_task": per, "mean": mean},
+            "test": {"per_task": per, "mean": mean}, "decisions": {}}
+
+
+def test_delta_m_undefined_for_a_zero_reference_is_left_out():
+    by_label = {"single_task": {0: fake_summary("single_task", {"binary": 1.0, "gory": 0.5}, {"binary": 0.5, "gory": 0.0})},
+                "all_at_once": {0: fake_summary("all_at_once", {"binary": 1.1, "gory": 0.7}, {"binary": 0.6, "gory": 0.2})}}
+    tables, csv_rows = compare.build_tables(by_label, ["binary", "gory"])
     row = next(r for r in csv_rows if r["strategy"] == "all_at_once")
-    assert row["delta_m"] is None                      # gory's reference is 0: not a number, not an error
+    assert row["delta_m_f1_tuned"] is None             # gory's reference is 0: not a number, not an error
     # on AP it is defined: (100 / 2) * ((1.1 - 1.0) / 1.0 + (0.7 - 0.5) / 0.5) = 25
     assert row["delta_m_ap"] == pytest.approx(25.0)
-    table_row = next(r for r in rows if r[0] == "all_at_once")
-    assert "25.0" in table_row
+    assert "25.0" in next(r for r in tables["main"] if r[0] == "all_at_once")
+    # collapse count: single_task's gory predicts one class (F1+ 0 here) on its one seed
+    assert "gor 1" in next(r for r in tables["main"] if r[0] == "single_task")
+
+
+def test_significance_is_holm_corrected_over_the_strategies_compared():
+    tasks = ["binary"]
+    base = {s: fake_summary("all_at_once", {"binary": 0.5 + 0.01 * s}, {"binary": 0.5}, s) for s in range(3)}
+    better = {s: fake_summary("better", {"binary": 0.6 + 0.01 * s + 0.001 * s * s}, {"binary": 0.5}, s) for s in range(3)}
+    same = {s: fake_summary("same", {"binary": 0.5 + 0.01 * s + (0.002 if s == 1 else -0.001)}, {"binary": 0.5}, s)
+            for s in range(3)}
+    tables, _ = compare.build_tables({"all_at_once": base, "better": better, "same": same}, tasks)
+    from common.stats import holm, paired_tests
+    p_better = paired_tests([0.6, 0.611, 0.624], [0.5, 0.51, 0.52])["t"]
+    p_same = paired_tests([0.499, 0.512, 0.519], [0.5, 0.51, 0.52])["t"]
+    expected = holm([p_better, p_same])
+    row = next(r for r in tables["significance"] if r[0] == "better")
+    assert row[1] == "+0.102" and row[2] == "+++"
+    assert row[3] == f"{p_better:.3f}" and row[4] == f"{expected[0]:.3f}"
+    # Wilcoxon: better's 3 positive differences give p = 2/8; same's (W+ = W- = 3) give p = 1;
+    # Holm over the two: 2 x 0.25 = 0.5, and max(0.5, 1 x 1.0) = 1.0
+    assert (row[5], row[6]) == ("0.250", "0.500")
+    assert next(r for r in tables["significance"] if r[0] == "same")[6] == "1.000"
 
 
 def test_compact_decisions_show_orders_and_groups():

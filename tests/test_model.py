@@ -1,4 +1,5 @@
-"""Tests of common/model.py and common/bert.py on the tiny configuration with hand-made random batches."""
+"""Tests of common/model.py (HCA) on the tiny configuration with hand-made random batches. The text encoder's
+own tests: tests/test_text_encoder.py; the other trunks: tests/test_trunks.py."""
 import json
 import struct
 import sys
@@ -10,10 +11,9 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from common.bert import BertConfig, BertEncoder, attention, dropout, read_safetensors  # noqa: E402
 from common.data import MODALITIES, TASKS  # noqa: E402
-from common.model import (MODEL_SIZES, ORIGINAL_NAME_MAP, CrossAttention, HCAModel, load_original_checkpoint,  # noqa: E402
-                          masked_softmax, run_bilstm)
+from common.model import (MODEL_SIZES, ORIGINAL_NAME_MAP, CrossAttention, HCAModel, attention, dropout,  # noqa: E402
+                          load_original_checkpoint, masked_softmax, run_bilstm)
 
 TINY = MODEL_SIZES["tiny"]
 H = TINY.hidden
@@ -297,80 +297,3 @@ def test_original_checkpoint_loads_through_the_name_map(tmp_path, capsys):
     assert "text_encoder.embeddings.word_embeddings.weight" in missing
     with pytest.raises(ValueError, match="not a state dict"):
         load_original_checkpoint(target, {"model_state": {"x": "not a tensor"}})
-
-
-# ----- BERT folders --------------------------------------------------------------------------------------
-def write_safetensors(path, tensors):
-    """Minimal safetensors writer (the format our reader implements)."""
-    names = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64"}
-    header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
-    for name, t in tensors.items():
-        raw = t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-        header[name] = {"dtype": names[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(raw)]}
-        blobs.append(raw)
-        offset += len(raw)
-    head = json.dumps(header).encode()
-    head += b" " * (-len(head) % 8)
-    Path(path).write_bytes(struct.pack("<Q", len(head)) + head + b"".join(blobs))
-
-
-def tiny_bert():
-    torch.manual_seed(0)
-    return BertEncoder(BertConfig(vocab_size=100, hidden=16, layers=2, heads=2, intermediate=32, max_positions=20),
-                       add_pooler=True).eval()
-
-
-def test_safetensors_reader_round_trip(tmp_path):
-    tensors = {"a": torch.randn(3, 4), "b": torch.randn(5).half(), "c": torch.randn(2, 2).bfloat16(),
-               "d": torch.arange(6).reshape(1, 6)}
-    write_safetensors(tmp_path / "t.safetensors", tensors)
-    back = read_safetensors(tmp_path / "t.safetensors")
-    assert set(back) == set(tensors)
-    for k in tensors:
-        assert back[k].dtype == tensors[k].dtype and torch.equal(back[k], tensors[k]), k
-    (tmp_path / "bad.safetensors").write_bytes(struct.pack("<Q", 10**6) + b"{}")
-    with pytest.raises(ValueError, match="bad.safetensors"):
-        read_safetensors(tmp_path / "bad.safetensors")
-
-
-def test_bert_folder_loads_from_safetensors_and_bin(tmp_path):
-    bert = tiny_bert()
-    ids = torch.randint(1, 100, (2, 7))
-    mask = torch.tensor([[True] * 7, [True] * 4 + [False] * 3])
-    ref = bert(ids, mask)
-    hf_state = {"bert." + k: v for k, v in bert.state_dict().items()}
-    hf_state["cls.predictions.bias"] = torch.zeros(100)  # a pre-training head: reported, not loaded
-    hf_state["bert.embeddings.position_ids"] = torch.arange(20)[None]
-    config = json.dumps(bert.config.to_hf_dict())
-
-    st = tmp_path / "st"
-    st.mkdir()
-    (st / "config.json").write_text(config)
-    write_safetensors(st / "model.safetensors", hf_state)
-    loaded = BertEncoder.from_pretrained(st, add_pooler=True, verbose=False).eval()
-    assert loaded.load_report == ([], ["cls.predictions.bias"])
-    assert torch.equal(loaded(ids, mask), ref)
-
-    # pytorch_model.bin with the old TF names (LayerNorm.gamma / beta), no pooler wanted
-    old = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
-           for k, v in hf_state.items()}
-    assert any(k.endswith("LayerNorm.gamma") for k in old)
-    binf = tmp_path / "bin"
-    binf.mkdir()
-    (binf / "config.json").write_text(config)
-    torch.save(old, binf / "pytorch_model.bin")
-    loaded = BertEncoder.from_pretrained(binf, verbose=False).eval()
-    assert loaded.load_report[0] == []
-    assert sorted(loaded.load_report[1]) == ["cls.predictions.bias", "pooler.dense.bias", "pooler.dense.weight"]
-    assert torch.equal(loaded(ids, mask), ref)
-
-
-def test_model_with_pretrained_bert_checks_the_hidden_size(tmp_path):
-    bert = tiny_bert()  # hidden 16, tiny model has 32
-    (tmp_path / "config.json").write_text(json.dumps(bert.config.to_hf_dict()))
-    write_safetensors(tmp_path / "model.safetensors", bert.state_dict())
-    with pytest.raises(ValueError, match="hidden"):
-        HCAModel(TINY, bert_path=tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps({**bert.config.to_hf_dict(), "hidden_act": "relu"}))
-    with pytest.raises(ValueError, match="hidden_act"):
-        BertEncoder.from_pretrained(tmp_path)

@@ -1,6 +1,5 @@
 """The rules of the strategy scripts, on small deterministic cases (no model). Dynamic sampling:
 tests/test_dynamic_sampling.py; stop-and-go: tests/test_stop_and_go.py; TAG: tests/test_tag.py."""
-import math
 
 import pytest
 import torch

@@ -1,0 +1,269 @@
+"""Several processes for one run (torchrun): set-up, shards of the global batches, and the reductions that
+make a run with W processes compute what one process computes with the same global batch.
+
+    torchrun --nproc_per_node 4 strategies/pcgrad.py --device cuda ...
+
+Nothing here changes a one-process run: every function is the identity (or the plain local formula) when
+the process group is not initialised.
+
+Why the numbers equal one process's (the convention every function below follows):
+  losses    global_task_losses(per_item, mask) -> ([T] global mean losses, [T] global counts). Its value is
+            the same on every rank: sum over all ranks' clips / global count (an uneven last batch included).
+            Its backward gives rank r the gradient of W * (rank r's sum) / (global count), so that the MEAN
+            over ranks of the gradients (average_gradients) is exactly the gradient of the global mean.
+  rules     a weighting computed from these identical losses (GradNorm, FAMO, DWA, uncertainty, learned) is
+            identical on every rank; the gradient of its own parameters is the whole gradient on every rank,
+            which the mean over ranks keeps.
+  params    per-task gradients of the shared parameters, T x P: all_reduce_task_grads averages them, so that
+            every rank holds the global T x P matrix; the Gram matrix, the aggregator's weights and the
+            combination are then computed identically everywhere, and the combined .grad is already global
+            (Run.step(..., synced=those parameters) does not average it again). The T x T Gram matrix of the
+            global gradients is not the sum of local Gram matrices here (g_t = sum_r g_t^r mixes ranks in
+            every inner product), so the T x P all-reduce cannot be replaced by a T x T one.
+  repr.     per-task gradients of the fused representation z: each rank's rows are its own clips, so the
+            global Gram matrix is the sum of the local ones; with the W scaling above, all_reduce_gram(G) =
+            sum_r G_r / W^2 (one T x T all-reduce). The combination goes back through the local trunk and
+            the mean over ranks in Run.step makes it the global gradient.
+
+A global batch with fewer clips than ranks: a rank without clips gets the batch's first clip as a "ghost"
+(shard() says so); its rows are masked out of every loss, so it contributes zeros but still takes part in
+every collective.
+"""
+import os
+import pickle
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Context:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str = ""
+
+
+_CTX = Context()
+
+
+def setup(device="cpu"):
+    """Initialise the process group once when launched by torchrun (WORLD_SIZE > 1); returns (context,
+    device). A CUDA device becomes cuda:<LOCAL_RANK> under torchrun. Backend: nccl for CUDA, gloo for CPU."""
+    global _CTX
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {device}: CUDA is not available here (torch {torch.__version__}, "
+                         f"CUDA build: {torch.version.cuda})")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if device.type == "cuda":
+            if device.index is not None and device.index != local_rank:
+                raise SystemExit(f"--device {device} under torchrun: give --device cuda, each rank takes "
+                                 f"cuda:<LOCAL_RANK>")
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+        if not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        _CTX = Context(dist.get_rank(), dist.get_world_size(), local_rank, dist.get_backend())
+    elif device.type == "cuda":
+        torch.cuda.set_device(device if device.index is not None else torch.device("cuda", 0))
+    return _CTX, device
+
+
+def context():
+    return _CTX
+
+
+def is_distributed():
+    return _CTX.world_size > 1
+
+
+def rank():
+    return _CTX.rank
+
+
+def world_size():
+    return _CTX.world_size
+
+
+def is_main():
+    """True in the process that writes files and prints (rank 0; the only process of a plain run)."""
+    return _CTX.rank == 0
+
+
+def barrier():
+    if is_distributed():
+        dist.barrier()
+
+
+def rank_seed(seed, r=None):
+    """The torch seed of a rank after the model is built (dropout masks of its own clips); rank 0 keeps seed."""
+    r = rank() if r is None else r
+    return seed + 1_000_033 * r
+
+
+# ---------------------------------------------------------------- shards of the global batches
+def shard(indices, r=None, world=None):
+    """Rank r's contiguous part of one global batch (list of clip indices) -> (indices, ghost). Parts differ
+    in size by at most one; a rank left without clips gets [indices[0]] with ghost=True (masked out)."""
+    r = rank() if r is None else r
+    world = world_size() if world is None else world
+    n = len(indices)
+    base, extra = divmod(n, world)
+    start = r * base + min(r, extra)
+    part = list(indices[start:start + base + (1 if r < extra else 0)])
+    if not part:
+        return [indices[0]], True
+    return part, False
+
+
+def shard_start(n, r=None, world=None):
+    """Offset of rank r's part in a global batch of n clips (rows [start, start + len) of the global batch)."""
+    r = rank() if r is None else r
+    world = world_size() if world is None else world
+    base, extra = divmod(n, world)
+    return r * base + min(r, extra)
+
+
+# ---------------------------------------------------------------- reductions
+def all_reduce_sum_(tensor):
+    """In-place sum over ranks (identity in one process)."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+class _GlobalMean(torch.autograd.Function):
+    """Value: the global mean (identical on every rank). Gradient: to the local sum, scaled by W / count."""
+
+    @staticmethod
+    def forward(ctx, local_sum, global_sum, global_count, world):
+        ctx.save_for_backward(global_count)
+        ctx.world = world
+        return global_sum / global_count.clamp(min=1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (count,) = ctx.saved_tensors
+        return grad * ctx.world / count.clamp(min=1), None, None, None
+
+
+def global_task_losses(per_item, mask):
+    """Per-task mean losses over the global batch. per_item [B, T] (this rank's clips), mask bool [B, T]
+    (which clip counts for which task) -> (losses [T], counts [T] global number of clips per task).
+    One process: exactly (per_item * mask).sum(0) / mask.sum(0).clamp(min=1). Several: see the module
+    docstring (value global and identical on every rank; gradient W * local sum / global count)."""
+    mask = mask.to(per_item.dtype)
+    local_sum = (per_item * mask).sum(0)
+    counts = mask.sum(0)
+    if not is_distributed():
+        return local_sum / counts.clamp(min=1), counts
+    both = torch.cat([local_sum.detach(), counts]).to(torch.float64)
+    all_reduce_sum_(both)
+    T = counts.numel()
+    global_sum = both[:T].to(per_item.dtype)
+    global_count = both[T:].to(per_item.dtype)
+    return _GlobalMean.apply(local_sum, global_sum, global_count, world_size()), global_count
+
+
+def all_reduce_task_losses(losses):
+    """Mean over ranks of [T] values that are each rank's share (e.g. logged numbers); identity alone."""
+    if not is_distributed():
+        return losses
+    out = losses.detach().clone().to(torch.float64)
+    all_reduce_sum_(out)
+    return (out / world_size()).to(losses.dtype)
+
+
+def all_reduce_task_grads(grads):
+    """Parameter space: the per-task gradients [T, P] (any row stride) averaged over ranks, in place, so
+    that every rank holds the global T x P matrix (module docstring). Identity in one process."""
+    if not is_distributed():
+        return grads
+    flat = grads if grads.is_contiguous() else grads.contiguous()
+    all_reduce_sum_(flat)
+    flat.div_(world_size())
+    if flat is not grads:
+        grads.copy_(flat)
+    return grads
+
+
+def all_reduce_gram(G):
+    """Representation space: the Gram matrix [T, T] of the global per-task gradients of z from each rank's
+    local one, sum_r G_r / W^2 (rows are clips, so the ranks' blocks add; W^2 undoes the W scaling of
+    global_task_losses' gradient). Identity in one process. Keeps G's dtype (float64)."""
+    if not is_distributed():
+        return G
+    G = G.clone()
+    all_reduce_sum_(G)
+    return G / world_size() ** 2
+
+
+def average_gradients(params, synced=()):
+    """Mean over ranks of every .grad (one coalesced all-reduce), except `synced` parameters whose .grad is
+    already the global gradient. A parameter with a gradient on some ranks only gets zeros where it has
+    none; one without a gradient on every rank keeps .grad None (Adam must not move it)."""
+    if not is_distributed():
+        return
+    skip = {id(p) for p in synced}
+    params = [p for p in params if id(p) not in skip and p.requires_grad]
+    if not params:
+        return
+    device = params[0].device
+    present = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=device)
+    all_reduce_sum_(present)
+    todo = [p for p, n in zip(params, present.tolist()) if n > 0]
+    for p in todo:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    by_dtype = {}
+    for p in todo:
+        by_dtype.setdefault((p.grad.dtype, p.grad.device), []).append(p)
+    for group in by_dtype.values():
+        flat = torch.cat([p.grad.reshape(-1) for p in group])
+        all_reduce_sum_(flat)
+        flat.div_(world_size())
+        offset = 0
+        for p in group:
+            n = p.grad.numel()
+            p.grad.copy_(flat[offset:offset + n].view_as(p.grad))
+            offset += n
+
+
+def any_true(flag):
+    """True on every rank when flag is True on any rank (e.g. a stop request that reached one rank first)."""
+    if not is_distributed():
+        return bool(flag)
+    t = torch.tensor([1.0 if flag else 0.0], device=_collective_device())
+    all_reduce_sum_(t)
+    return t.item() > 0
+
+
+def _collective_device():
+    return torch.device("cuda", torch.cuda.current_device()) if _CTX.backend == "nccl" else torch.device("cpu")
+
+
+def broadcast_object(obj, src=0):
+    """Rank src's object on every rank (e.g. validation metrics, so that every rank's rule decides alike)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, device=_collective_device())
+    return box[0]
+
+
+def gather_objects(obj):
+    """[object of rank 0, object of rank 1, ...] on every rank ([obj] in one process)."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def copyable(obj):
+    """A deep copy through pickle (state dicts gathered from other ranks share no storage with live objects)."""
+    return pickle.loads(pickle.dumps(obj))

@@ -1,0 +1,71 @@
+"""Runs several strategy scripts one after the other in one process (under torchrun: in one process group),
+for tests/test_distributed.py: one torchrun launch serves every strategy of the comparison.
+
+    torchrun --standalone --nproc_per_node 2 tests/dist_worker.py runs.json
+    python tests/dist_worker.py runs.json          # the same runs in one process (the reference)
+
+runs.json: [["strategies/all_at_once.py", ["--data", ...]], ...]; each script runs as `python script argv`.
+The entry ["@gram", [out.pt, argv...]] instead computes the Gram matrices of one global batch (gram_check).
+"""
+import json
+import runpy
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def main():
+    run_all(json.loads(Path(sys.argv[1]).read_text()))
+    from common import distributed
+    if distributed.is_distributed():
+        import torch.distributed as dist
+        dist.destroy_process_group()
+
+
+def run_all(runs):
+    saved = sys.argv
+    for script, argv in runs:
+        if script == "@gram":
+            gram_check(argv[0], argv[1:])
+            continue
+        sys.argv = [str(REPO / script), *argv]
+        runpy.run_path(str(REPO / script), run_name="__main__")
+    sys.argv = saved
+
+
+def gram_check(out, argv):
+    """The first global batch's per-task gradients in both spaces, reduced as common/distributed.py says:
+    the representation-space Gram matrix (sum of local ones), the parameter-space one (after the T x P
+    all-reduce), and the parameter gradients after a PCGrad combination sent back through the local trunk.
+    Rank 0 saves them to out."""
+    import torch
+    from common import distributed, gradagg
+    from common.train import Run, build_parser
+    run = Run(build_parser().parse_args(argv), strategy="gram_check")
+    batch = next(iter(run.batches()))
+    fused, per_item, valid = run.per_item_losses(batch)
+    losses, counts = distributed.global_task_losses(per_item, valid)
+    T = len(run.tasks)
+    rows = torch.stack([torch.autograd.grad(losses[t], fused, retain_graph=True)[0].reshape(-1) for t in range(T)])
+    G_repr = distributed.all_reduce_gram(gradagg.gram(rows))
+    shared = run.model.shared_parameters()
+    buf = gradagg.TaskGradBuffer(shared, T)
+    buf.fill_from_losses([losses[t] for t in range(T)])
+    distributed.all_reduce_task_grads(buf.grads)
+    G_params = gradagg.gram(buf.grads)
+    # representation space, as an aggregator step: weights from the global Gram (here: each task's gradient
+    # normalised, 1 / ||g_t||), the combination back through the local trunk
+    coeffs = 1.0 / G_repr.diagonal().clamp(min=1e-24).sqrt()
+    run.optimizer.zero_grad(set_to_none=True)
+    fused.backward(gradagg.combine(rows, coeffs.to(rows.dtype)).view_as(fused))
+    distributed.average_gradients(run._trained_parameters())
+    grads = {n: p.grad.clone() for n, p in run.model.named_parameters() if p.grad is not None}
+    if distributed.is_main():
+        torch.save({"G_repr": G_repr, "G_params": G_params, "losses": losses.detach(), "counts": counts,
+                    "grads": grads}, out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""Dynamic difficulty sampling (strategies/dynamic_sampling.py) on scripted inputs, no model."""
+import json
+
+import pytest
+import torch
+
+from common.weighting import Equal
+from strategies.dynamic_sampling import (DifficultySampler, ScaledTerms, compose_batch, gap_difficulty,
+                                         sampling_probabilities, single_task_references)
+
+
+def test_probabilities_are_proportional_to_the_difficulty_not_a_softmax():
+    assert sampling_probabilities([0.1, 0.3]).tolist() == pytest.approx([0.25, 0.75])
+    # a task at or above its single-task level (gap <= 0) is not drawn
+    assert sampling_probabilities([0.2, 0.0, -0.1, 0.2]).tolist() == pytest.approx([0.5, 0.0, 0.0, 0.5])
+    assert sampling_probabilities([0.0, -0.3, 0.0]).tolist() == pytest.approx([1 / 3] * 3)   # no gap: uniform
+
+
+def test_gap_is_single_task_minus_multi_task_score():
+    refs = {"a": 0.80, "b": 0.60, "c": 0.70}
+    d = gap_difficulty(refs, {"a": 0.70, "b": 0.58, "c": 0.75})
+    assert d == pytest.approx([0.10, 0.02, -0.05])
+    assert sampling_probabilities(d).tolist() == pytest.approx([0.10 / 0.12, 0.02 / 0.12, 0.0])
+
+
+def test_default_keeps_every_label_and_weights_tasks_by_T_p():
+    s = DifficultySampler(4, seed=0)
+    mask, scale = s.draw("weights", batch_size=8)
+    assert mask.tolist() == [True] * 4 and scale.tolist() == [1.0] * 4     # first epoch: uniform = all_at_once
+    s.probs = sampling_probabilities([0.1, 0.3, 0.0, 0.0])
+    mask, scale = s.draw("weights", batch_size=8)
+    assert mask.all()                                                      # every task on every clip
+    assert scale.tolist() == pytest.approx([1.0, 3.0, 0.0, 0.0]) and scale.sum().item() == pytest.approx(4.0)
+
+
+def test_scaled_terms_multiply_the_weightings_terms_and_delegate_the_rest():
+    inner = Equal(3)
+    w = ScaledTerms(inner)
+    losses, on = torch.tensor([0.5, 1.0, 2.0]), torch.tensor([True, True, True])
+    assert torch.equal(w.terms(losses, on), inner.terms(losses, on))         # no scale yet
+    w.scale = torch.tensor([0.5, 2.0, 0.5])
+    assert w.terms(losses, on).tolist() == pytest.approx([0.25, 2.0, 1.0])
+    assert torch.equal(w.weights(), inner.weights()) and w.state_dict() == inner.state_dict()
+
+
+def test_one_task_per_step_follows_the_probabilities():
+    s = DifficultySampler(3, seed=0)
+    s.probs = torch.tensor([0.6, 0.3, 0.1], dtype=torch.float64)
+    draws = [s.draw("task", 8) for _ in range(6000)]
+    assert all(mask.shape == (3,) and mask.sum() == 1 and scale is None for mask, scale in draws)
+    freq = torch.stack([m for m, _ in draws]).float().mean(0)
+    assert torch.allclose(freq, s.probs.float(), atol=0.02)
+
+
+def test_one_task_per_clip_follows_the_probabilities():
+    probs = torch.tensor([0.5, 0.3, 0.1, 0.07, 0.03], dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    masks = torch.cat([compose_batch(probs, 16, g) for _ in range(2000)])
+    assert masks.shape == (32000, 5) and (masks.sum(1) == 1).all()          # each clip serves one task
+    assert torch.allclose(masks.float().mean(0), probs.float(), atol=0.01)
+
+
+def test_loss_difficulty_is_the_ratio_to_the_first_interval():
+    s = DifficultySampler(2, seed=0)
+    on = torch.tensor([True, True])
+    for loss in ([1.0, 2.0], [1.0, 2.0]):
+        s.record(torch.tensor(loss), on)
+    assert s.loss_difficulty().tolist() == pytest.approx([1.0, 1.0])       # the first interval defines L(0)
+    s.record(torch.tensor([0.5, 1.8]), on)
+    d = s.loss_difficulty()
+    assert d.tolist() == pytest.approx([0.5, 0.9])
+    assert sampling_probabilities(d).tolist() == pytest.approx([0.5 / 1.4, 0.9 / 1.4])
+    s.record(torch.tensor([0.4, 9.0]), torch.tensor([True, False]))        # task 1 not trained this interval
+    assert s.loss_difficulty().tolist() == pytest.approx([0.4, 1.0])
+
+
+def test_loss_share_is_the_interval_mean_loss():
+    s = DifficultySampler(3, seed=0)
+    on = torch.tensor([True, True, True])
+    s.record(torch.tensor([1.0, 2.0, 1.0]), on)
+    s.record(torch.tensor([1.0, 4.0, 3.0]), on)
+    mean = s.interval_losses()
+    assert mean.tolist() == pytest.approx([1.0, 3.0, 2.0])
+    assert sampling_probabilities(mean).tolist() == pytest.approx([1 / 6, 3 / 6, 2 / 6])   # L_t / sum_s L_s
+    assert torch.isnan(s.interval_losses()).all()                          # started anew
+
+
+def test_sampler_state_round_trip_continues_the_same_draws():
+    a = DifficultySampler(3, seed=1)
+    a.probs = sampling_probabilities([0.1, 0.5, 0.9])
+    a.draw("clips", 8)
+    b = DifficultySampler(3, seed=99)
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(a.draw("clips", 8)[0], b.draw("clips", 8)[0])
+    assert torch.equal(a.draw("task", 8)[0], b.draw("task", 8)[0])
+
+
+def test_single_task_references_name_what_is_missing(tmp_path):
+    tasks = ["binary", "gory"]
+    refs, why = single_task_references(tmp_path, 0, tasks, "ap")
+    assert refs is None and "summary.json" in why
+    path = tmp_path / "single_task" / "seed0" / "summary.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"val": {"per_task": {"binary": {"ap": 0.8, "f1_macro": 0.7},
+                                                     "gory": {"ap": None, "f1_macro": 0.6}}}}))
+    refs, why = single_task_references(tmp_path, 0, tasks, "ap")
+    assert refs is None and "gory" in why                                   # AP undefined: not a reference
+    refs, _ = single_task_references(tmp_path, 0, tasks, "f1_macro")
+    assert refs == {"binary": 0.7, "gory": 0.6}
