@@ -49,7 +49,7 @@ sys.path.insert(0, str(REPO))
 
 from common.data import TASKS  # noqa: E402
 from common.evaluate import delta_m  # noqa: E402
-from common.stats import finite, holm, mean_interval, mean_ranks, paired_tests  # noqa: E402
+from common.stats import holm, mean_interval, mean_ranks, paired_tests  # noqa: E402
 from common.train import DEFAULT_DATA  # noqa: E402
 
 # extra rows for scripts whose flags change the strategy; every script also runs with its defaults

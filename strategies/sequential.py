@@ -100,7 +100,7 @@ def main(argv=None):
         phases.next(scores, run.step_count)
     drops = forgetting(phases.after_phase, order)
     rows = [[t] + [phases.after_phase[p][t] for p in order] + [drops.get(t, 0.0)] for t in order]
-    print(f"\nval score after each phase (columns) and forgetting (own phase end - final)")
+    print("\nval score after each phase (columns) and forgetting (own phase end - final)")
     print(tabulate(rows, headers=["task"] + [f"after {p}" for p in order] + ["forgetting"], floatfmt=".3f"))
     return run.finish(decisions={"order": order, "forgetting": drops, "after_phase": phases.after_phase})
 
