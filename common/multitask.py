@@ -22,10 +22,22 @@ Gradient space (for aggregators, and for GradNorm's gradient norms):
                   through the heads, then one backward through the trunk with the combined gradient. A
                   cheaper, named variant (Sener & Koltun's MGDA-UB is its published precedent); its
                   per-task gradients are nearly orthogonal here, so conflict-based methods act differently.
+
+torchrun (common/distributed.py; one process: every call below is the identity): the per-task losses are
+the global batch's (distributed.global_task_losses), so every rule sees the same numbers on every rank.
+  params          the T x P per-task gradients are averaged over the ranks (all_reduce_task_grads) before the
+                  Gram matrix: the global Gram matrix is not the sum of local ones (inner products mix ranks).
+                  The combined .grad of the shared parameters is then already global: run.step(synced=...).
+  representation  each rank's rows of z are its own clips, so the global Gram matrix is the sum of the local
+                  ones (all_reduce_gram, one T x T all-reduce); the combination goes back through the local
+                  trunk and run.step averages the trunk's gradients like any other.
+fp16 (--precision fp16): the terms are multiplied by run.loss_scale before any backward (the per-task
+gradients too, so they do not underflow); the aggregator and GradNorm see G / loss_scale**2, and a step
+whose scaled gradients overflowed is left to the scaler (run.step(..., scaled=True) skips it).
 """
 import torch
 
-from common import gradagg
+from common import distributed, gradagg
 from common.aggregators import AGGREGATORS
 from common.train import Run, build_parser
 from common.weighting import WEIGHTINGS
@@ -74,9 +86,12 @@ class MultiTaskUpdate:
         self.report_totals = {}   # the aggregator's reports summed over steps (e.g. Nash-MTL's fallbacks)
 
     # -- the step
-    def step(self, batch, task_mask=None):
+    def step(self, batch, task_mask=None, task_scale=None):
         """task_mask: None (all tasks, all samples), bool [T] (these tasks), or bool [B, T] (sample b
-        counts for task t: batches composed per sampling ratios). Returns the per-task losses."""
+        counts for task t: batches composed per sampling ratios). task_scale: None or [T] factors that
+        multiply the weighting's terms on this step (a rule that weighs tasks per step, e.g. dynamic
+        sampling's --apply weights); the weighting's own state never sees them. Returns the per-task
+        losses (under torchrun those of the global batch, identical on every rank)."""
         run = self.run
         fused, per_item, valid = run.per_item_losses(batch)        # [B, 3H], [B, T], [B, T]
         mask = self._sample_mask(task_mask, valid)
@@ -85,22 +100,34 @@ class MultiTaskUpdate:
             run.skip_step()
             return losses.detach()
         self.weighting.observe(losses.detach(), active, run.epoch)
+        # fp16: every backward below starts from losses times the scaler's scale (scaler.scale, which also
+        # starts the scaler for run.step's unscale_); 1.0 otherwise
+        scaled = (lambda x: run.scaler.scale(x)) if run.scaler is not None else (lambda x: x)
+        scale = run.loss_scale
         if self.weighting.needs_grad_norms:
-            norms = self._task_gradients(losses, active, fused, norms_only=True)
-            self.last["gradnorm_targets"] = self.weighting.update(losses, norms, active)
+            _, G = self._task_gradients(scaled(losses), active, fused, scale)
+            if G is None:  # fp16 overflow: this step is the scaler's to skip; the weights wait for the next
+                self.last["gradnorm_targets"] = torch.full((self.T,), float("nan"))
+            else:
+                self.last["gradnorm_targets"] = self.weighting.update(losses, G.diagonal().clamp(min=0).sqrt(), active)
         terms = self.weighting.terms(losses, active)
+        if task_scale is not None:
+            terms = terms * self._check_task_scale(task_scale, terms)
 
         run.optimizer.zero_grad(set_to_none=True)
+        synced = ()
         if self.aggregator is None:
-            terms.sum().backward()
+            scaled(terms.sum()).backward()
         else:
-            self._aggregate_backward(terms, active, fused)
+            self._aggregate_backward(scaled(terms), active, fused, scale)
+            if self.grad_space == "params":  # their combined .grad came from the all-reduced T x P rows
+                synced = self.task_grads.params
         # an inactive task's head gets no gradient at all: with a zero gradient Adam would still move it
         # by its momentum, and a "stopped" task would keep changing
         for t in (~active).nonzero().flatten().tolist():
             for p in run.head_parameters(run.tasks[t]):
                 p.grad = None
-        stepped = run.step(None, batch=batch)
+        stepped = run.step(None, batch=batch, synced=synced, scaled=run.scaler is not None)
         if stepped and self.weighting.needs_loss_after_step:
             with torch.no_grad():   # the same batch after the step (FAMO's official second forward)
                 _, per_item_after, _ = run.per_item_losses(batch)
@@ -110,57 +137,86 @@ class MultiTaskUpdate:
         self.last["active"] = active.cpu()
         return losses.detach()
 
+    def _check_task_scale(self, task_scale, terms):
+        scale = torch.as_tensor(task_scale, dtype=terms.dtype, device=terms.device)
+        if scale.shape != (self.T,):
+            raise ValueError(f"MultiTaskUpdate.step: task_scale must have shape ({self.T},) (one factor per "
+                             f"task of {self.run.tasks}), got {tuple(scale.shape)}")
+        return scale
+
     def _sample_mask(self, task_mask, valid):
         if task_mask is None:
             return valid
         task_mask = task_mask.to(valid.device)
         if task_mask.dim() == 1:
             task_mask = task_mask.expand_as(valid)
+        if task_mask.shape != valid.shape:
+            raise ValueError(f"MultiTaskUpdate.step: task_mask must be [T] or [B, T] = {tuple(valid.shape)} "
+                             f"(this rank's clips), got {tuple(task_mask.shape)}")
         return task_mask & valid
 
     @staticmethod
     def _masked_losses(per_item, mask):
-        counts = mask.sum(0)
-        return (per_item * mask).sum(0) / counts.clamp(min=1), counts > 0
+        """Per-task mean losses over the clips each task counts (under torchrun: over the global batch)
+        and which tasks have any clip (identical on every rank)."""
+        losses, counts = distributed.global_task_losses(per_item, mask)
+        return losses, counts > 0
 
     # -- per-task gradients
-    def _task_gradients(self, terms, active, fused, norms_only=False):
-        """The T x P per-task gradients in the chosen space (inactive tasks: zero rows), or with
-        norms_only their norms [T]."""
+    def _task_gradients(self, losses, active, fused, scale=1.0):
+        """The per-task gradients in the chosen space (inactive tasks: zero rows) and the Gram matrix of
+        the global ones, divided by scale**2 (fp16: losses came multiplied by the loss scale).
+        params: rows T x P, all-reduced, identical on every rank. representation: this rank's rows
+        [T, B * 3H] of z, and G the sum of the ranks' local Gram matrices. G is None where the scaled
+        fp16 gradients overflowed on some rank (the scaler then skips the step)."""
         if self.grad_space == "params":
-            self.task_grads.fill_from_losses([terms[t] if active[t] else None for t in range(self.T)])
-            grads = self.task_grads.grads
+            self.task_grads.fill_from_losses([losses[t] if active[t] else None for t in range(self.T)])
+            grads = distributed.all_reduce_task_grads(self.task_grads.grads)
         else:
             grads = torch.zeros(self.T, fused.numel(), device=fused.device)
             for t in range(self.T):
                 if active[t]:
-                    (g,) = torch.autograd.grad(terms[t], fused, retain_graph=True)
+                    (g,) = torch.autograd.grad(losses[t], fused, retain_graph=True)
                     grads[t] = g.reshape(-1)
-        if norms_only:
-            return gradagg.gram(grads).diagonal().clamp(min=0).sqrt()
-        return grads
+        try:
+            G = gradagg.gram(grads)
+        except FloatingPointError:
+            if scale == 1.0:  # no loss scale: a real NaN or inf, reported as before
+                raise
+            G = None          # fp16: the scaled gradients (or their inner products) overflowed
+        if scale != 1.0 and distributed.any_true(G is None):  # decided alike on every rank
+            return grads, None
+        if self.grad_space == "representation":
+            G = distributed.all_reduce_gram(G)
+        return grads, G / scale ** 2 if scale != 1.0 else G
 
-    def _aggregate_backward(self, terms, active, fused):
-        grads = self._task_gradients(terms, active, fused)
-        G = gradagg.gram(grads)
+    def _aggregate_backward(self, terms, active, fused, scale=1.0):
+        grads, G = self._task_gradients(terms, active, fused, scale)
         idx = active.nonzero().flatten().cpu()
         coeffs = torch.zeros(self.T, dtype=torch.float64)
-        # the aggregator sees only the active tasks' Gram matrix (a scheduler may have switched some off)
-        G_active = G[idx][:, idx].cpu()
-        coeffs[idx] = self.aggregator(G_active)
+        if G is None:  # fp16 overflow: the aggregator is not asked; an inf update makes run.step's scaler skip
+            coeffs[idx] = 1.0
+        else:
+            # the aggregator sees only the active tasks' Gram matrix (a scheduler may have switched some off)
+            G_active = G[idx][:, idx].cpu()
+            coeffs[idx] = self.aggregator(G_active)
+            self.last["conflicts"] = int((G_active < 0).sum().item() // 2)
+            self.last.update(self.aggregator.report)
+            for k, v in self.aggregator.report.items():
+                self.report_totals[k] = self.report_totals.get(k, 0) + v
+            self.conflicts_total += self.last["conflicts"]
         self.last["aggregator_weights"] = coeffs.float()
-        self.last["conflicts"] = int((G_active < 0).sum().item() // 2)
-        self.last.update(self.aggregator.report)
-        for k, v in self.aggregator.report.items():
-            self.report_totals[k] = self.report_totals.get(k, 0) + v
-        self.conflicts_total += self.last["conflicts"]
         # heads and rule parameters: the plain gradient of the summed terms (cheap: no trunk backward)
         own = [p for p in self.own_params if p.requires_grad]
         head_grads = torch.autograd.grad(terms.sum(), own, retain_graph=True, allow_unused=True)
         if self.grad_space == "params":
-            self.task_grads.write_combined(coeffs)
+            combined = self.task_grads.write_combined(coeffs)
+            if G is None:
+                combined.fill_(float("inf"))
         else:
             combined = gradagg.combine(grads, coeffs.to(grads.dtype))
+            if G is None:
+                combined.fill_(float("inf"))
             fused.backward(combined.view_as(fused))
         for p, g in zip(own, head_grads):
             p.grad = g

@@ -33,14 +33,15 @@ from common import compare  # noqa: E402
 from common.data import TASKS  # noqa: E402
 from common.text_encoder import MINILM_PACKAGE, minilm_folder  # noqa: E402
 
-# Chosen to fit about 80 minutes on 2 cores (JOBS=2). Measured on fold 0 (6 epochs, 2 jobs of one thread on a
-# nearly idle machine): all_at_once 357 s, all_at_once --weights learned 352 s, pcgrad in representation
-# space 355 s, pcgrad in parameter space 762 s per run. At 5 epochs a run costs about 300 s (762 s -> ~640 s);
-# the 4 rows below (pcgrad and all_at_once have 2 each in compare.VARIANTS) are about 6.2 such units per
-# fold: 5 folds x 6.2 x 300 s / 2 jobs = about 77 minutes (an estimate from those measurements, not a
-# measured whole run). single_task (Delta_m's reference) costs five runs per fold (+60 min): add it with
-# --strategies / STRATEGIES=.
+# Chosen to fit on 2 cores (JOBS=2). Measured on fold 0 (6 epochs, 2 jobs of one thread on a nearly idle
+# machine): all_at_once 357 s, all_at_once --weights learned 352 s, pcgrad in representation space 355 s,
+# pcgrad in parameter space 762 s per run; at 5 epochs with early stopping a run costs about 300 s (pcgrad
+# in parameter space about 640 s). The default rows are the three plain ones (all_at_once, pcgrad in
+# parameter space, stop_and_go; no variants): 5 folds x (300 + 640 + 300) s / 2 jobs = about 52 minutes on
+# an idle machine. --rows all adds compare's variants (learned weights, pcgrad in representation space:
+# +25 min); single_task (Delta_m's reference) costs five runs per fold (+60 min): add it with --strategies.
 DEFAULT_STRATEGIES = ("all_at_once", "pcgrad", "stop_and_go")
+DEFAULT_ROWS = ("all_at_once", "pcgrad", "stop_and_go")
 SETTINGS = {"epochs": 5, "lr": 1e-4, "batch_size": 16, "patience": 2}
 DATA_ROOT = REPO / "results" / "runs" / "real_text" / "folds_minilm"  # git-ignored: derived from the JSON
 WHAT_IT_IS = (
@@ -75,12 +76,19 @@ def run_settings(encoder_folder, epochs, lr, batch_size, patience, extra=()):
     """The arguments every run of the benchmark takes (besides --seed and --data)."""
     return ["--text-encoder", str(encoder_folder), "--trunk", "text_only", "--model-size", "small",
             "--epochs", str(epochs), "--lr", f"{lr:g}", "--batch-size", str(batch_size),
-            "--early-stop-patience", str(patience), *extra]
+            "--early-stop-patience", str(patience), "--evals-per-epoch", "1", *extra]  # one budget rule for all
 
 
-def plan_jobs(strategies, folds, data_root, settings, root):
-    """(key, command tail, settings) of every run: compare's rows (variants included) x folds."""
+def plan_jobs(strategies, folds, data_root, settings, root, keep_rows=None):
+    """(key, command tail, settings) of every run: compare's rows (variants included, or only the row
+    labels in keep_rows, e.g. "pcgrad --grad-space representation") x folds."""
     rows = compare.planned_rows(compare.discover(list(strategies)))
+    if keep_rows is not None:
+        unknown = set(keep_rows) - {compare.row_key(*r) for r in rows}
+        if unknown:
+            raise SystemExit(f"--rows: {sorted(unknown)} are not rows of {list(strategies)} "
+                             f"(rows: {[compare.row_key(*r) for r in rows]})")
+        rows = [r for r in rows if compare.row_key(*r) in keep_rows]
     jobs = []
     for script, variant in rows:
         for k in folds:
@@ -122,6 +130,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES),
                    help="comma-separated strategy scripts (all: every strategies/*.py)")
+    p.add_argument("--rows", default=None,
+                   help="comma-separated table rows to run (a row is a script and its variant flags, as in "
+                        "make compare); 'all': every variant of --strategies. Default: the plain rows of the "
+                        f"default strategies ({','.join(DEFAULT_ROWS)}), or every row of --strategies")
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--run-folds", default="", help="only these folds, e.g. 0,1 (default: all)")
     p.add_argument("--epochs", type=int, default=SETTINGS["epochs"])
@@ -150,7 +162,11 @@ def main(argv=None):
     index_path = root / "index.json"
     index = json.loads(index_path.read_text()) if index_path.exists() else {}
     threads = max(1, (os.cpu_count() or 1) // max(args.jobs, 1))
-    rows, jobs = plan_jobs(strategies, folds, args.data_root, settings, root)
+    if args.rows is None:
+        keep_rows = DEFAULT_ROWS if args.strategies == ",".join(DEFAULT_STRATEGIES) else None
+    else:
+        keep_rows = None if args.rows == "all" else [r.strip() for r in args.rows.split(",") if r.strip()]
+    rows, jobs = plan_jobs(strategies, folds, args.data_root, settings, root, keep_rows)
 
     def one(job):
         key, tail, run_settings_ = job

@@ -24,7 +24,8 @@ What a strategy script may use of a Run (its public surface; everything else is 
             run.train_set, run.val_set, run.test_set, run.steps_per_epoch,
             run.step_count, run.epoch, run.batch_in_epoch, run.total_steps, run.active_modalities,
             run.lr_dropped (True right after a validate() at which the LR schedule lowered the LR)
-  change    run.set_total_steps(n), run.set_active_modalities(names or None), run.add_parameters(...)
+  change    run.set_total_steps(n), run.set_active_modalities(names or None), run.add_parameters(...),
+            run.set_hold_early_stop(bool) (early stopping waits while a schedule still brings tasks in)
   train     run.start(**stateful), run.batches(), run.per_item_losses(batch), run.task_losses(batch),
             run.step(loss, losses, batch), run.skip_step(), run.check_finite(losses, batch),
             run.head_parameters(task)
@@ -116,7 +117,9 @@ def build_parser(description=None):
                    help="stop after N evaluations in a row without a new best selection score (0 = off: train "
                         "the whole budget, --epochs capped by --max-steps)")
     # -- end metrics
-    p.add_argument("--eval-every", type=int, default=0, help="validate every N steps (0 = once per epoch)")
+    p.add_argument("--eval-every", type=int, default=0, help="validate every N steps (0: --evals-per-epoch)")
+    p.add_argument("--evals-per-epoch", type=int, default=1,
+                   help="where --eval-every is 0: validate this many times per epoch, evenly spaced")
     p.add_argument("--checkpoint-every", type=int, default=100, help="also checkpoint every N steps")
     p.add_argument("--log-every", type=int, default=20, help="write a train line to metrics.jsonl every N steps")
     p.add_argument("--max-steps", type=int, default=0,
@@ -352,7 +355,7 @@ class Run:
             torch.manual_seed(distributed.rank_seed(args.seed))
         self.lengths = self.train_set.text_lengths() if args.bucket else None
         self.steps_per_epoch = math.ceil(len(self.train_set) / args.batch_size)
-        self.eval_every = args.eval_every or self.steps_per_epoch
+        self.eval_every = args.eval_every or max(self.steps_per_epoch // max(getattr(args, 'evals_per_epoch', 1), 1), 1)
         self._total_steps = args.epochs * self.steps_per_epoch
         if args.max_steps:
             self._total_steps = min(self._total_steps, args.max_steps)
@@ -364,7 +367,7 @@ class Run:
                          "evals_without_best": 0, "stopped_at": 0}  # early stopping (validate)
         # a strategy sets this while its schedule still brings tasks in (curriculum entries, sequential
         # phases): early stopping waits, and its count of evaluations without a new best restarts
-        self.hold_early_stop = False
+        self._hold_early_stop = False
         self._pending = []  # train lines not yet written
         self._stop_requested = False
         self._last_val = None
@@ -489,6 +492,11 @@ class Run:
         """Switch modality branches off (masked, never zero-filled); None switches all back on.
         Checkpointed, so a resumed run continues with the same modalities."""
         self._active_modalities = None if modalities is None else tuple(modalities)
+
+    def set_hold_early_stop(self, hold):
+        """While held (a curriculum still bringing tasks in, a sequential phase not yet at its last task),
+        early stopping waits and its count of evaluations without a new best restarts."""
+        self._hold_early_stop = bool(hold)
 
     def at_eval(self):
         s = self.progress["step"]
@@ -671,7 +679,7 @@ class Run:
     def _early_stop(self, improved):
         """Count evaluations without a new best; True (and the budget ends now) when they reach the patience."""
         patience = getattr(self.args, "early_stop_patience", 0)
-        self.progress["evals_without_best"] = 0 if improved or self.hold_early_stop else (
+        self.progress["evals_without_best"] = 0 if improved or self._hold_early_stop else (
             self.progress.get("evals_without_best", 0) + 1)
         if patience and self.progress["evals_without_best"] >= patience:
             self.progress["stopped_at"] = self.progress["step"]
@@ -720,12 +728,17 @@ class Run:
             print("\r\033[K", end="", file=sys.stderr, flush=True)
         print(f"[{self.strategy}] {message}", flush=True)
 
+    def _select_name(self):
+        """What the progress line's validation number is: the mean selection metric (or -loss, pretraining)."""
+        name = getattr(self.objective, "select_metric", None)
+        return f"mean {name}" if name else "-loss"
+
     def _show_progress(self):
         if self.args.quiet or not sys.stderr.isatty() or not distributed.is_main():
             return
         s, tot = self.progress["step"], self.total_steps
         rate = s / max(time.perf_counter() - self._t_start, 1e-9) if self._t_start else 0
-        val = f" val mF1 {self._last_val:.3f}" if self._last_val is not None else ""
+        val = f" val {self._select_name()} {self._last_val:.3f}" if self._last_val is not None else ""
         print(f"\r[{self.strategy}] epoch {self.progress['epoch'] + 1}/{self.args.epochs} step {s}/{tot}"
               f"{val} {rate:.1f} it/s   ", end="", file=sys.stderr, flush=True)
 
@@ -871,9 +884,32 @@ def merge_summaries(summaries, tasks, strategy):
         "epochs": parts[0]["epochs"], "train_seconds": seconds, "seconds_per_step": seconds / max(steps, 1),
         "seconds_per_epoch": sum(s["seconds_per_epoch"] for s in parts),
         "nonfinite_skips": sum(s["nonfinite_skips"] for s in parts),
+        "lr": parts[0].get("lr"), "metric": parts[0].get("metric"), "select_metric": parts[0].get("select_metric"),
+        # the budget is per model: the models' budgets and steps add up; the run stopped early only if every
+        # model did; steps_to_best per model (each selected its own best checkpoint)
+        "budget_steps": sum(s.get("budget_steps") or 0 for s in parts) or None,
+        "stopped_early": all(s.get("stopped_early", False) for s in parts),
+        "steps_to_best": sum(s.get("steps_to_best") or 0 for s in parts),
+        "steps_to_best_per_model": {name: s.get("steps_to_best") for name, s in summaries.items()},
+        "thresholds": ({t: (owner[t].get("thresholds") or {}).get(t) for t in tasks}
+                       if all(owner[t].get("thresholds") for t in tasks) else None),
+        "world_size": parts[0].get("world_size", 1), "precision": parts[0].get("precision"),
         "val": merged("val"), "test": merged("test"),
         "decisions": {"models": {name: s["tasks"] for name, s in summaries.items()}},
     }
+
+
+def single_task_references(out, seed, tasks, metric):
+    """({task: val metric of the single-task model}, why) from <out>/single_task/seed<seed>/summary.json, or
+    (None, why) when that run is missing or lacks a finite value: the reference that curriculum
+    (--difficulty single_task) and dynamic_sampling (--difficulty gap) read."""
+    path = Path(out) / "single_task" / f"seed{seed}" / "summary.json"
+    if not path.exists():
+        return None, f"no {path}"
+    per_task = json.loads(path.read_text())["val"]["per_task"]
+    refs = {t: per_task.get(t, {}).get(metric) for t in tasks}
+    missing = [t for t, v in refs.items() if v is None or not math.isfinite(v)]
+    return (None, f"{path} has no finite val {metric} for {missing}") if missing else (refs, f"references from {path}")
 
 
 def load_init(model, path):

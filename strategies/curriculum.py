@@ -17,7 +17,6 @@ with Dynamic Stop-and-Go, as in 12-in-1 (Lu et al., CVPR 2020).
     python strategies/curriculum.py --order hard --weighting uncertainty
 """
 import copy
-import json
 import sys
 from pathlib import Path
 
@@ -27,7 +26,7 @@ import torch  # noqa: E402
 
 from common.multitask import add_update_args, make_update  # noqa: E402
 from common.schedulers import StopAndGo  # noqa: E402
-from common.train import Run, build_parser, epoch_batches  # noqa: E402
+from common.train import Run, build_parser, epoch_batches, single_task_references  # noqa: E402
 
 
 def curriculum_order(difficulty, order="easy"):
@@ -86,9 +85,11 @@ def main(argv=None):
 
     if plan.order is None:  # not resumed: measure, then fix the order for the whole run
         if args.difficulty == "single_task":
-            path = Path(args.out) / "single_task" / f"seed{args.seed}" / "summary.json"
-            per_task = json.loads(path.read_text())["val"]["per_task"]
-            plan.difficulty = {t: 1.0 - per_task[t][args.metric] for t in run.tasks}
+            refs, why = single_task_references(args.out, args.seed, run.tasks, args.metric)
+            if refs is None:
+                raise SystemExit(f"--difficulty single_task: {why}; run strategies/single_task.py first "
+                                 f"(same --seed, --out and --metric)")
+            plan.difficulty = {t: 1.0 - refs[t] for t in run.tasks}
         else:
             plan.difficulty = probe_difficulty(run, args.probe_steps, args.lr)
         plan.order = curriculum_order(plan.difficulty, args.order)
@@ -103,6 +104,7 @@ def main(argv=None):
         losses = update.step(batch, active)
         run.log_step(losses, entered=is_in, states=rule.states(), **update.decisions())
         if run.at_eval():
+            run.set_hold_early_stop(not bool(is_in.all()))  # early stopping waits for the last entry
             metrics = run.validate(entered=is_in, states=rule.states())
             scores = {t: metrics["per_task"][t]["score"] for t, on in zip(run.tasks, is_in) if on}
             for task, state in rule.observe(scores):

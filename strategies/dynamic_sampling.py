@@ -23,6 +23,8 @@ labels away. The default keeps every label:
   task               one task drawn from p per step trains on the whole batch (homogeneous batches)
   clips              each clip of a batch is handed to one task drawn from p (the paper's heterogeneous
                      batches, and the student code's batches): a task sees about p_t of its labels
+torchrun: every rank draws for the whole global batch from the same generator and takes its own rows
+(rank_rows), and the probabilities come from the global losses, so a run equals the one-process run.
 
     python strategies/dynamic_sampling.py
     python strategies/dynamic_sampling.py --difficulty loss --apply task --weighting uncertainty
@@ -36,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from common import distributed  # noqa: E402
 from common.multitask import add_update_args, make_update  # noqa: E402
 from common.train import Run, build_parser  # noqa: E402
 
@@ -110,18 +113,15 @@ class DifficultySampler:
         self.generator.set_state(state["generator"])
 
 
-class ScaledTerms:
-    """The update's weighting with each task's term multiplied by the sampler's scale (--apply weights)."""
-
-    def __init__(self, weighting):
-        self.inner, self.scale = weighting, None
-
-    def terms(self, losses, active):
-        terms = self.inner.terms(losses, active)
-        return terms if self.scale is None else terms * self.scale.to(terms.device)
-
-    def __getattr__(self, name):  # everything else (observe, update, weights, state_dict, ...) is the inner one's
-        return getattr(self.inner, name)
+def rank_rows(mask, batch):
+    """This rank's rows of a mask [N, T] drawn for the whole global batch (torchrun: every rank draws the same
+    N = batch["global_batch_size"] clips' tasks from the same generator, so the composition is one process's;
+    its clips are rows shard_start .. shard_start + B). A ghost rank's borrowed clip scores nothing: any row."""
+    B = len(batch["clip_ids"])
+    n, start = batch.get("global_batch_size", B), batch.get("shard_start", 0)
+    if mask.shape[0] != n:
+        raise ValueError(f"dynamic_sampling: a mask of {mask.shape[0]} clips for a global batch of {n}")
+    return mask[:B] if batch.get("ghost") else mask[start:start + B]
 
 
 def single_task_references(out, seed, tasks, metric):
@@ -156,21 +156,22 @@ def main(argv=None):
         mode, why = ("gap", why) if refs is not None else ("loss", f"fallback: {why}")
     sampler = DifficultySampler(len(run.tasks), args.seed)
     update = make_update(run, args)
-    scaled = update.weighting = ScaledTerms(update.weighting)
     run.start(sampler=sampler, update=update)
     run.say(f"difficulty: {mode} ({why}); probabilities applied as {args.apply}, updated every {interval} steps")
     run.log({"event": "difficulty", "mode": mode, "why": why, "references": refs, "apply": args.apply})
 
     for batch in run.batches():
-        mask, scaled.scale = sampler.draw(args.apply, len(batch["clip_ids"]))
-        losses = update.step(batch, mask)
-        sampler.record(losses, mask.any(0) if mask.dim() == 2 else mask)
+        # --apply clips: drawn for the global batch (torchrun: identically on every rank), then this rank's rows
+        mask, scale = sampler.draw(args.apply, batch.get("global_batch_size", len(batch["clip_ids"])))
+        trained = mask.any(0) if mask.dim() == 2 else mask      # over the global batch: the same on every rank
+        losses = update.step(batch, rank_rows(mask, batch) if mask.dim() == 2 else mask, task_scale=scale)
+        sampler.record(losses, trained)
         run.log_step(losses, probs=sampler.probs, **update.decisions())
         validated = run.at_eval()
         metrics = run.validate(probs=sampler.probs) if validated else None
         if run.step_count % interval == 0:
-            if mode == "gap":
-                metrics = metrics or run.evaluate(run.val_set)
+            if mode == "gap":  # rank 0's scores on every rank (as run.validate), so the probabilities agree
+                metrics = metrics or distributed.broadcast_object(run.evaluate(run.val_set))
                 d = gap_difficulty(refs, {t: metrics["per_task"][t]["score"] for t in run.tasks})
             elif mode == "loss":
                 d = sampler.loss_difficulty().tolist()

@@ -79,6 +79,8 @@ def main(argv=None):
         losses = update.step(batch)
         run.log_step(losses, modalities=list(run.active_modalities or MODALITIES), **update.decisions())
         if run.at_eval():
+            # early stopping waits until the curriculum has brought every modality in
+            run.set_hold_early_stop(args.mode == "curriculum" and run.active_modalities is not None)
             if args.mode == "dropout":
                 run.set_active_modalities(None)  # dropout is a training-time device: validate on all
             run.validate(modalities=list(run.active_modalities or MODALITIES))

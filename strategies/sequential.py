@@ -87,6 +87,7 @@ def main(argv=None):
         losses = update.step(batch, active)
         run.log_step(losses, task=phases.task)
         if run.at_eval():
+            run.set_hold_early_stop(phases.task != order[-1])  # early stopping waits for the last phase
             metrics = run.validate(task=phases.task)
             scores = {t: metrics["per_task"][t]["score"] for t in run.tasks}
             if phases.observe(scores[phases.task], run.step_count):

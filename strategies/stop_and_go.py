@@ -16,8 +16,11 @@ checked against the reference, is in common/schedulers.py (StopAndGo) and tests/
 
 Intended differences from 12-in-1: there each task had its own dataset, its own forward and optimizer
 step and its own epoch length; here every clip carries all five labels, so one forward of the trunk
-serves all active tasks on a step (no T-fold cost) and one epoch is every task's epoch. --eval-every N
-judges the tasks every N steps instead (finer than 12-in-1). For a negative score (minus a loss when
+serves all active tasks on a step (no T-fold cost) and one epoch is every task's epoch. The rule judges
+the tasks at every validation. This script validates 4 times per epoch by default (--evals-per-epoch 4), so
+that the main job shows its first transitions within minutes (a task can stop at the 3rd validation,
+about 3/4 of an epoch in) instead of in its 3rd epoch; --evals-per-epoch 1 is 12-in-1's cadence (once per
+epoch), and --eval-every N judges every N steps. For a negative score (minus a loss when
 pretraining) the thresholds are relative to |best| (the reference's best * 1.001 would lie below it).
 
     python strategies/stop_and_go.py                          # default data, prints the go/stop timeline
@@ -48,7 +51,8 @@ def main(argv=None):
     parser.add_argument("--no-lr-reset", dest="lr_reset", action="store_false",
                         help="do not reset the controller when the learning rate drops")
     add_update_args(parser)
-    parser.set_defaults(epochs=6)  # once-per-epoch judging: a task can stop from the 3rd evaluation on
+    # the main job: 6 epochs judged 4 times each (12-in-1's once per epoch: --evals-per-epoch 1)
+    parser.set_defaults(epochs=6, evals_per_epoch=4)
     args = parser.parse_args(argv)
     reset_epochs = {int(e) for e in args.reset_at.split(",") if e}
 

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
+from common import distributed  # noqa: E402
 from common.train import Run, build_parser, format_metrics, merge_summaries, train_sum_of_losses, write_json  # noqa: E402
 
 
@@ -79,16 +80,28 @@ def lookahead_affinity(task_losses, params, steps, lr):
     return Z
 
 
+def global_gradient(grads):
+    """torchrun: one task's gradient (one tensor per parameter) averaged over the ranks, which is the global
+    batch's gradient (run.task_losses' convention, common/distributed.py), so that every rank takes the same
+    lookahead step and measures the same Z. One P-sized all-reduce per task. Identity in one process."""
+    if not distributed.is_distributed():
+        return grads
+    flat = distributed.all_reduce_task_grads(torch.cat([g.reshape(-1) for g in grads])[None])[0]
+    return [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]), grads)]
+
+
 def affinity_on_batch(run, batch, shared):
     """TAG's Z on one training batch, with the run's optimizer and lr; no dropout, and (pretraining) the same
-    corruption in every forward, so the losses differ only by the step taken."""
+    corruption in every forward, so the losses differ only by the step taken. Under torchrun the batch is
+    the global one: its losses are global (run.task_losses), the gradients are all-reduced, so Z is the same
+    on every rank and equals one process's."""
     run.model.eval()
     fixed = lambda: torch.Generator().manual_seed(run.step_count)  # noqa: E731
     losses = run.task_losses(batch, generator=fixed())
     grads = []
     for t in range(len(run.tasks)):
         g = torch.autograd.grad(losses[t], shared, retain_graph=t < len(run.tasks) - 1, allow_unused=True)
-        grads.append([torch.zeros_like(p) if x is None else x for p, x in zip(shared, g)])
+        grads.append(global_gradient([torch.zeros_like(p) if x is None else x for p, x in zip(shared, g)]))
     steps = [adam_step(run.optimizer, shared, g, run.args.clip_grad) for g in grads]
     lr = float(run.optimizer.param_groups[0]["lr"])
     Z = lookahead_affinity(lambda: run.task_losses(batch, generator=fixed()), shared, steps, lr)

@@ -7,20 +7,28 @@ repeats in which the sides alternate (A B, B A, ...), and the load average is pr
    (tests/bench_original.py: text padded to 500, no text mask, padded nn.LSTM, BCE on softmax), same
    model and weights, same clips (default length-bucketed batches); small and full size, batch 8 and 16;
    fp32, and bf16 autocast beside it where --precision exists.
-2. Per-task gradient steps (small model, batch 16) against the equal-weight step: GradNorm (last shared
-   layer), PCGrad and MGDA in parameter space (one backward per task, and batched), PCGrad in
-   representation space.
+2. The step of every rule as the strategy scripts run it (common/multitask.py make_update +
+   MultiTaskUpdate.step; small model, batch 16) against the equal-weight step: each weighting (gradnorm,
+   famo with its no-grad forward on the same batch, dwa, rlw, uncertainty) and each aggregator of
+   common/aggregators.py in both gradient spaces (params: one backward per task; pcgrad and mgda also
+   batched), with issue 17's targets.
 3. Each component's share of a step (forward of text encoder, video/audio branches, cross-attention,
    pooling, heads; backward; clip + optimizer).
-4. Peak memory (VmHWM) of one full-size step at batch 16, each configuration in a fresh process:
-   fp32, with --grad-checkpointing (where it exists), bf16, and the original-like baseline.
+4. Peak memory (VmHWM) of one full-size step at batch 16 (random weights), each configuration in a fresh
+   process: fp32, with --grad-checkpointing (target <= 8 GB), and without --quick bf16 and the
+   original-like baseline.
 5. Denormals: step time with torch.set_flush_denormal on and off, and a count of subnormal values.
 6. Evaluation: no_grad at batch 64 (before) against inference_mode at batch 128 (Run.predict now).
 7. Aggregation alone (T = 5): tests/bench_gradagg.py.
+8. Trunks (--trunk): samples/s of a training step of each at the small size (tests/bench_trunks.py).
+9. GPU, only where CUDA is present (tests/bench_gpu.py): small and full model at fp32 and bf16, peak
+   memory (max_memory_allocated), the CUDA kernel's gram + combine against the copy bandwidth and
+   torch.mm. Without CUDA it prints the one line "GPU section: skipped (no CUDA)".
 
     python tests/bench.py            # everything (over 25 min on 2 cores: full size in sections 1 and 4)
     python tests/bench.py --quick    # fewer repeats, batch 16 only at full size, smaller aggregation sizes
     python tests/bench.py --only 2,5 # some sections
+    python tests/bench.py --only 9   # the GPU section alone (tests/gpu_check.sh runs it on a GPU machine)
 """
 import argparse
 import contextlib
@@ -135,39 +143,71 @@ def step_vs_original(train, sizes, batch_sizes, repeats):
         print("(bf16: common/train.py has no --precision flag yet)")
 
 
-# ---------------------------------------------------------------- 2. per-task gradient steps
-def gradient_steps(data, repeats):
+# ---------------------------------------------------------------- 2. cost of each rule's step
+def update_configs():
+    """(label, weighting, aggregator, grad space, batched backward, target) of every rule's step: each
+    weighting with the plain sum, each aggregator in both gradient spaces (parameter space one backward
+    per task, the default), and PCGrad and MGDA also with the batched backward. Targets: issue 17."""
+    from common.aggregators import AGGREGATORS
+    configs = [("equal weights (sum)", "equal", "sum", "-", False, ""),
+               ("gradnorm (last shared layer)", "gradnorm", "sum", "params", False, "<= 1.1"),
+               ("famo (incl. its no-grad forward on the same batch)", "famo", "sum", "-", False, ""),
+               ("dwa", "dwa", "sum", "-", False, ""),
+               ("rlw", "rlw", "sum", "-", False, ""),
+               ("uncertainty", "uncertainty", "sum", "-", False, "")]
+    for name in AGGREGATORS:
+        target = "<= 1.5" if name in ("pcgrad", "mgda") else ""
+        configs.append((name, "equal", name, "params", False, target))
+        if name in ("pcgrad", "mgda"):
+            configs.append((name + ", batched backward", "equal", name, "params", True, target))
+        configs.append((name, "equal", name, "representation", False, ""))
+    return configs
+
+
+def gradient_steps(data, repeats, size="small"):
+    """The real step of every rule (common/multitask.py: make_update + MultiTaskUpdate.step, as the
+    strategy scripts run it) on one small model, batch 16, interleaved; ratios to the equal-weight step.
+    Every update steps the same model (the cost of a step does not depend on the weights' values)."""
     out = tempfile.mkdtemp(prefix="bench_runs_")
-    args = build_parser().parse_args(["--data", str(data), "--model-size", "small", "--batch-size", "16",
+    args = build_parser().parse_args(["--data", str(data), "--model-size", size, "--batch-size", "16",
                                       "--out", out, "--quiet"])
     run = Run(args, strategy="bench")
-    configs = [("equal weights (sum)", "equal", "sum", "representation", False),
-               ("gradnorm, params (last shared layer)", "gradnorm", "sum", "params", False),
-               ("pcgrad, params, T backward passes", "equal", "pcgrad", "params", False),
-               ("pcgrad, params, batched backward", "equal", "pcgrad", "params", True),
-               ("mgda, params, T backward passes", "equal", "mgda", "params", False),
-               ("mgda, params, batched backward", "equal", "mgda", "params", True),
-               ("pcgrad, representation", "equal", "pcgrad", "representation", False)]
-    updates = {}
-    for label, weighting, aggregator, space, batched in configs:
+    updates, rows_meta = {}, {}
+    for label, weighting, aggregator, space, batched, target in update_configs():
+        key = f"{label} [{space}]"
         update_args = add_update_args(build_parser()).parse_args(
-            ["--weighting", weighting, "--aggregator", aggregator, "--grad-space", space])
-        update = make_update(run, update_args)  # every update steps the same model
+            ["--weighting", weighting, "--aggregator", aggregator, "--grad-space", "params" if space == "-" else space])
+        update = make_update(run, update_args)
         if batched:
             update.task_grads.batched = True
-        updates[label] = update
+        updates[key] = update
+        rows_meta[key] = (label, space, target)
     plan = epoch_batches(len(run.train_set), 16, seed=0, epoch=0, lengths=run.lengths)[:repeats + 1]
     batches = list(run.loader(plan, run.train_set))
-    for update in updates.values():
-        update.step(batches[-1])  # warm-up
-    t = interleaved({label: (lambda r, u=u: u.step(batches[r])) for label, u in updates.items()}, repeats)
-    base = statistics.median(t["equal weights (sum)"])
-    rows = [[label, median_ms(v), statistics.median(v) / base] for label, v in t.items()]
-    print(tabulate(rows, headers=["update (small model, batch 16)", "ms/step", "x equal"], floatfmt=".2f"))
-    fallbacks = {label: u.task_grads.batch_fallback for label, u in updates.items()
+
+    def forward_no_grad(r):  # FAMO's extra forward alone, to see its part of the famo row
+        with torch.no_grad():
+            run.per_item_losses(batches[r])
+    fns = {key: (lambda r, u=u: u.step(batches[r])) for key, u in updates.items()}
+    fns["(no-grad forward alone: FAMO's extra)"] = forward_no_grad
+    rows_meta["(no-grad forward alone: FAMO's extra)"] = ("(no-grad forward alone: FAMO's extra)", "-", "")
+    for fn in fns.values():
+        fn(repeats)  # warm-up on the spare batch
+    t = interleaved(fns, repeats)
+    base = statistics.median(t["equal weights (sum) [-]"])
+    rows = []
+    for key, v in t.items():
+        label, space, target = rows_meta[key]
+        ratio = statistics.median(v) / base
+        verdict = "" if not target else ("met" if ratio <= float(target.split()[-1]) else "not met")
+        rows.append([label, space, median_ms(v), ratio, f"{target} {verdict}".strip()])
+    print(f"{size} model, batch 16, median of {repeats} interleaved repeats; x equal = ms / ms of the equal-weight step")
+    print(tabulate(rows, headers=["rule", "gradient space", "ms/step", "x equal", "target (issue 17)"],
+                   floatfmt=".2f"))
+    fallbacks = {key: u.task_grads.batch_fallback for key, u in updates.items()
                  if u.task_grads is not None and u.task_grads.batch_fallback}
-    for label, why in fallbacks.items():
-        print(f"  {label}: batched backward fell back to T passes: {why}")
+    for key, why in fallbacks.items():
+        print(f"  {key}: batched backward fell back to T passes: {why}")
     return run
 
 
@@ -256,11 +296,16 @@ def memory_probe(config):
     model = build_model(MODEL_SIZES[config["size"]], grad_checkpointing=config.get("grad_checkpointing", False))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
     before = vm_value("VmRSS")
+    t0 = time.perf_counter()
     if config.get("original"):
         original_like_step(model, optimizer, original_batch(items))
     else:
         our_step(model, optimizer, collate(items), torch.bfloat16 if config.get("bf16") else None)
-    print(json.dumps({"rss_before": before, "peak": vm_value("VmHWM")}))
+    print(json.dumps({"rss_before": before, "peak": vm_value("VmHWM"), "seconds": time.perf_counter() - t0,
+                      "tokens": collate(items)["text_ids"].shape[1]}))
+
+
+MEMORY_TARGET_GB = 8  # issue 17: a full-size step at batch 16 with --grad-checkpointing
 
 
 def peak_memory(size, batch_size, quick):
@@ -271,7 +316,7 @@ def peak_memory(size, batch_size, quick):
         if has_flag("--precision"):
             configs.append(("bf16", {"bf16": True}))
         configs.append(("original-like (fp32)", {"original": True}))
-    rows = []
+    rows, tokens = [], None
     for label, extra in configs:
         config = dict(size=size, batch_size=batch_size, **extra)
         proc = subprocess.run([sys.executable, __file__, "--memory-probe", json.dumps(config)],
@@ -280,9 +325,17 @@ def peak_memory(size, batch_size, quick):
             rows.append([label, "failed", proc.stderr.strip().splitlines()[-1][:100] if proc.stderr else ""])
             continue
         result = json.loads(proc.stdout.strip().splitlines()[-1])
-        rows.append([label, result["peak"] / 2**30, (result["peak"] - result["rss_before"]) / 2**30])
-    print(tabulate(rows, headers=[f"{size}, batch {batch_size}, one step", "peak RSS GiB (VmHWM)",
-                                  "GiB above the built model + data"], floatfmt=".2f"))
+        tokens = result["tokens"]
+        target = ""
+        if extra.get("grad_checkpointing"):
+            target = f"<= {MEMORY_TARGET_GB} GB: " + ("met" if result["peak"] <= MEMORY_TARGET_GB * 1e9 else "not met")
+        rows.append([label, result["peak"] / 1e9, result["peak"] / 2**30, (result["peak"] - result["rss_before"]) / 2**30,
+                     result["seconds"], target])
+        print(f"  {label}: peak {result['peak'] / 1e9:.2f} GB in {result['seconds']:.0f} s", flush=True)
+    print(f"one step in a fresh process per row, random weights, the first default batch ({tokens} text tokens)")
+    print(tabulate(rows, headers=[f"{size}, batch {batch_size}", "peak RSS GB (VmHWM)", "GiB",
+                                  "GiB above the built model + data", "step s", "target (issue 17)"],
+                   floatfmt=".2f"))
     if not has_flag("--grad-checkpointing"):
         print("(--grad-checkpointing: not in common/train.py yet)")
 
@@ -373,7 +426,7 @@ def evaluation(run, val, repeats):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer repeats; full size at batch 16 only")
-    p.add_argument("--only", default="1,2,3,4,5,6,7", help="comma-separated sections to run")
+    p.add_argument("--only", default="1,2,3,4,5,6,7,8,9", help="comma-separated sections to run")
     p.add_argument("--skip-full", action="store_true", help="no full-size model (sections 1, 3, 4)")
     p.add_argument("--gradagg-sizes", default=None)
     p.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
@@ -402,8 +455,8 @@ def main():
                 step_vs_original(train, ("full",), (16,) if quick else (8, 16), 1 if quick else 3)
     run = None
     if 2 in only:
-        with section(2, "per-task gradient steps against the equal-weight step"):
-            run = gradient_steps(data, 4 if quick else 8)
+        with section(2, "cost of each weighting's and aggregator's step against the equal-weight step"):
+            run = gradient_steps(data, 3 if quick else 7)
     if 3 in only:
         with section(3, "each component's share of a step (fp32)"):
             for size in sizes:
@@ -424,6 +477,19 @@ def main():
         with section(7, "aggregation alone (T = 5)"):
             sizes_ga = args.gradagg_sizes or ("1e6,1e7" if quick else "1e6,1e7,1.1e8")
             subprocess.run([sys.executable, str(REPO / "tests" / "bench_gradagg.py"), "--sizes", sizes_ga], check=True)
+    if 8 in only:
+        with section(8, "trunks at the small size (training step, batch 16)"):
+            from bench_trunks import HEADERS, trunk_bench
+            n_batches, repeats = (2, 2) if quick else (4, 3)
+            print(f"{n_batches} batches per repeat, median of {repeats} interleaved repeats")
+            print(tabulate(trunk_bench(data, "small", 16, n_batches, repeats), headers=HEADERS))
+    if 9 in only:
+        if torch.cuda.is_available():
+            with section(9, "GPU"):
+                from bench_gpu import gpu_section
+                gpu_section(data, quick)
+        else:
+            print("\nGPU section: skipped (no CUDA)")
     print(f"\n# total {time.perf_counter() - t_start:.0f} s")
 
 

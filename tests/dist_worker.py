@@ -38,11 +38,12 @@ def run_all(runs):
 def gram_check(out, argv):
     """The first global batch's per-task gradients in both spaces, reduced as common/distributed.py says:
     the representation-space Gram matrix (sum of local ones), the parameter-space one (after the T x P
-    all-reduce), and the parameter gradients after a PCGrad combination sent back through the local trunk.
-    Rank 0 saves them to out."""
+    all-reduce), the parameter gradients after a combination sent back through the local trunk, and TAG's
+    affinity Z after one optimizer step. Rank 0 saves them to out; the other ranks their Z beside it."""
     import torch
     from common import distributed, gradagg
     from common.train import Run, build_parser
+    from strategies.task_grouping import affinity_on_batch
     run = Run(build_parser().parse_args(argv), strategy="gram_check")
     batch = next(iter(run.batches()))
     fused, per_item, valid = run.per_item_losses(batch)
@@ -62,9 +63,14 @@ def gram_check(out, argv):
     fused.backward(gradagg.combine(rows, coeffs.to(rows.dtype)).view_as(fused))
     distributed.average_gradients(run._trained_parameters())
     grads = {n: p.grad.clone() for n, p in run.model.named_parameters() if p.grad is not None}
+    # TAG's lookahead affinity on the same global batch after that step (Adam's moments no longer zero)
+    run.optimizer.step()
+    Z = affinity_on_batch(run, batch, [p for p in shared if p.requires_grad])
     if distributed.is_main():
         torch.save({"G_repr": G_repr, "G_params": G_params, "losses": losses.detach(), "counts": counts,
-                    "grads": grads}, out)
+                    "grads": grads, "Z": Z}, out)
+    else:  # the other ranks' Z, for the test: every rank must have measured the same
+        torch.save({"Z": Z}, out.replace(".pt", f".rank{distributed.rank()}.pt"))
 
 
 if __name__ == "__main__":

@@ -30,13 +30,15 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = [
     ("all_at_once", "strategies/all_at_once.py", []),
     ("pcgrad_params", "strategies/pcgrad.py", ["--grad-space", "params"]),
-    ("pcgrad_repr", "strategies/pcgrad.py", ["--grad-space", "representation"]),
+    # with GradNorm's weights from the representation-space norms too (the global Gram matrix's diagonal)
+    ("pcgrad_repr", "strategies/pcgrad.py", ["--grad-space", "representation", "--weighting", "gradnorm"]),
     ("gradnorm", "strategies/gradnorm.py", []),
     ("stop_and_go", "strategies/stop_and_go.py", ["--eval-every", "3", "--patience", "1"]),
+    # clips composed for the global batch (each rank takes its rows), probabilities from the global losses
+    ("dynamic_clips", "strategies/dynamic_sampling.py", ["--apply", "clips", "--difficulty", "loss", "--interval", "3"]),
 ]
 # killed on rank 1 after step 7 (checkpoint at step 4), resumed: learned weights, so rule parameters too
 CRASH = ("seed0", "strategies/all_at_once.py", ["--weights", "learned"])
-MULTITASK_WIRED = "distributed" in (REPO / "common" / "multitask.py").read_text()
 
 
 def common_args(data, out, name=None):
@@ -59,13 +61,13 @@ def torchrun(nproc, *args, check=True):
 def runs(tiny_data, tmp_path_factory):
     """Every config in this process (ref/) and with torchrun on 2 processes (dist/). Launch 1: the Gram
     check, all_at_once, then the run killed on rank 1 (which ends the launch); launch 2: its --resume
-    through the script's own command line, then the strategies of common/multitask.py once it is wired."""
+    through the script's own command line, then the strategies of common/multitask.py."""
     root = tmp_path_factory.mktemp("dist")
     ref, dist2 = root / "ref", root / "dist"
     gram = lambda out: [["@gram", [str(out / "gram.pt"), *common_args(tiny_data, out, "gram")]]]
     configs = lambda out, which: [[script, [*common_args(tiny_data, out, name), *extra]] for name, script, extra in which]
     crash = lambda out, *flags: [[CRASH[1], [*common_args(tiny_data, out), *CRASH[2], *flags]]]
-    multitask = CONFIGS[1:] if MULTITASK_WIRED else []
+    multitask = CONFIGS[1:]
     ref.mkdir()
     with contextlib.redirect_stdout(io.StringIO()):  # the references in this process (no torch import to wait for)
         run_all(gram(ref) + configs(ref, CONFIGS[:1] + multitask) + crash(ref))
@@ -116,10 +118,8 @@ def compare_runs(ref, dist2, strategy, name):
 
 @pytest.mark.parametrize("name,script,extra", CONFIGS, ids=[c[0] for c in CONFIGS])
 def test_two_processes_equal_one(runs, name, script, extra):
-    if name != "all_at_once" and not MULTITASK_WIRED:
-        pytest.skip("common/multitask.py does not call common.distributed yet: its per-task losses, Gram "
-                    "matrices and per-task gradients are local to each rank (see the issue 16 report)")
-    compare_runs(runs["ref"], runs["dist"], Path(script).stem, name)
+    folder = Path(script).stem + ("_representation" if "representation" in extra else "")  # run_every_task's suffix
+    compare_runs(runs["ref"], runs["dist"], folder, name)
 
 
 def test_aggregated_gram_equals_one_process(runs):
@@ -133,6 +133,17 @@ def test_aggregated_gram_equals_one_process(runs):
     assert a["grads"].keys() == b["grads"].keys()
     for n in a["grads"]:
         torch.testing.assert_close(b["grads"][n], a["grads"][n], rtol=1e-4, atol=1e-7, msg=n)
+
+
+def test_tag_affinity_is_one_processes_on_every_rank(runs):
+    """TAG's lookahead (strategies/task_grouping.py): the all-reduced per-task gradients give every rank the
+    same Adam lookahead step, hence one process's Z (a rank-local gradient would change the step's signs)."""
+    a = torch.load(runs["ref"] / "gram.pt")["Z"]
+    b = torch.load(runs["dist"] / "gram.pt")["Z"]
+    other = torch.load(runs["dist"] / "gram.rank1.pt")["Z"]
+    assert a.abs().max() > 0
+    assert torch.equal(b, other)
+    torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-3 * a.abs().max().item())
 
 
 def test_a_run_killed_on_one_rank_resumes_to_the_same_end(runs):
@@ -171,3 +182,52 @@ def test_single_process_reductions_are_the_plain_formulas():
     assert distributed.all_reduce_gram(G) is G
     assert distributed.any_true(True) and not distributed.any_true(False)
     assert distributed.broadcast_object({"a": 1}) == {"a": 1} and distributed.gather_objects(3) == [3]
+
+
+# ---------------------------------------------------------------- fp16 loss scaling of the multi-task update
+def scaled_update_grads(data, out, scale, flags, steps=2):
+    """The gradients the optimizer receives on the first steps of a common.multitask update, with the fp16
+    scaler's machinery at `scale` (on an fp32 forward, so that only the scaling differs) or without one."""
+    from common.multitask import add_update_args, make_update
+    from common.train import Run, build_parser
+    args = add_update_args(build_parser()).parse_args(
+        ["--data", str(data), "--out", str(out), "--model-size", "tiny", "--batch-size", "8", "--epochs", "1",
+         "--quiet", "--zero-dropout", *flags])
+    run = Run(args, strategy="scale_probe")
+    if scale is not None:
+        run.scaler = torch.amp.GradScaler("cpu", init_scale=scale)
+    update = make_update(run, args)
+    run.start(update=update)
+    seen, opt_step = [], run.optimizer.step
+    def recording_step(*a, **k):
+        seen.append({n: p.grad.clone() for n, p in run.model.named_parameters() if p.grad is not None})
+        return opt_step(*a, **k)
+    run.optimizer.step = recording_step
+    for batch in run.batches():
+        update.step(batch)
+        if run.step_count == steps:
+            break
+    return seen, run
+
+
+@pytest.mark.parametrize("flags", [["--aggregator", "nash_mtl", "--weighting", "gradnorm"],
+                                   ["--aggregator", "nash_mtl", "--grad-space", "representation"],
+                                   ["--weighting", "uncertainty"]], ids=["params", "representation", "sum"])
+def test_the_fp16_loss_scale_does_not_change_the_update(tiny_data, tmp_path, flags):
+    """Terms x loss_scale, G / loss_scale**2 for the aggregator (Nash-MTL's weights are not scale-invariant)
+    and GradNorm, run.step(scaled=True) unscales: the optimizer sees the unscaled run's gradients (2**10 is
+    a power of two, so the scaling itself is exact)."""
+    plain, _ = scaled_update_grads(tiny_data, tmp_path / "a", None, flags)
+    scaled, run = scaled_update_grads(tiny_data, tmp_path / "b", 2.0 ** 10, flags)
+    assert len(plain) == len(scaled) == 2 and run.progress.get("fp16_overflow_skips", 0) == 0
+    for a, b in zip(plain, scaled):
+        assert a.keys() == b.keys()
+        for n in a:
+            torch.testing.assert_close(b[n], a[n], rtol=1e-5, atol=1e-9, msg=n)
+
+
+def test_an_fp16_overflow_in_the_per_task_gradients_is_the_scalers_skip(tiny_data, tmp_path):
+    """Scaled per-task gradients that overflow: no error from the Gram matrix, the aggregator is not asked,
+    the step is skipped and the scale lowered."""
+    seen, run = scaled_update_grads(tiny_data, tmp_path, 2.0 ** 127, ["--aggregator", "pcgrad"], steps=1)
+    assert seen == [] and run.progress["fp16_overflow_skips"] == 1 and run.scaler.get_scale() < 2.0 ** 127

@@ -1,11 +1,11 @@
-"""Dynamic difficulty sampling (strategies/dynamic_sampling.py) on scripted inputs, no model."""
+"""Dynamic difficulty sampling (strategies/dynamic_sampling.py) on scripted inputs; one tiny model for the
+update's task_scale (--apply weights)."""
 import json
 
 import pytest
 import torch
 
-from common.weighting import Equal
-from strategies.dynamic_sampling import (DifficultySampler, ScaledTerms, compose_batch, gap_difficulty,
+from strategies.dynamic_sampling import (DifficultySampler, compose_batch, gap_difficulty, rank_rows,
                                          sampling_probabilities, single_task_references)
 
 
@@ -33,14 +33,51 @@ def test_default_keeps_every_label_and_weights_tasks_by_T_p():
     assert scale.tolist() == pytest.approx([1.0, 3.0, 0.0, 0.0]) and scale.sum().item() == pytest.approx(4.0)
 
 
-def test_scaled_terms_multiply_the_weightings_terms_and_delegate_the_rest():
-    inner = Equal(3)
-    w = ScaledTerms(inner)
-    losses, on = torch.tensor([0.5, 1.0, 2.0]), torch.tensor([True, True, True])
-    assert torch.equal(w.terms(losses, on), inner.terms(losses, on))         # no scale yet
-    w.scale = torch.tensor([0.5, 2.0, 0.5])
-    assert w.terms(losses, on).tolist() == pytest.approx([0.25, 2.0, 1.0])
-    assert torch.equal(w.weights(), inner.weights()) and w.state_dict() == inner.state_dict()
+def test_task_scale_multiplies_the_terms_of_the_update(tiny_data, tmp_path):
+    """update.step(batch, task_scale=s) trains on sum_t s_t * w_t * L_t (what --apply weights passes)."""
+    from common.multitask import add_update_args, make_update
+    from common.train import Run, build_parser, masked_mean
+    args = add_update_args(build_parser()).parse_args(
+        ["--data", str(tiny_data), "--out", str(tmp_path), "--model-size", "tiny", "--batch-size", "8",
+         "--epochs", "1", "--quiet", "--zero-dropout"])
+    run = Run(args, strategy="task_scale_probe")
+    update = make_update(run, args)
+    run.start(update=update)
+    batch = next(iter(run.batches()))
+    s = torch.tensor([0.5, 2.0, 0.0, 1.0, 1.5])
+    _, per_item, valid = run.per_item_losses(batch)
+    run.optimizer.zero_grad(set_to_none=True)
+    (masked_mean(per_item, valid) * s).sum().backward()
+    expected = {n: p.grad.clone() for n, p in run.model.named_parameters() if p.grad is not None}
+    seen = {}
+    run.step = lambda *a, **k: seen.update({n: p.grad.clone() for n, p in run.model.named_parameters()
+                                            if p.grad is not None}) or True
+    update.step(batch, task_scale=s)
+    assert seen.keys() == expected.keys() and len(seen) > 10
+    for n in expected:
+        torch.testing.assert_close(seen[n], expected[n], rtol=1e-5, atol=1e-8, msg=n)
+    with pytest.raises(ValueError, match=r"task_scale must have shape \(5,\)"):
+        update.step(batch, task_scale=torch.ones(4))
+
+
+def test_clips_are_composed_for_the_global_batch_and_each_rank_takes_its_rows():
+    """torchrun: every rank draws the global batch's mask from the same generator; the ranks' rows put
+    together are one process's mask, and a ghost rank gets a row of the right shape."""
+    from common.distributed import shard, shard_start
+    probs = torch.tensor([0.5, 0.3, 0.2], dtype=torch.float64)
+    whole = compose_batch(probs, 7, torch.Generator().manual_seed(3))
+    parts = []
+    for r in range(2):
+        mask = compose_batch(probs, 7, torch.Generator().manual_seed(3))   # each rank's own sampler, same state
+        clips, ghost = shard(list(range(7)), r, 2)
+        parts.append(rank_rows(mask, {"clip_ids": clips, "global_batch_size": 7, "shard_start": shard_start(7, r, 2),
+                                      "ghost": ghost}))
+    assert [len(p) for p in parts] == [4, 3] and torch.equal(torch.cat(parts), whole)
+    ghost = rank_rows(compose_batch(probs, 1, torch.Generator()), {"clip_ids": [0], "global_batch_size": 1,
+                                                                   "shard_start": 1, "ghost": True})
+    assert ghost.shape == (1, 3)
+    with pytest.raises(ValueError, match="a mask of 7 clips for a global batch of 8"):
+        rank_rows(whole, {"clip_ids": [0, 1], "global_batch_size": 8, "shard_start": 0})
 
 
 def test_one_task_per_step_follows_the_probabilities():

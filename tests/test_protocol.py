@@ -5,6 +5,7 @@ import sys
 
 import pytest
 
+from common.data import TASKS
 from tests.conftest import REPO
 
 
@@ -54,7 +55,7 @@ def test_holding_early_stopping_restarts_its_count(tiny_data, tmp_path):
     run.start()
     scripted(run, [0.5, 0.4, 0.4, 0.4, 0.4])
     for k, hold in enumerate([False, True, True, False, False], start=1):
-        run.hold_early_stop = hold  # e.g. a curriculum still bringing tasks in
+        run.set_hold_early_stop(hold)  # e.g. a curriculum still bringing tasks in
         run.progress["step"] = 10 * k
         run.validate()
     # the count restarts while held (evals 2, 3) and reaches 2 at eval 5
@@ -88,3 +89,30 @@ def test_early_stopped_run_resumes_exactly_and_test_f1_uses_val_thresholds(tiny_
     assert (b["steps"], b["steps_to_best"], b["test"]["mean"]) == (a["steps"], a["steps_to_best"], a["test"]["mean"])
     for t, thr in a["thresholds"].items():
         assert a["val"]["per_task"][t]["threshold"] == thr == a["test"]["per_task"][t]["threshold"]
+
+
+def run_script(script, tiny_data, out, monkeypatch, capsys, *flags):
+    import runpy
+    argv = [f"{script}.py", "--data", str(tiny_data), "--out", str(out), "--model-size", "tiny", "--epochs", "1",
+            "--batch-size", "4", "--eval-every", "2", "--quiet", "--early-stop-patience", "1", *flags]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(REPO / "strategies" / f"{script}.py"), run_name="__main__")
+    capsys.readouterr()
+    (metrics,) = out.glob("*/seed0/metrics.jsonl")  # the run folder may carry a suffix (curriculum_easy)
+    return [json.loads(x) for x in metrics.read_text().splitlines()]
+
+
+@pytest.mark.parametrize("script,flags", [
+    ("curriculum", ["--probe-steps", "1", "--entry-every", "3"]),   # tasks enter at steps 0, 3, 6, 9, 12
+    ("sequential", ["--max-task-epochs", "0.15"]),                  # phases of at most 2 steps
+])
+def test_schedules_hold_early_stopping_until_every_task_is_in(script, flags, tiny_data, tmp_path, monkeypatch, capsys):
+    records = run_script(script, tiny_data, tmp_path, monkeypatch, capsys, *flags)
+    vals = [r for r in records if r["event"] == "val"]
+    if script == "curriculum":
+        held = [r for r in vals if not all(r["entered"])]
+    else:
+        held = [r for r in vals if r["task"] != TASKS[-1]]  # the phases follow the --tasks order
+    assert held, "the schedule should still be bringing tasks in at some evaluation"
+    # while held, patience 1 never counts an evaluation without a new best, so nothing stops early
+    assert all(r["evals_without_best"] == 0 and not r["early_stop"] for r in held)

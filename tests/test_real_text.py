@@ -104,3 +104,14 @@ def test_real_text_runs_every_strategy_on_every_fold(tmp_path):
         assert tail[tail.index("--data") + 1] == str(tmp_path / f"fold{k}")  # fold = seed
         assert tail[tail.index("--trunk") + 1] == "text_only" and tail[tail.index("--text-encoder") + 1] == "/enc"
         assert str(tmp_path / f"fold{k}") in reuse and key.endswith(f"seed{k}")
+
+
+def test_real_text_rows_filter_keeps_only_the_named_rows(tmp_path):
+    from common.real_text import plan_jobs, run_settings
+    settings = run_settings("/enc", epochs=2, lr=1e-4, batch_size=16, patience=3)
+    rows, jobs = plan_jobs(["all_at_once", "pcgrad"], [0], tmp_path, settings, tmp_path / "runs",
+                           keep_rows=["all_at_once", "pcgrad --grad-space representation"])
+    assert rows == [("all_at_once", []), ("pcgrad", ["--grad-space", "representation"])]
+    assert len(jobs) == 2
+    with pytest.raises(SystemExit, match="not rows"):
+        plan_jobs(["all_at_once"], [0], tmp_path, settings, tmp_path / "runs", keep_rows=["pcgrad"])

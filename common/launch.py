@@ -1,0 +1,231 @@
+"""Where the runs of make compare go: processes on this machine, one per GPU, or Slurm jobs (submitit).
+
+    launcher = LocalLauncher(jobs=2)                    # today's behaviour: JOBS processes at once
+    launcher = LocalLauncher(gpus="0,1,2,3")            # one run per GPU (CUDA_VISIBLE_DEVICES), --device cuda
+    launcher = SlurmLauncher(partition="gpu", time="4:00:00", gpus_per_job=1, account="lab", folder=...)
+    launcher.run(runs, on_update)                       # returns when every run has ended
+
+A Run holds the arguments of compare.execute (which starts the strategy script, reuses a finished run and
+resumes a started one with --resume) and the run's index entry so far. on_update(run, entry) is called in
+the calling thread whenever a run's entry changes (running or submitted, then ok or failed), so the caller
+can write its index at once: an interrupted `make compare` then resumes the runs it had started.
+
+Slurm: the runs not finished yet go out as one job array; each job is a checkpointable callable (GridJob).
+When Slurm preempts it or its time is nearly up, Slurm sends USR2 (sbatch --signal, set by submitit);
+submitit calls GridJob.checkpoint, which resubmits the same run marked as started, and requeues the job:
+the new attempt runs the script with --resume, from the run's last checkpoint (written every
+--checkpoint-every steps and at each validation; the trainer is stopped when the job is, so the steps
+since that checkpoint are trained again, identically). The table is written when the last job has ended;
+finished runs are reused, so running `make compare` again only collects. Without a cluster, cluster="local"
+runs the same jobs through submitit's local executor (tests/test_launch.py).
+"""
+import dataclasses
+import multiprocessing
+import os
+import re
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from pathlib import Path
+
+import submitit
+
+
+@dataclasses.dataclass
+class Run:
+    """One run of the grid: the arguments of compare.execute, and its index entry so far (or None)."""
+    key: str
+    cmd_tail: list  # [script, *flags], without --out and --threads
+    root: str       # the script's --out
+    settings: list  # what makes a finished run reusable
+    log_dir: str
+    entry: dict = None
+
+    def finished(self):
+        """Finished with the same settings: reused, nothing is started (compare.execute's rule)."""
+        e = self.entry or {}
+        return e.get("settings") == self.settings and e.get("status") == "ok" and Path(e["summary"]).exists()
+
+    def started(self):
+        """The same run marked as started: compare.execute then continues it with --resume."""
+        return dataclasses.replace(self, entry={"status": "running", "settings": self.settings})
+
+
+def execute_run(run, threads, device=None):
+    """Run (or reuse) one run here; returns its index entry. device: a --device for the script."""
+    from common.compare import execute  # imported here: a Slurm job unpickles this module first
+    tail = list(run.cmd_tail)
+    if device and "--device" not in tail:
+        tail += ["--device", device]
+    index = {run.key: run.entry} if run.entry else {}
+    return execute(run.key, tail, Path(run.root), run.settings, threads, index, Path(run.log_dir))
+
+
+def failed_entry(run, error, **extra):
+    """The index entry of a run that ended without an entry of its own (its job or worker died)."""
+    lines = [x for x in str(error).splitlines() if x.strip()] or [type(error).__name__]
+    return {"status": "failed", "error": lines[-1][:300], "settings": run.settings, **extra}
+
+
+# ---------------------------------------------------------------- this machine
+def _pin_gpu(gpu):
+    """Initializer of a GPU's worker process: the scripts it starts see that GPU only."""
+    os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+
+
+class LocalLauncher:
+    """JOBS runs at once on this machine; with gpus ("0,1,2,3"), one run per GPU instead: a free GPU takes
+    the next run, which sees only that GPU (CUDA_VISIBLE_DEVICES) and trains with --device cuda."""
+
+    def __init__(self, jobs=1, gpus=None, work=execute_run):
+        self.gpus = [g.strip() for g in (gpus or "").split(",") if g.strip()]
+        for g in self.gpus:
+            if not g.isdigit():
+                raise SystemExit(f"--gpus {gpus!r}: expected GPU numbers separated by commas, e.g. 0,1,2,3")
+        self.jobs = len(self.gpus) or max(jobs, 1)
+        self.threads = max(1, (os.cpu_count() or 1) // self.jobs)  # parallel runs share the cores
+        self.work = work  # work(run, threads, device) -> entry; replaceable in tests
+
+    def run(self, runs, on_update):
+        todo = []
+        for r in runs:
+            if r.finished():
+                on_update(r, r.entry)
+            else:
+                todo.append(r)
+        if not todo:
+            return
+        if self.gpus:
+            # a process per GPU with its CUDA_VISIBLE_DEVICES (threads share one environment); spawn: no
+            # fork of a process with threads
+            ctx = multiprocessing.get_context("spawn")
+            pools = {g: ProcessPoolExecutor(1, mp_context=ctx, initializer=_pin_gpu, initargs=(g,)) for g in self.gpus}
+            submit = lambda g, r: pools[g].submit(self.work, r, self.threads, "cuda")  # noqa: E731
+        else:
+            pool = ThreadPoolExecutor(max_workers=self.jobs)
+            pools = {"all": pool}
+            submit = lambda slot, r: pool.submit(self.work, r, self.threads)  # noqa: E731
+        try:
+            slots = self.gpus or list(range(self.jobs))
+            free, running = list(slots), {}
+            while todo or running:
+                while free and todo:
+                    slot, r = free.pop(0), todo.pop(0)
+                    on_update(r, r.started().entry)
+                    running[submit(slot, r)] = (slot, r)
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    slot, r = running.pop(future)
+                    free.append(slot)
+                    try:
+                        entry = future.result()
+                    except Exception as e:  # a worker process died: that run failed, the others go on
+                        entry = failed_entry(r, e)
+                    on_update(r, entry)
+        finally:
+            for p in pools.values():
+                p.shutdown(wait=True)
+
+
+# ---------------------------------------------------------------- Slurm (submitit)
+class GridJob(submitit.helpers.Checkpointable):
+    """One run as a Slurm job. Requeued by submitit when preempted or timed out; the new attempt resumes."""
+
+    def __init__(self, threads, device=None):
+        self.threads, self.device = threads, device
+
+    def __call__(self, run, resume=False):
+        # resume: requeued through checkpoint(); SLURM_RESTART_COUNT: requeued by Slurm itself (e.g. a node
+        # failure), which reruns the first submission
+        if resume or int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0:
+            run = run.started()
+        print(f"[launch] {run.key}: pid {os.getpid()}" + (", resuming" if run.entry else ""), flush=True)
+        return execute_run(run, self.threads, self.device)
+
+    def checkpoint(self, run, resume=False):
+        # called by submitit on USR2 while the script runs; the script's checkpoint.pt is the state
+        return submitit.helpers.DelayedSubmission(self, run, resume=True)
+
+
+def slurm_minutes(text):
+    """Slurm's time formats (minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS) in whole minutes."""
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", str(text).strip())
+    if not m:
+        raise SystemExit(f"--slurm-time {text!r}: expected minutes, HH:MM:SS or D-HH:MM:SS")
+    days, a, b, c = (int(x) if x else None for x in m.groups())
+    if days is not None:  # D-HH[:MM[:SS]]
+        seconds = days * 86400 + a * 3600 + (b or 0) * 60 + (c or 0)
+    elif c is not None:   # HH:MM:SS
+        seconds = a * 3600 + b * 60 + c
+    elif b is not None:   # MM:SS
+        seconds = a * 60 + b
+    else:                 # minutes
+        seconds = a * 60
+    return max(1, -(-seconds // 60))
+
+
+class SlurmLauncher:
+    """The runs as a Slurm job array through submitit: each job one run, with gpus_per_job GPUs (0 or 1:
+    a run on several GPUs is a torchrun launch, see the README), cpus_per_job CPU threads, and the time
+    limit `time`. cluster="local" runs the same jobs through submitit's local executor (no cluster)."""
+
+    def __init__(self, folder, partition=None, time="4:00:00", gpus_per_job=1, account=None, cpus_per_job=4,
+                 mem_gb=None, max_timeouts=3, array_parallelism=None, setup=(), options=None, cluster="slurm",
+                 poll_s=None):
+        if gpus_per_job not in (0, 1):
+            raise SystemExit(f"--slurm-gpus-per-job {gpus_per_job}: a run of make compare uses one GPU (or 0 for "
+                             "CPU); to train one run on several GPUs use torchrun (README)")
+        self.folder, self.cluster = Path(folder), cluster
+        self.threads = max(1, cpus_per_job)
+        self.device = "cuda" if gpus_per_job else None
+        self.poll_s = poll_s if poll_s is not None else (30 if cluster == "slurm" else 0.5)
+        self.executor = submitit.AutoExecutor(folder=self.folder, cluster=cluster, slurm_max_num_timeout=max_timeouts,
+                                              local_max_num_timeout=max_timeouts)
+        repo = Path(__file__).resolve().parents[1]
+        # the job unpickles common.launch: the repository must be importable wherever the job starts
+        setup = [f"export PYTHONPATH={repo}${{PYTHONPATH:+:$PYTHONPATH}}", *setup]
+        self.executor.update_parameters(
+            name="compare", timeout_min=slurm_minutes(time), gpus_per_node=gpus_per_job, cpus_per_task=cpus_per_job,
+            tasks_per_node=1, nodes=1, mem_gb=mem_gb, slurm_partition=partition, slurm_account=account,
+            slurm_array_parallelism=array_parallelism, slurm_setup=setup, local_setup=setup,
+            slurm_additional_parameters=dict(options or {}) or None)
+
+    def run(self, runs, on_update):
+        waiting, todo = {}, []
+        for r in runs:
+            if r.finished():
+                on_update(r, r.entry)
+            elif (job := self._queued(r)) is not None:  # submitted by an earlier make compare, not ended yet
+                waiting[job] = r
+            else:
+                todo.append(r)
+        if todo:
+            jobs = self.executor.map_array(GridJob(self.threads, self.device), todo)
+            for job, r in zip(jobs, todo):
+                on_update(r, {"status": "submitted", "settings": r.settings, "job_id": job.job_id})
+                waiting[job] = r
+            print(f"[launch] {len(todo)} run(s) submitted ({self.cluster}: job {jobs[0].job_id.split('_')[0]}); logs in "
+                  f"{self.folder}", flush=True)
+        while waiting:
+            for job, r in list(waiting.items()):
+                if job.done():
+                    del waiting[job]
+                    on_update(r, self._entry(job, r))
+            if waiting:
+                time.sleep(self.poll_s)
+
+    def _queued(self, run):
+        """The Slurm job an earlier make compare submitted for this run, if it is still pending or running
+        (so that a second `make compare` waits for it instead of starting the same run twice)."""
+        e = run.entry or {}
+        if self.cluster != "slurm" or e.get("status") != "submitted" or e.get("settings") != run.settings:
+            return None
+        job = submitit.SlurmJob(folder=self.folder, job_id=e["job_id"])
+        return None if job.done() else job
+
+    @staticmethod
+    def _entry(job, run):
+        try:
+            entry = job.result()
+        except Exception as e:  # the job itself failed (e.g. timed out too many times, cancelled)
+            return failed_entry(run, e, job_id=job.job_id)
+        return {**entry, "job_id": job.job_id}

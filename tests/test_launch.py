@@ -1,0 +1,146 @@
+"""make compare's launchers (common/launch.py): the Slurm path through submitit's local executor, with one
+job preempted and requeued, gives the local launcher's table; the GPU queue of the local launcher."""
+import csv
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from common import launch
+
+GRID = ["--only", "round_robin,dwa", "--seeds", "2",
+        "--extra", "--model-size tiny --epochs 1 --batch-size 8 --checkpoint-every 1"]
+SLURM = ["--launcher", "slurm", "--slurm-cluster", "local", "--slurm-gpus-per-job", "0", "--slurm-cpus-per-job", "1",
+         "--slurm-time", "10"]
+TIMING = ("train_seconds", "seconds_per_step")  # wall-clock: differs from run to run
+
+
+def table(out):
+    """compare.csv without its timing columns, and compare.md without its Budget section (wall-clock)."""
+    rows = [{k: v for k, v in r.items() if k not in TIMING} for r in csv.DictReader(open(out / "compare.csv"))]
+    md = (out / "compare.md").read_text()
+    head, _, rest = md.partition("## Budget")
+    return rows, head + rest.partition("\n## ")[2]
+
+
+def proc_cmdline(pid):
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+def proc_parent_and_state(pid):
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat.rpartition(")")[2].split()  # after "pid (name)": state, ppid, ...
+    return int(fields[1]), fields[0]
+
+
+def find_script(script, out, seed):
+    """The pid of the strategy script running with this --out and --seed, or None."""
+    for p in Path("/proc").iterdir():
+        cmd = proc_cmdline(p.name) if p.name.isdigit() else []
+        if any(c.endswith(f"{script}.py") for c in cmd) and str(out) in cmd and cmd[cmd.index("--seed") + 1] == str(seed):
+            return int(p.name)
+    return None
+
+
+def preempt_when_checkpointed(out, script, seed, deadline):
+    """Wait until the run's script has written a checkpoint; freeze the script (so that it cannot finish
+    meanwhile) and send the preemption signal (USR2) to its submitit job, as Slurm does."""
+    while time.time() < deadline:
+        pid = find_script(script, out, seed)
+        if pid and (out / script / f"seed{seed}" / "checkpoint.pt").exists():
+            os.kill(pid, signal.SIGSTOP)
+            for _ in range(200):  # a signal is delivered asynchronously: wait for the stop
+                job, state = proc_parent_and_state(pid)
+                if state != "R":
+                    break
+                time.sleep(0.01)
+            assert state == "T", f"the run ended before it could be preempted (state {state})"
+            assert "submitit.core._submit" in proc_cmdline(job)
+            os.kill(job, signal.SIGUSR2)
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"no checkpoint of {script} seed {seed} appeared in {out} in time")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the job's processes through /proc")
+def test_slurm_grid_with_a_requeued_job_equals_the_local_grid(tiny_data, tmp_path):
+    from common import compare
+    data = ["--data", str(tiny_data)]
+    local_out, slurm_out = tmp_path / "local", tmp_path / "slurm"
+    # --jobs = the core count: one thread per run, as the Slurm jobs here (--slurm-cpus-per-job 1)
+    compare.main(GRID + data + ["--out", str(local_out), "--jobs", str(os.cpu_count() or 1)])
+
+    errors = []
+
+    def submit():
+        try:
+            compare.main(GRID + data + SLURM + ["--out", str(slurm_out)])
+        except BaseException as e:  # noqa: B902 -- reported in the test thread
+            errors.append(e)
+    grid = threading.Thread(target=submit)
+    grid.start()
+    try:
+        preempt_when_checkpointed(slurm_out / "runs/quick", "round_robin", 1, time.time() + 120)
+    finally:
+        grid.join(300)
+    assert not grid.is_alive() and not errors, errors
+
+    # the preempted job was requeued by submitit and its second attempt resumed the run with --resume
+    job_logs = [p.read_text() for p in (slurm_out / "runs/quick/slurm").glob("*_log.out")]
+    preempted = [t for t in job_logs if "round_robin seed1" in t]
+    assert len(preempted) == 1 and "Requeued job" in (preempted[0] + "".join(
+        p.read_text() for p in (slurm_out / "runs/quick/slurm").glob("*_log.err")))
+    starts = [x for x in preempted[0].splitlines() if x.startswith("[launch] final: round_robin seed1: pid")]
+    assert len(starts) == 2 and not starts[0].endswith("resuming") and starts[1].endswith(", resuming")
+    run_log = next((slurm_out / "runs/quick/logs").glob("*round_robin_seed1*.log")).read_text()
+    resumed = [x for x in run_log.splitlines() if "resumed from" in x]
+    assert resumed and 0 < int(resumed[0].rsplit("at step ", 1)[1]) < 8, run_log  # 8 steps in all
+
+    assert table(slurm_out) == table(local_out)
+
+    # make compare again only collects: nothing is submitted, no run is touched
+    before = {p: p.stat().st_mtime for p in (slurm_out / "runs/quick/slurm").iterdir()}  # submitit's folder
+    summaries = {p: p.stat().st_mtime for p in slurm_out.glob("runs/quick/*/seed*/summary.json")}
+    compare.main(GRID + data + SLURM + ["--out", str(slurm_out)])
+    assert {p: p.stat().st_mtime for p in before} == before
+    assert set((slurm_out / "runs/quick/slurm").iterdir()) == set(before)
+    assert {p: p.stat().st_mtime for p in summaries} == summaries and len(summaries) == 4
+
+
+def where_am_i(run, threads, device):
+    """A stand-in for launch.execute_run, run in the GPU's worker process."""
+    start = time.time()
+    time.sleep(0.2)
+    return {"status": "ok", "gpu": os.environ.get("CUDA_VISIBLE_DEVICES"), "device": device, "pid": os.getpid(),
+            "start": start, "end": time.time()}
+
+
+def test_local_launcher_runs_one_job_per_gpu_at_a_time():
+    runs = [launch.Run(f"run{i}", ["x"], "/nonexistent", [], "/nonexistent") for i in range(5)]
+    updates = []
+    launch.LocalLauncher(jobs=8, gpus="3,5", work=where_am_i).run(runs, lambda r, e: updates.append((r.key, e)))
+    ended = {k: e for k, e in updates if e["status"] == "ok"}
+    assert sorted(ended) == [f"run{i}" for i in range(5)]
+    assert [e["status"] for k, e in updates].count("running") == 5  # each marked started before it ran
+    assert {e["gpu"] for e in ended.values()} == {"3", "5"} and {e["device"] for e in ended.values()} == {"cuda"}
+    for gpu in ("3", "5"):
+        mine = sorted((e["start"], e["end"], e["pid"]) for e in ended.values() if e["gpu"] == gpu)
+        assert len({pid for _, _, pid in mine}) == 1  # one worker process per GPU
+        assert all(a[1] <= b[0] for a, b in zip(mine, mine[1:]))  # never two runs on one GPU at once
+
+
+def test_slurm_time_formats_and_bad_options(tmp_path):
+    assert [launch.slurm_minutes(t) for t in ("90", "1:30:00", "5:30", "2-00:00:00", "1-2", "1-0:30")] == \
+        [90, 90, 6, 2880, 1560, 1470]
+    with pytest.raises(SystemExit, match="slurm-time"):
+        launch.slurm_minutes("4h")
+    with pytest.raises(SystemExit, match="torchrun"):
+        launch.SlurmLauncher(tmp_path, gpus_per_job=2, cluster="local")
+    with pytest.raises(SystemExit, match="--gpus"):
+        launch.LocalLauncher(gpus="cuda:0")
