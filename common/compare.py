@@ -35,7 +35,6 @@ import csv
 import itertools
 import json
 import math
-import os
 import re
 import subprocess
 import sys
