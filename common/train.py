@@ -891,7 +891,7 @@ def merge_summaries(summaries, tasks, strategy):
         "stopped_early": all(s.get("stopped_early", False) for s in parts),
         "steps_to_best": sum(s.get("steps_to_best") or 0 for s in parts),
         "steps_to_best_per_model": {name: s.get("steps_to_best") for name, s in summaries.items()},
-        "thresholds": ({t: (owner[t].get("thresholds") or {}).get(t) for t in tasks}
+        "thresholds": ({t: owner[t]["thresholds"].get(t) for t in tasks}
                        if all(owner[t].get("thresholds") for t in tasks) else None),
         "world_size": parts[0].get("world_size", 1), "precision": parts[0].get("precision"),
         "val": merged("val"), "test": merged("test"),

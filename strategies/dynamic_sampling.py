@@ -29,7 +29,6 @@ torchrun: every rank draws for the whole global batch from the same generator an
     python strategies/dynamic_sampling.py
     python strategies/dynamic_sampling.py --difficulty loss --apply task --weighting uncertainty
 """
-import json
 import math
 import sys
 from pathlib import Path
@@ -40,7 +39,7 @@ import torch  # noqa: E402
 
 from common import distributed  # noqa: E402
 from common.multitask import add_update_args, make_update  # noqa: E402
-from common.train import Run, build_parser  # noqa: E402
+from common.train import Run, build_parser, single_task_references  # noqa: E402
 
 
 def sampling_probabilities(difficulty):
@@ -122,17 +121,6 @@ def rank_rows(mask, batch):
     if mask.shape[0] != n:
         raise ValueError(f"dynamic_sampling: a mask of {mask.shape[0]} clips for a global batch of {n}")
     return mask[:B] if batch.get("ghost") else mask[start:start + B]
-
-
-def single_task_references(out, seed, tasks, metric):
-    """({task: single-task val score}, None) from results/single_task/seed<seed>/summary.json, or (None, why)."""
-    path = Path(out) / "single_task" / f"seed{seed}" / "summary.json"
-    if not path.exists():
-        return None, f"no {path}"
-    per_task = json.loads(path.read_text())["val"]["per_task"]
-    refs = {t: per_task.get(t, {}).get(metric) for t in tasks}
-    missing = [t for t, v in refs.items() if v is None or not math.isfinite(v)]
-    return (None, f"{path} has no finite val {metric} for {missing}") if missing else (refs, f"references from {path}")
 
 
 def main(argv=None):

@@ -93,9 +93,9 @@ def bucketed_items(dataset, batch_size, count, seed=0):
     return [[dataset[i] for i in b] for b in plan[:count]]
 
 
-def our_step(model, optimizer, batch, autocast_dtype=None):
+def our_step(model, optimizer, batch, autocast_dtype=None, device_type="cpu"):
     """This project's step as Run.step does it: cross-entropy on logits, clip 1.0, Adam."""
-    with torch.autocast("cpu", dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+    with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
         logits = model(batch)
     loss = losses_from_logits(logits.float(), batch["labels"]).sum()
     optimizer.zero_grad(set_to_none=True)

@@ -25,7 +25,8 @@ from tabulate import tabulate  # noqa: E402
 
 from common.data import H5Dataset, collate, feature_stats  # noqa: E402
 from common.model import MODEL_SIZES, build_model  # noqa: E402
-from common.train import DEFAULT_DATA, device_batch, ensure_data, epoch_batches, losses_from_logits  # noqa: E402
+from common.train import DEFAULT_DATA, device_batch, ensure_data, epoch_batches  # noqa: E402
+from bench import our_step  # noqa: E402
 
 KERNEL_TARGET_PCT = 70  # issue 16: at least 70% of the copy bandwidth at P = 1.1e8
 
@@ -38,15 +39,9 @@ def gpu_batches(data, batch_size, count, device):
 
 
 def gpu_step(model, optimizer, batch, dtype=None):
-    """Run.step's work on the device: autocast forward (dtype None = fp32), fp32 losses, clip 1.0, Adam;
-    synchronised, so that the wall time of a call is the step's."""
-    with torch.autocast("cuda", dtype=dtype or torch.float32, enabled=dtype is not None):
-        logits = model(batch)
-    loss = losses_from_logits(logits.float(), batch["labels"]).sum()
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    optimizer.step()
+    """bench.py's step (Run.step's work) on the device, synchronised so that the wall time of a call is the
+    step's."""
+    our_step(model, optimizer, batch, dtype, device_type="cuda")
     torch.cuda.synchronize()
 
 
