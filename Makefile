@@ -6,6 +6,7 @@ SEEDS ?=
 TUNE ?=
 GRID ?=
 PRETRAIN ?=
+MODELS ?=
 
 .PHONY: build data test bench compare clean
 
@@ -26,7 +27,8 @@ test:
 bench:
 	$(PYTHON) tests/bench.py
 
-## compare: every strategy x seeds -> results/compare.md, results/compare.csv (PRETRAIN=1 adds the pretraining section)
+## compare: every strategy x seeds -> results/compare.md, results/compare.csv (PRETRAIN=1 adds the pretraining section;
+## MODELS=hca,late_fusion,mult: the comparison on each trunk, with a model column)
 ## LAUNCHER=local: JOBS processes here, or one per GPU with GPUS=0,1,2,3; LAUNCHER=slurm: a submitit job array
 ## (PARTITION, WALLTIME per job, GPUS_PER_JOB, ACCOUNT; SLURM_ARGS="--slurm-setup '...' --slurm-option qos=..." for more)
 LAUNCHER ?= local
@@ -37,7 +39,7 @@ GPUS_PER_JOB ?=
 ACCOUNT ?=
 SLURM_ARGS ?=
 compare:
-	$(PYTHON) common/compare.py --profile $(PROFILE) --jobs $(JOBS) $(if $(SEEDS),--seeds $(SEEDS),) $(if $(TUNE),--tune,) $(if $(GRID),--grid $(GRID),) $(if $(DATA),--data $(DATA),) $(if $(PRETRAIN),--pretraining,) \
+	$(PYTHON) common/compare.py --profile $(PROFILE) --jobs $(JOBS) $(if $(SEEDS),--seeds $(SEEDS),) $(if $(TUNE),--tune,) $(if $(GRID),--grid $(GRID),) $(if $(DATA),--data $(DATA),) $(if $(PRETRAIN),--pretraining,) $(if $(MODELS),--models $(MODELS),) \
 		--launcher $(LAUNCHER) $(if $(GPUS),--gpus $(GPUS),) $(if $(PARTITION),--slurm-partition $(PARTITION),) $(if $(WALLTIME),--slurm-time $(WALLTIME),) \
 		$(if $(GPUS_PER_JOB),--slurm-gpus-per-job $(GPUS_PER_JOB),) $(if $(ACCOUNT),--slurm-account $(ACCOUNT),) $(SLURM_ARGS)
 

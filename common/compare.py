@@ -1,7 +1,7 @@
 """make compare: every strategy x seeds under one protocol, written as tables and figures.
 
     python common/compare.py [--profile quick|standard|full] [--seeds N] [--tune | --no-tune] [--grid lr|full]
-                             [--jobs N] [--data DIR] [--only a,b] [--plot-only]
+                             [--jobs N] [--data DIR] [--only a,b] [--models hca,late_fusion,mult] [--plot-only]
                              [--launcher local|slurm] [--gpus 0,1,...] [--slurm-partition P --slurm-time T ...]
 
 The protocol (issue 14; docs/strategies.md "How results are compared"):
@@ -434,7 +434,9 @@ CSV_FIELDS_TAIL = ["mean_ap", "mean_f1_pos_tuned", "mean_f1_pos", "mean_f1_macro
 def header_text(info):
     """The lines that say what the table is: profile, budget, seeds, tuning grid, data."""
     lines = [f"# Strategy comparison ({info['title']})", "",
-             f"- profile: `{info['profile']}`; model: {info['model_size']}; data: `{info['data']}`"
+             f"- profile: `{info['profile']}`; model: {info['model_size']}"
+             + (f"; models (--trunk): {', '.join(info['models'])}" if info.get("models") else "")
+             + f"; data: `{info['data']}`"
              + (f" ({info['train_clips']} training clips)" if info.get("train_clips") else ""),
              f"- budget: {info['budget']}",
              f"- seeds: {', '.join(map(str, info['seeds']))} (mean ± std over seeds; 95% t intervals)",
@@ -448,8 +450,10 @@ def write_outputs(tables, csv_rows, tasks, out_dir, info, figures=None):
     from tabulate import tabulate
     h = headers(tasks)
 
+    lead = ["model"] if info.get("models") else []  # --models: every row starts with its model
+
     def table(name):
-        return tabulate(tables[name], headers=h[name], tablefmt="github")
+        return tabulate(tables[name], headers=lead + h[name], tablefmt="github")
     notes = (
         "Test metrics of the best-validation model. AP: average precision (threshold-free). F1+: positive-class "
         "F1 at a per-task threshold chosen on validation (maximising validation F1, then applied to test; "
@@ -471,14 +475,14 @@ def write_outputs(tables, csv_rows, tasks, out_dir, info, figures=None):
     if info.get("tuning_rows"):
         from tabulate import tabulate as tab
         parts += ["## Tuning (validation selection score on the tuning seed; * = chosen)", "",
-                  tab(info["tuning_rows"], headers=["strategy"] + info["tuning_headers"], tablefmt="github"), ""]
+                  tab(info["tuning_rows"], headers=lead + ["strategy"] + info["tuning_headers"], tablefmt="github"), ""]
     parts += ["## What each strategy decided", "", table("decisions"), ""]
     if figures:
         parts += ["## Figures", ""] + [f"![{title}]({Path(p).name})" for title, p in figures] + [""]
     text = "\n".join(parts)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "compare.md").write_text(text)
-    fields = (CSV_FIELDS_FIXED + [f"{m}_{t}" for m in ("ap", "f1_pos_tuned", "f1_pos", "collapsed") for t in tasks]
+    fields = (lead + CSV_FIELDS_FIXED + [f"{m}_{t}" for m in ("ap", "f1_pos_tuned", "f1_pos", "collapsed") for t in tasks]
               + CSV_FIELDS_TAIL)
     with open(out_dir / "compare.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
@@ -557,6 +561,9 @@ def parse_args(argv=None):
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--data", default=None)
     p.add_argument("--only", default="", help="comma-separated strategy scripts (default: all)")
+    p.add_argument("--models", default="",
+                   help="comma-separated trunks (--trunk of the scripts), e.g. hca,late_fusion,mult: the whole "
+                        "comparison per model, one table with a model column (default: the profile's model only)")
     p.add_argument("--out", default=str(REPO / "results"))
     p.add_argument("--extra", default="", help="extra arguments passed to every script (quoted)")
     p.add_argument("--plot-only", action="store_true", help="redraw tables and figures from finished runs; train nothing")
@@ -622,17 +629,51 @@ def main(argv=None):
     if tune and args.tune_seed in seeds:
         raise SystemExit(f"--tune-seed {args.tune_seed} is an evaluation seed: choose one outside {seeds}, so that "
                          "no reported test number comes from a run that took part in a choice")
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if models and args.pretraining:
+        raise SystemExit("--pretraining with --models: run the pretraining section for one model at a time")
     out = Path(args.out)
-    root = out / "runs" / args.profile
+    extra = profile["args"] + (["--data", args.data] if args.data else []) + args.extra.split()
+    model_size = flag_value(extra, "--model-size", "small")
+    select_metric = flag_value(extra, "--select-metric") or flag_value(extra, "--metric", "ap")
+    rows = planned_rows(discover([x for x in args.only.split(",") if x]))
+    tasks = list(TASKS)
+    if not models:  # the profile's model (hca unless --extra says --trunk): the table has no model column
+        result = compare_one(args, rows, seeds, tune, extra, out / "runs" / args.profile, model_size, select_metric)
+        figures = draw_figures(result["by_label"], tasks, out)
+        tables, csv_rows, tuning_rows = result["tables"], result["csv_rows"], result["tuning_rows"]
+    else:  # one comparison per trunk, each in runs/<profile>/<model>/; the rows gain a model column
+        results = {m: compare_one(args, rows, seeds, tune, extra + ["--trunk", m], out / "runs" / args.profile / m,
+                                  model_size, select_metric) for m in models}
+        tables, csv_rows, tuning_rows, figures = with_model_column(results, tasks, out)
+        result = results[models[0]]
+    info = describe(args.profile, profile, extra, seeds, tune, args, model_size, select_metric, result["by_label"])
+    info["models"] = models
+    info["tuning_rows"], info["tuning_headers"] = tuning_rows, result["tuning_headers"]
+    text = write_outputs(tables, csv_rows, tasks, out, info, figures)
+    if args.pretraining and not args.plot_only:
+        from tabulate import tabulate
+        ctx = {**result["ctx"], "jobs": args.jobs}
+        config = index_config(ctx["index"], "all_at_once", [])
+        pre_rows = pretraining_section(args.pretrain_schedulers.split(","), seeds, ctx["root"], ctx, config)
+        text += ("\n## Pretraining: all_at_once fine-tuned from pretraining scheduled by each strategy\n\n"
+                 "Test metrics (mean ± std over seeds); the last column compares mean AP with no pretraining, "
+                 "per seed and by the paired t and Wilcoxon tests (uncorrected).\n\n"
+                 + tabulate(pre_rows, headers=["pretrained with", "seeds", "mean AP", "mean F1+ tuned", "mean F1+ @0.5",
+                                               "vs none (signs, p)"], tablefmt="github") + "\n")
+        (out / "compare.md").write_text(text)
+    print(text)
+    print(f"written {out / 'compare.md'} and {out / 'compare.csv'}")
+
+
+def compare_one(args, rows, seeds, tune, extra, root, model_size, select_metric):
+    """Tuning, final runs and tables of every row for one model (extra: the scripts' flags), with its
+    runs and index under root."""
     log_dir = root / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     launcher = make_launcher(args, root)
     threads = launcher.threads  # parallel local jobs share the cores; a Slurm job has its own
-    extra = profile["args"] + (["--data", args.data] if args.data else []) + args.extra.split()
-    model_size = flag_value(extra, "--model-size", "small")
-    select_metric = flag_value(extra, "--select-metric") or flag_value(extra, "--metric", "ap")
     lrs = [float(x) for x in args.lrs.split(",") if x] or None
-    rows = planned_rows(discover([x for x in args.only.split(",") if x]))
     index_path = root / "index.json"
     index = json.loads(index_path.read_text()) if index_path.exists() else {}
     settings = reusable_settings(extra)
@@ -713,24 +754,25 @@ def main(argv=None):
             if row_key(script, variant) not in index["chosen"]:
                 failed.setdefault(row_key(script, variant), ["tuning: every configuration failed"])
     tables, csv_rows = build_tables(by_label, list(TASKS), failed, chosen_text)
-    info = describe(args.profile, profile, extra, seeds, tune, args, model_size, select_metric, by_label)
-    info["tuning_rows"], info["tuning_headers"] = [[label_of_row.get(r[0], r[0])] + r[1:] for r in tuning_rows], tuning_headers
-    figures = draw_figures(by_label, list(TASKS), out)
-    text = write_outputs(tables, csv_rows, list(TASKS), out, info, figures)
-    if args.pretraining and not args.plot_only:
-        from tabulate import tabulate
-        ctx = {"extra": extra, "settings": settings, "threads": threads, "index": index, "log_dir": log_dir,
-               "save": save, "jobs": args.jobs}
-        config = index_config(index, "all_at_once", [])
-        pre_rows = pretraining_section(args.pretrain_schedulers.split(","), seeds, root, ctx, config)
-        text += ("\n## Pretraining: all_at_once fine-tuned from pretraining scheduled by each strategy\n\n"
-                 "Test metrics (mean ± std over seeds); the last column compares mean AP with no pretraining, "
-                 "per seed and by the paired t and Wilcoxon tests (uncorrected).\n\n"
-                 + tabulate(pre_rows, headers=["pretrained with", "seeds", "mean AP", "mean F1+ tuned", "mean F1+ @0.5",
-                                               "vs none (signs, p)"], tablefmt="github") + "\n")
-        (out / "compare.md").write_text(text)
-    print(text)
-    print(f"written {out / 'compare.md'} and {out / 'compare.csv'}")
+    tuning_rows = [[label_of_row.get(r[0], r[0])] + r[1:] for r in tuning_rows]
+    ctx = {"extra": extra, "settings": settings, "threads": threads, "index": index, "log_dir": log_dir,
+           "save": save, "root": root}
+    return {"tables": tables, "csv_rows": csv_rows, "tuning_rows": tuning_rows, "tuning_headers": tuning_headers,
+            "by_label": by_label, "ctx": ctx}
+
+
+def with_model_column(results, tasks, out):
+    """The tables of several models as one, each row led by its model (significance, Holm and Δm stay
+    within a model: each model has its own baseline and reference); figures per model."""
+    first = next(iter(results.values()))
+    tables = {name: [[m] + row for m, r in results.items() for row in r["tables"][name]]
+              for name in first["tables"] if name != "ranks"}
+    csv_rows = [{"model": m, **row} for m, r in results.items() for row in r["csv_rows"]]
+    tuning_rows = [[m] + row for m, r in results.items() for row in r["tuning_rows"]]
+    figures = []
+    for m, r in results.items():
+        figures += [(f"{m}: {title}", path) for title, path in draw_figures(r["by_label"], tasks, out, prefix=f"compare_{m}")]
+    return tables, csv_rows, tuning_rows, figures
 
 
 def choose_tuned(index, script, variant, grids, tune_seed, metric):
@@ -785,16 +827,16 @@ def run_dir(summary):
     return Path(summary["_path"]).parent if "_path" in summary else Path(".")
 
 
-def draw_figures(by_label, tasks, out):
+def draw_figures(by_label, tasks, out, prefix="compare"):
     """The figures of compare.md, drawn from the final runs' summaries and metrics.jsonl files."""
     from common import figures
     if not by_label:
         return []
-    drawn = [("Per-task test AP, 95% intervals over seeds", figures.ap_bars(by_label, tasks, out / "compare_ap.png"))]
+    drawn = [("Per-task test AP, 95% intervals over seeds", figures.ap_bars(by_label, tasks, out / f"{prefix}_ap.png"))]
     first_seed = {lab: runs[min(runs)] for lab, runs in by_label.items()}
     drawn.append(("Validation AP per task over steps (first seed)",
-                  figures.learning_curves(first_seed, tasks, out / "compare_curves.png")))
-    path = figures.decisions(first_seed, tasks, out / "compare_decisions.png")
+                  figures.learning_curves(first_seed, tasks, out / f"{prefix}_curves.png")))
+    path = figures.decisions(first_seed, tasks, out / f"{prefix}_decisions.png")
     if path:
         drawn.append(("What each rule decided over time (first seed)", path))
     return drawn

@@ -321,6 +321,9 @@ class Run:
             torch.use_deterministic_algorithms(True, warn_only=True)   # a warning names any op without one
             torch.backends.cudnn.benchmark = False
             torch.backends.cudnn.deterministic = True
+        if args.precision == "fp16" and self.device.type == "cpu":
+            raise SystemExit("--precision fp16 on CPU: oneDNN has no fp16 LSTM kernel; use bf16 or fp32 on CPU "
+                             "(fp16 with its gradient scaler is for CUDA)")
         self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
         # fp16 gradients overflow and underflow: a scaler multiplies the loss, skips a step whose
         # gradients overflowed and lowers the scale (not an error); bf16 has fp32's range and needs none
@@ -355,7 +358,11 @@ class Run:
             torch.manual_seed(distributed.rank_seed(args.seed))
         self.lengths = self.train_set.text_lengths() if args.bucket else None
         self.steps_per_epoch = math.ceil(len(self.train_set) / args.batch_size)
-        self.eval_every = args.eval_every or max(self.steps_per_epoch // max(getattr(args, 'evals_per_epoch', 1), 1), 1)
+        evals_per_epoch = getattr(args, "evals_per_epoch", 1)
+        if args.eval_every < 0 or evals_per_epoch < 1:
+            raise SystemExit(f"--eval-every {args.eval_every} / --evals-per-epoch {evals_per_epoch}: expected "
+                             "--eval-every >= 0 (0: use --evals-per-epoch) and --evals-per-epoch >= 1")
+        self.eval_every = args.eval_every or max(self.steps_per_epoch // evals_per_epoch, 1)
         self._total_steps = args.epochs * self.steps_per_epoch
         if args.max_steps:
             self._total_steps = min(self._total_steps, args.max_steps)
@@ -586,6 +593,8 @@ class Run:
         if ok:
             distributed.average_gradients(self._trained_parameters(), synced)
         if ok and self.scaler is not None and (loss is not None or scaled):
+            if loss is None:  # the scaler creates its scale on its first scale(); unscale_ needs it
+                self.scaler.scale(torch.ones((), device=self.device))
             self.scaler.unscale_(self.optimizer)
             if not self._grads_finite():  # overflow of the scaled fp16 gradients: the scaler's business
                 self.scaler.step(self.optimizer)  # skips the update
@@ -838,7 +847,8 @@ class Run:
         }
         # how it ran (issue 16): processes, precision, fp16 steps the scaler skipped
         summary.update(world_size=distributed.world_size(), precision=self.args.precision,
-                       fp16_overflow_skips=self.progress.get("fp16_overflow_skips", 0))
+                       fp16_overflow_skips=self.progress.get("fp16_overflow_skips", 0),
+                       trunk=self.args.trunk, text_encoder=self.args.text_encoder)
         summary = _jsonable(summary)
         self.write_summary(summary)
         self.log({"event": "end", "step": self.progress["step"], "test_mean": test["mean"]})

@@ -193,3 +193,23 @@ def test_compact_decisions_show_orders_and_groups():
     assert compact(["gory", "sarcasm", "binary"]) == "gor>sar>bin"
     assert compact([["binary"], ["mature", "slapstick"]]) == "[bin] [mat sla]"
     assert compact({"binary": 0.123, "gory": 1}) == "bin 0.12 gor 1"
+
+
+def test_models_add_a_model_column(tiny_data, tmp_path):
+    """--models runs the comparison once per trunk (runs/<profile>/<model>/) and writes one table whose
+    rows start with their model; each row's numbers are those of that model's runs."""
+    argv = ["--only", "round_robin", "--seeds", "1", "--models", "hca,late_fusion", "--out", str(tmp_path),
+            "--data", str(tiny_data), "--extra", "--model-size tiny --epochs 1 --batch-size 8"]
+    compare.main(argv)
+    md = (tmp_path / "compare.md").read_text()
+    rows = list(csv.DictReader(open(tmp_path / "compare.csv")))
+    assert {(r["model"], r["strategy"]) for r in rows} == {("hca", "round_robin"), ("late_fusion", "round_robin")}
+    assert "| model " in md and "models (--trunk): hca, late_fusion" in md
+    for r in rows:
+        summary = json.loads((tmp_path / "runs/quick" / r["model"] / "round_robin/seed0/summary.json").read_text())
+        assert summary["trunk"] == r["model"]
+        assert float(r["mean_ap"]) == pytest.approx(summary["test"]["mean"]["ap"], abs=1e-12)
+        line = next(x for x in md.splitlines() if x.startswith(f"| {r['model']} ") and "| round_robin " in x)
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert float(cells[4].split()[0]) == pytest.approx(summary["test"]["mean"]["ap"], abs=5e-4)  # mean AP
+    assert (tmp_path / "compare_late_fusion_ap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

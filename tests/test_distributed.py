@@ -231,3 +231,42 @@ def test_an_fp16_overflow_in_the_per_task_gradients_is_the_scalers_skip(tiny_dat
     the step is skipped and the scale lowered."""
     seen, run = scaled_update_grads(tiny_data, tmp_path, 2.0 ** 127, ["--aggregator", "pcgrad"], steps=1)
     assert seen == [] and run.progress["fp16_overflow_skips"] == 1 and run.scaler.get_scale() < 2.0 ** 127
+
+
+def test_a_hand_written_scaled_backward_works_on_the_first_step(tiny_data, tmp_path):
+    """A strategy that writes .grad itself from losses x run.loss_scale and calls run.step(None, scaled=True)
+    on the very first step of a fresh scaler: no 'unscale_ before scale' error, and the optimizer sees the
+    unscaled gradient (fp32 forward with the scaler's machinery, as above: CPU has no fp16 LSTM)."""
+    from common.train import Run, build_parser
+    args = build_parser().parse_args(["--data", str(tiny_data), "--out", str(tmp_path), "--model-size", "tiny",
+                                      "--batch-size", "8", "--epochs", "1", "--quiet", "--zero-dropout",
+                                      "--clip-grad", "0"])
+    run = Run(args, strategy="hand_scaled")
+    run.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    run.start()
+    batch = next(iter(run.batches()))
+    losses = run.task_losses(batch)
+    run.optimizer.zero_grad(set_to_none=True)
+    (losses.sum() * run.loss_scale).backward()
+    p = next(p for p in run.model.parameters() if p.grad is not None and p.grad.abs().sum() > 0)
+    expected = p.grad.clone() / 2.0 ** 10
+    seen, opt_step = [], run.optimizer.step
+    run.optimizer.step = lambda *a, **k: (seen.append(p.grad.clone()), opt_step(*a, **k))[1]
+    assert run.step(None, losses, batch, scaled=True) and len(seen) == 1
+    torch.testing.assert_close(seen[0], expected, rtol=1e-5, atol=1e-12)
+
+
+def test_fp16_on_cpu_is_a_clear_error(tiny_data, tmp_path):
+    from common.train import Run, build_parser
+    args = build_parser().parse_args(["--data", str(tiny_data), "--out", str(tmp_path), "--model-size", "tiny",
+                                      "--quiet", "--precision", "fp16"])
+    with pytest.raises(SystemExit, match="fp16 on CPU"):
+        Run(args, strategy="fp16_cpu")
+
+
+def test_evals_per_epoch_below_one_is_a_clear_error(tiny_data, tmp_path):
+    from common.train import Run, build_parser
+    args = build_parser().parse_args(["--data", str(tiny_data), "--out", str(tmp_path), "--model-size", "tiny",
+                                      "--quiet", "--evals-per-epoch", "0"])
+    with pytest.raises(SystemExit, match="--evals-per-epoch 0"):
+        Run(args, strategy="evals0")
