@@ -68,7 +68,8 @@ VARIANTS = {
 # Profiles. The default synthetic set has 2900 training clips: 182 steps per epoch at batch 16.
 # Measured on this machine (2 cores, JOBS=2, one thread per job, tiny model): 16 s per epoch of training
 # plus about 1 s per validation (432 clips).
-#   quick     every strategy x 3 seeds, 2 fixed epochs: 29.6 min (the committed first look).
+#   quick     every strategy x 3 seeds, 2 fixed epochs: 56 min wall-clock, 107 min of run time (the committed
+#             first look; 26 rows: parameter-space aggregators about 105 s a run, plain rules about 60 s).
 #   standard  tiny model, budget 10 epochs (1820 steps), validation every 91 steps (half an epoch), early
 #             stopping after 4 validations without a new best, learning rate tuned on a 3-point grid, 5 seeds.
 #             A run that stops early takes 4-6 epochs. Cost: rows x (grid + seeds) runs; single_task counts
@@ -786,7 +787,9 @@ def choose_tuned(index, script, variant, grids, tune_seed, metric):
 
 def describe(name, profile, extra, seeds, tune, args, model_size, select_metric, by_label):
     """What the header says: profile, budget, seeds, tuning grid, data."""
-    any_summary = next((s for runs in by_label.values() for s in runs.values()), None)
+    # the budget of one run: the baseline's (a merged row such as single_task adds up its models' budgets)
+    runs = by_label.get(BASELINE) or next((r for lab, r in by_label.items() if lab != REFERENCE), None) or {}
+    any_summary = next(iter(runs.values()), None)
     epochs = flag_value(extra, "--epochs", "3")
     patience = flag_value(extra, "--early-stop-patience", "0")
     every = flag_value(extra, "--eval-every", "0")
