@@ -98,6 +98,28 @@ METHOD_GRID = {
     "stop_and_go": ("--improve", ["0.001", "0.01"]),
     "dynamic_sampling": ("--difficulty", ["gap", "loss"]),
 }
+# Where a row's rule differs from its reference code, on purpose (each docstring says more); printed
+# under the table so that no reader takes a row for the unchanged published method.
+RULE_NOTES = {
+    "all rows": "every clip carries all five labels, so one trunk forward serves every active task of a step "
+                "(the references with one dataset per task need a forward per task).",
+    "stop_and_go": "12-in-1 judges once per epoch with a forward, optimizer step and epoch per task; here one "
+                   "shared step, judged at every validation (the profile's --eval-every); patience counts "
+                   "non-improving evaluations; thresholds on |best| for negative scores; a non-finite score "
+                   "is skipped, not counted (common/schedulers.py StopAndGo).",
+    "dynamic_sampling": "p_t weights every clip's task-t loss by T·p_t (default --apply weights) instead of drawing "
+                        "instances per task, so no label is discarded; --apply clips is the paper's / student "
+                        "code's heterogeneous batches.",
+    "dwa": "equal weights for the first 2 epochs, as the reference: in a 2-epoch profile it equals all_at_once.",
+    "cagrad": "exact active-set solve instead of SLSQP, without the reference's 1e-8 epsilons (scale-invariant).",
+    "imtl": "pseudo-inverse where the references invert (LibMTL) or add 1e-8 I; an ascent solution is negated.",
+    "nash_mtl": "where no bargaining solution exists (e.g. antiparallel gradients) the previous alpha is kept, "
+                "as the official code does when its solver fails; counted as nash_no_solution.",
+    "upgrad": "reg_eps 0 (the paper's exact projection) where TorchJD adds 1e-4 I; --upgrad-reg-eps 1e-4 gives "
+              "TorchJD's.",
+    "*_representation": "per-task gradients of the fused representation instead of the shared parameters (MGDA-UB "
+                        "precedent): a cheaper variant, not the published PCGrad / MGDA.",
+}
 TUNE_SEED = 100  # not an evaluation seed: no reported test number comes from a run that took part in a choice
 BASELINE = "all_at_once"
 REFERENCE = "single_task"
@@ -473,6 +495,9 @@ def write_outputs(tables, csv_rows, tasks, out_dir, info, figures=None):
              "steps to best: the step of the selected (best validation) model; stopped early: runs that patience "
              "ended before the budget (the others used all of it); wall-clock includes validation; step cost: "
              f"seconds per step relative to {BASELINE}.", "", table("budget"), ""]
+    if info.get("rule_notes", True):
+        parts += ["## Where the rules differ from their reference code (on purpose)", ""]
+        parts += [f"- {row}: {note}" for row, note in RULE_NOTES.items()] + [""]
     if info.get("tuning_rows"):
         from tabulate import tabulate as tab
         parts += ["## Tuning (validation selection score on the tuning seed; * = chosen)", "",

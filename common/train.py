@@ -919,7 +919,7 @@ def single_task_references(out, seed, tasks, metric):
     per_task = json.loads(path.read_text())["val"]["per_task"]
     refs = {t: per_task.get(t, {}).get(metric) for t in tasks}
     missing = [t for t, v in refs.items() if v is None or not math.isfinite(v)]
-    return (None, f"{path} has no finite val {metric} for {missing}") if missing else (refs, f"references from {path}")
+    return (None, f"{path} has no finite val {metric} for {missing}") if missing else (refs, f"val {metric} of single_task/seed{seed} (under --out)")
 
 
 def load_init(model, path):
