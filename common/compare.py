@@ -495,9 +495,8 @@ def write_outputs(tables, csv_rows, tasks, out_dir, info, figures=None):
              "steps to best: the step of the selected (best validation) model; stopped early: runs that patience "
              "ended before the budget (the others used all of it); wall-clock includes validation; step cost: "
              f"seconds per step relative to {BASELINE}.", "", table("budget"), ""]
-    if info.get("rule_notes", True):
-        parts += ["## Where the rules differ from their reference code (on purpose)", ""]
-        parts += [f"- {row}: {note}" for row, note in RULE_NOTES.items()] + [""]
+    parts += ["## Where the rules differ from their reference code (on purpose)", ""]
+    parts += [f"- {row}: {note}" for row, note in RULE_NOTES.items()] + [""]
     if info.get("tuning_rows"):
         from tabulate import tabulate as tab
         parts += ["## Tuning (validation selection score on the tuning seed; * = chosen)", "",
