@@ -45,7 +45,7 @@ _NOTICED = set()   # device types whose fallback notice was printed
 BACKEND = "torch"  # best backend of this process: "cuda", "cpp" or "torch"
 
 
-def _load_module(name, subdir, sources):
+def load_built_module(name, subdir, sources):
     """Import a built extension module from csrc/build/<subdir>/<name>.so, or None."""
     path = _BUILD / subdir / f"{name}.so"
     if not path.exists():
@@ -69,10 +69,10 @@ def _load_module(name, subdir, sources):
 def load_extensions():
     """(Re)load the compiled modules, e.g. after a build; returns BACKEND."""
     global _CPU_EXT, _CUDA_EXT, BACKEND
-    _CPU_EXT = _load_module("_gradagg", "cpu", ["gradagg_cpu.cpp"])
+    _CPU_EXT = load_built_module("_gradagg", "cpu", ["gradagg_cpu.cpp"])
     _CUDA_EXT = None
     if torch.cuda.is_available():
-        _CUDA_EXT = _load_module("_gradagg_cuda", "cuda",
+        _CUDA_EXT = load_built_module("_gradagg_cuda", "cuda",
                                  ["gradagg_cuda.cu", "gradagg_cuda.h", "gradagg_cuda_binding.cpp"])
     BACKEND = "cuda" if _CUDA_EXT is not None else "cpp" if _CPU_EXT is not None else "torch"
     return BACKEND

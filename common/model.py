@@ -32,8 +32,8 @@ Deviations from the original code (GitHub RiTUAL-UH/Comic-Mischief-Prediction), 
   - heads are Linear-ReLU-Dropout-Linear (the original: four Linear layers with BatchNorm, no activation);
   - the projections of the LSTM outputs are computed once per batch (the original calls them once per use,
     so in training each use draws its own dropout mask);
-  - dropout outside the text encoder uses a cheaper random mask on CPU (`dropout`; p rounded to a multiple
-    of 1/256);
+  - dropout, inside the text encoder too, uses a cheaper random mask on CPU (common/dropout.py; p rounded
+    to a multiple of 1/256);
   - the pooling vector v is initialised N(0, 1/H) (the original: U(0, 1), which makes pooling nearly an argmax).
 """
 from __future__ import annotations
@@ -42,64 +42,14 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from common.data import MODALITIES, TASKS
+from common.dropout import Dropout, attention
 from common.text_encoder import build_text_encoder, encode_text, encoder_config
 
 MASK_VALUE = -10000.0  # BERT's additive mask for padded keys (the original's cross-attention uses it too)
-
-
-# ---------------------------------------------------------------------------------------------------------
-def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """F.dropout with a cheaper random mask on CPU.
-
-    PyTorch's CPU dropout draws one random number per element (~13 ns each on the 2-core machine), which
-    was a quarter of a small-model training step. Here one random 64-bit integer gives eight random bytes;
-    an element is dropped when its byte is below round(256 p), so p is rounded to a multiple of 1/256
-    (0.1 -> 0.1016, 0.2 -> 0.1992, 0.3 -> 0.3008) and kept values are scaled by 1 / (1 - that p): the
-    expectation is unchanged. Other devices use F.dropout."""
-    if not training or p == 0.0:
-        return x
-    k = round(p * 256)
-    if x.device.type != "cpu" or k == 0 or k >= 256:
-        return F.dropout(x, p, True)
-    n = x.numel()
-    bytes_ = torch.randint(-2**63, 2**63 - 1, ((n + 7) // 8,), dtype=torch.int64).view(torch.uint8)[:n]
-    keep = (bytes_.view(x.shape) >= k).to(x.dtype)
-    return x * keep.mul_(256.0 / (256 - k))
-
-
-class Dropout(nn.Module):
-    """Drop-in replacement for nn.Dropout using `dropout` above (no parameters, so state dicts are unchanged)."""
-
-    def __init__(self, p: float = 0.5):
-        super().__init__()
-        if not 0.0 <= p < 1.0:
-            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
-        self.p = p
-
-    def forward(self, x):
-        return dropout(x, self.p, self.training)
-
-    def extra_repr(self):
-        return f"p={self.p}"
-
-
-def attention(q, k, v, add_mask, p: float, training: bool) -> torch.Tensor:
-    """BERT attention: softmax(q k^T / sqrt(d) + add_mask), dropout p on the probabilities, times v.
-    q [B, heads, Lq, d], k and v [B, heads, Lk, d], add_mask broadcastable to [B, heads, Lq, Lk] or None.
-
-    Without dropout, scaled_dot_product_attention computes exactly this. With dropout on CPU the explicit
-    matmuls and the cheap `dropout` are used instead (SDPA's own CPU dropout costs more than the attention)."""
-    if not training or p == 0.0 or q.device.type != "cpu":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=add_mask, dropout_p=p if training else 0.0)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * (q.shape[-1] ** -0.5)
-    if add_mask is not None:
-        scores = scores + add_mask
-    return torch.matmul(dropout(torch.softmax(scores, dim=-1), p, True), v)
 
 
 def additive_mask(mask: torch.Tensor, dtype=torch.float32) -> torch.Tensor:

@@ -27,6 +27,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from common.dropout import use_cheap_dropout
+
 BERT_BASE_CASED = "bert-base-cased"
 # bert-base-cased ids of common word pieces, read off the public val split's (words, indexes) pairs;
 # a tokenizer that maps all of them so (and has 28996 entries) is taken to be bert-base-cased
@@ -128,12 +130,13 @@ def load_encoder_folder(folder, verbose=True):
 def build_text_encoder(config, folder=None, grad_checkpointing=False, verbose=True):
     """The text encoder of a trunk: the folder's (--text-encoder) or a random BERT of config's size.
     grad_checkpointing recomputes each layer's activations in the backward pass (less memory, about one
-    more forward of compute; same gradients)."""
+    more forward of compute; same gradients). Its dropout is common.dropout's cheap CPU dropout."""
     model = random_bert(config) if folder is None else load_encoder_folder(folder, verbose)
     hidden = model.config.hidden_size
     if hidden != config.hidden:
         raise ValueError(f"text encoder {model.source}: hidden size {hidden} != the model's {config.hidden} "
                          f"(build the config with common.model.model_config, which takes the encoder's)")
+    use_cheap_dropout(model)
     if grad_checkpointing:
         if not model.supports_gradient_checkpointing:
             raise ValueError(f"{type(model).__name__} does not support gradient checkpointing in transformers")

@@ -4,9 +4,10 @@
     python csrc/build.py --clean    # remove csrc/build/ first
     python csrc/build.py --require-cuda   # fail if the CUDA module cannot be built
 
-Two modules, each built with torch.utils.cpp_extension.load (ninja) into a
-fixed directory that common/gradagg.py loads from:
+Three modules, each built with torch.utils.cpp_extension.load (ninja) into a
+fixed directory that common/gradagg.py (and common/dropout.py) load from:
   csrc/build/cpu/_gradagg.so        always: gradagg_cpu.cpp, -O3, OpenMP when the compiler has it
+  csrc/build/dropout/_dropout.so    always: dropout_cpu.cpp (one-pass CPU dropout), the same flags
   csrc/build/cuda/_gradagg_cuda.so  only with a CUDA build of torch and a CUDA toolkit
                                     (gradagg_cuda.cu + gradagg_cuda_binding.cpp)
 They are separate so that a failing CUDA build (say, nvcc and torch disagree on
@@ -29,6 +30,7 @@ from torch.utils import cpp_extension
 CSRC = Path(__file__).resolve().parent
 BUILD = CSRC / "build"
 CPU_DIR = BUILD / "cpu"
+DROPOUT_DIR = BUILD / "dropout"
 CUDA_DIR = BUILD / "cuda"
 
 
@@ -58,15 +60,23 @@ def _load(name, sources, build_dir, **kwargs):
                               build_directory=str(build_dir), **kwargs)
 
 
-def build_cpu(verbose=False):
-    flags = ["-O3"]
-    ldflags = []
+def cpu_flags():
+    """(cflags, ldflags) of the CPU modules: -O3, and OpenMP when the compiler has it."""
     if has_openmp():
-        flags.append("-fopenmp")
-        ldflags.append("-fopenmp")
-    else:
-        print("build: the compiler has no OpenMP; the CPU kernel will run on one thread")
-    return _load("_gradagg", [CSRC / "gradagg_cpu.cpp"], CPU_DIR, extra_cflags=flags,
+        return ["-O3", "-fopenmp"], ["-fopenmp"]
+    print("build: the compiler has no OpenMP; the CPU kernels will run on one thread")
+    return ["-O3"], []
+
+
+def build_cpu(verbose=False, flags=None):
+    cflags, ldflags = flags or cpu_flags()
+    return _load("_gradagg", [CSRC / "gradagg_cpu.cpp"], CPU_DIR, extra_cflags=cflags,
+                 extra_ldflags=ldflags, verbose=verbose)
+
+
+def build_dropout(verbose=False, flags=None):
+    cflags, ldflags = flags or cpu_flags()
+    return _load("_dropout", [CSRC / "dropout_cpu.cpp"], DROPOUT_DIR, extra_cflags=cflags,
                  extra_ldflags=ldflags, verbose=verbose)
 
 
@@ -96,9 +106,13 @@ def main(argv=None):
     if args.clean and BUILD.exists():
         shutil.rmtree(BUILD)
     t0 = time.perf_counter()
-    mod = build_cpu(args.verbose)
+    flags = cpu_flags()
+    mod = build_cpu(args.verbose, flags)
     print(f"build: CPU module ready ({CPU_DIR / '_gradagg.so'}, OpenMP={mod.openmp}, "
           f"{time.perf_counter() - t0:.1f} s)")
+    t0 = time.perf_counter()
+    build_dropout(args.verbose, flags)
+    print(f"build: CPU dropout module ready ({DROPOUT_DIR / '_dropout.so'}, {time.perf_counter() - t0:.1f} s)")
 
     reason = cuda_reason()
     if reason is not None:

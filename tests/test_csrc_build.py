@@ -97,3 +97,18 @@ def test_cpu_extension_builds_and_loads():
                        timeout=900, cwd=ROOT)
     assert r.returncode == 0, r.stdout + r.stderr
     assert so.stat().st_mtime_ns == mtime
+
+
+def test_dropout_module_builds_and_loads():
+    import common.dropout as cd
+    so = CSRC / "build" / "dropout" / "_dropout.so"
+    if cd._EXT is None and shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler: the PyTorch fallback is used (tested in test_model.py)")
+    if cd._EXT is None:
+        r = subprocess.run([sys.executable, str(CSRC / "build.py")], capture_output=True, text=True,
+                           timeout=900, cwd=ROOT)
+        assert r.returncode == 0, r.stdout + r.stderr
+    assert cd.load_kernel() is not None and so.exists()
+    y, keep = cd._EXT.forward(torch.ones(1000), 26, 256 / 230, 7)
+    assert keep.dtype == torch.bool and torch.equal(y, keep.float() * (256 / 230))
+    assert torch.equal(keep, cd.random_bytes(1000, 7) >= 26)

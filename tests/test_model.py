@@ -1,7 +1,5 @@
 """Tests of common/model.py (HCA) on the tiny configuration with hand-made random batches. The text encoder's
 own tests: tests/test_text_encoder.py; the other trunks: tests/test_trunks.py."""
-import json
-import struct
 import sys
 from pathlib import Path
 
@@ -12,7 +10,8 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.data import MODALITIES, TASKS  # noqa: E402
-from common.model import (MODEL_SIZES, ORIGINAL_NAME_MAP, CrossAttention, HCAModel, attention, dropout,  # noqa: E402
+from common.dropout import attention, dropout, stock_dropout  # noqa: E402
+from common.model import (MODEL_SIZES, ORIGINAL_NAME_MAP, CrossAttention, HCAModel,  # noqa: E402
                           load_original_checkpoint, masked_softmax, run_bilstm)
 
 TINY = MODEL_SIZES["tiny"]
@@ -210,6 +209,41 @@ def test_cheap_dropout_keeps_the_expectation():
     assert abs(dropped - 26 / 256) < 0.005  # p rounded to a multiple of 1/256
     assert abs(y.mean().item() - 1.0) < 0.01
     assert torch.equal(dropout(x, 0.1, training=False), x)
+
+
+def test_stock_dropout_is_pytorchs():
+    x = torch.randn(1000)
+    torch.manual_seed(3)
+    ref = torch.nn.functional.dropout(x, 0.1, True)
+    with stock_dropout():
+        torch.manual_seed(3)
+        assert torch.equal(dropout(x, 0.1, True), ref)
+    torch.manual_seed(3)
+    assert not torch.equal(dropout(x, 0.1, True), ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_dropout_kernel_and_torch_fallback_are_bit_identical(dtype):
+    """csrc/dropout_cpu.cpp and common/dropout.py's torch ops draw the same SplitMix64 mask: same outputs
+    and gradients bit for bit, so a machine without the build trains the same model."""
+    import common.dropout as cd
+    if cd._EXT is None:
+        pytest.skip("the dropout kernel is not built (make build)")
+    x = torch.randn(3, 7, 1001, dtype=dtype, generator=torch.Generator().manual_seed(0))
+    outs = []
+    for ext in (cd._EXT, None):
+        saved, cd._EXT = cd._EXT, ext
+        try:
+            xi = x.clone().requires_grad_(True)
+            torch.manual_seed(5)
+            y = dropout(xi, 0.1, True)
+            (y * torch.arange(y.numel(), dtype=dtype).view_as(y)).sum().backward()
+            outs.append((y.detach(), xi.grad))
+        finally:
+            cd._EXT = saved
+    (y_kernel, g_kernel), (y_torch, g_torch) = outs
+    assert torch.equal(y_kernel, y_torch) and torch.equal(g_kernel, g_torch)
+    assert 0.08 < (y_kernel == 0).double().mean().item() < 0.12
 
 
 def test_bilstm_equals_packed_sequences():

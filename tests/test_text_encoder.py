@@ -11,6 +11,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import common.dropout as dropout_module  # noqa: E402
+from common.dropout import ATTN_IMPLEMENTATION, stock_dropout  # noqa: E402
 from common.model import MODEL_SIZES, ORIGINAL_NAME_MAP, build_model, load_original_checkpoint, model_config  # noqa: E402
 from common.text_encoder import (STORED_INDEXES, TokenizerMismatch, build_text_encoder, check_token_ids,  # noqa: E402
                                  encode_text, minilm_folder)
@@ -84,7 +86,46 @@ def test_model_size_builds_a_random_bert_of_that_size():
     enc = model.text_encoder
     assert type(enc).__name__ == "BertModel" and enc.config.hidden_size == TINY.hidden
     assert enc.config.num_hidden_layers == TINY.bert_layers and enc.config.vocab_size == 28996
-    assert enc.config._attn_implementation == "sdpa"
+    assert enc.config._attn_implementation == ATTN_IMPLEMENTATION  # transformers' sdpa, cheap CPU dropout
+    assert not [m for m in enc.modules() if type(m) is torch.nn.Dropout]  # every dropout is common.dropout's
+
+
+def _sdpa_reference(enc, ids, mask):
+    """The encoder's output with transformers' own sdpa attention and every dropout off."""
+    enc.config._attn_implementation = "sdpa"
+    try:
+        return encode_text(enc.eval(), ids, mask)
+    finally:
+        enc.config._attn_implementation = ATTN_IMPLEMENTATION
+
+
+def test_cheap_dropout_attention_is_transformers_sdpa(monkeypatch):
+    """Evaluation: bit-identical to transformers' sdpa. Training: the explicit path (matmuls, the padding
+    mask, the scale, the head layout) equals sdpa once the dropout itself is the identity."""
+    torch.manual_seed(0)
+    enc = build_model(TINY).text_encoder
+    mask = MASK.clone()
+    assert torch.equal(encode_text(enc.eval(), IDS, mask), _sdpa_reference(enc, IDS, mask))
+    reference = _sdpa_reference(enc, IDS, mask)
+    calls = []
+    monkeypatch.setattr(dropout_module, "dropout", lambda x, p, training: calls.append(p) or x)
+    out = encode_text(enc.train(), IDS, mask)
+    assert calls and all(p == 0.1 for p in calls)   # hidden and attention-probability dropouts were asked
+    assert torch.allclose(out, reference, atol=1e-5)
+
+
+def test_cheap_dropout_drops_attention_probabilities_in_training():
+    torch.manual_seed(0)
+    enc = build_model(TINY).text_encoder.train()
+    a, b = encode_text(enc, IDS, MASK), encode_text(enc, IDS, MASK)
+    assert not torch.allclose(a, b)                 # masks differ per call
+    torch.manual_seed(5)
+    c = encode_text(enc, IDS, MASK)
+    torch.manual_seed(5)
+    assert torch.equal(c, encode_text(enc, IDS, MASK))  # and come from torch's generator
+    with stock_dropout():                            # PyTorch's dropout: other masks, same shapes
+        torch.manual_seed(5)
+        assert not torch.equal(c, encode_text(enc, IDS, MASK))
 
 
 def test_gradient_checkpointing_gives_the_same_gradients():
