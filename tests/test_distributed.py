@@ -198,6 +198,7 @@ def scaled_update_grads(data, out, scale, flags, steps=2):
         run.scaler = torch.amp.GradScaler("cpu", init_scale=scale)
     update = make_update(run, args)
     run.start(update=update)
+    run.initial_params = {n: p.detach().clone() for n, p in run.model.named_parameters()}
     seen, opt_step = [], run.optimizer.step
     def recording_step(*a, **k):
         seen.append({n: p.grad.clone() for n, p in run.model.named_parameters() if p.grad is not None})
@@ -228,9 +229,14 @@ def test_the_fp16_loss_scale_does_not_change_the_update(tiny_data, tmp_path, fla
 
 def test_an_fp16_overflow_in_the_per_task_gradients_is_the_scalers_skip(tiny_data, tmp_path):
     """Scaled per-task gradients that overflow: no error from the Gram matrix, the aggregator is not asked,
-    the step is skipped and the scale lowered."""
+    the step is skipped (the fused Adam is handed found_inf and skips inside: no parameter moves) and the
+    scale lowered."""
     seen, run = scaled_update_grads(tiny_data, tmp_path, 2.0 ** 127, ["--aggregator", "pcgrad"], steps=1)
-    assert seen == [] and run.progress["fp16_overflow_skips"] == 1 and run.scaler.get_scale() < 2.0 ** 127
+    assert run.progress["fp16_overflow_skips"] == 1 and run.scaler.get_scale() < 2.0 ** 127
+    for n, p in run.model.named_parameters():
+        assert torch.equal(p.detach(), run.initial_params[n]), n
+    states = [s for s in run.optimizer.state.values() if "step" in s]
+    assert all(float(s["step"]) == 0 for s in states)
 
 
 def test_a_hand_written_scaled_backward_works_on_the_first_step(tiny_data, tmp_path):

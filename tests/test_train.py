@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.train import NonFiniteError, Run, build_parser, epoch_batches
+from common.train import NonFiniteError, Run, adam, build_parser, epoch_batches
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,6 +37,24 @@ def run_script(tiny_data, out, *extra, check=True):
 
 def summary_of(out):
     return json.loads((out / "all_at_once" / "seed0" / "summary.json").read_text())
+
+
+def test_fused_adam_matches_the_default_adam():
+    """Run's optimizer (common.train.adam, fused) makes the default Adam's updates, weight decay included."""
+    torch.manual_seed(0)
+    params = [torch.randn(50, 7), torch.randn(7)]
+    a = [p.clone().requires_grad_() for p in params]
+    b = [p.clone().requires_grad_() for p in params]
+    opt_a, opt_b = adam(a, lr=1e-2, weight_decay=0.01), torch.optim.Adam(b, lr=1e-2, weight_decay=0.01)
+    for step in range(20):
+        grads = [torch.randn_like(p) * (step + 1) for p in params]
+        for opt, ps in ((opt_a, a), (opt_b, b)):
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+            opt.step()
+    for x, y in zip(a, b):
+        assert torch.allclose(x, y, rtol=1e-5, atol=1e-6)
+    assert opt_a.state_dict()["state"][0].keys() == opt_b.state_dict()["state"][0].keys()
 
 
 def test_interrupted_run_resumes_to_identical_metrics(tiny_data, tmp_path):
