@@ -1,12 +1,15 @@
 """make bench: speed and memory figures measured side by side in one run (issue 17).
 
-The machine may be shared: only compare numbers printed by the same run. Timings are medians over
-repeats in which the sides alternate (A B, B A, ...), and the load average is printed before and after.
+The machine may be shared: only compare numbers printed by the same run. The sides alternate (A B, B A,
+...) and the load average is printed before and after each section. Section 1 averages over batches picked
+at evenly spaced length quantiles of the default epoch (a mean, so it estimates an epoch's throughput);
+the other sections give medians over repeats.
 
 1. Training step (forward, backward, clip, Adam) against a baseline that processes like the original code
    (tests/bench_original.py: text padded to 500, no text mask, padded nn.LSTM, BCE on softmax), same
    model and weights, same clips (default length-bucketed batches); small and full size, batch 8 and 16;
-   fp32, and bf16 autocast beside it where --precision exists.
+   fp32, and bf16 autocast beside it where --precision exists. The baseline uses PyTorch's dropout and
+   default (per-tensor) Adam as the original does; ours the cheap dropout and fused Adam.
 2. The step of every rule as the strategy scripts run it (common/multitask.py make_update +
    MultiTaskUpdate.step; small model, batch 16) against the equal-weight step: each weighting (gradnorm,
    famo with its no-grad forward on the same batch, dwa, rlw, uncertainty) and each aggregator of
@@ -52,7 +55,7 @@ from bench_original import original_batch, original_like_step  # noqa: E402
 from common.data import H5Dataset, collate, feature_stats  # noqa: E402
 from common.model import MODEL_SIZES, build_model  # noqa: E402
 from common.multitask import add_update_args, make_update  # noqa: E402
-from common.train import DEFAULT_DATA, Run, build_parser, ensure_data, epoch_batches, losses_from_logits  # noqa: E402
+from common.train import DEFAULT_DATA, Run, adam, build_parser, ensure_data, epoch_batches, losses_from_logits  # noqa: E402
 
 TASK_COUNT = 5
 
@@ -88,13 +91,25 @@ def datasets(data):
 
 
 def bucketed_items(dataset, batch_size, count, seed=0):
-    """The first `count` batches of the default (length-bucketed) epoch order, as lists of items."""
-    plan = epoch_batches(len(dataset), batch_size, seed=seed, epoch=0, lengths=dataset.text_lengths())
-    return [[dataset[i] for i in b] for b in plan[:count]]
+    """`count` batches of the default (length-bucketed) epoch, as lists of items, spread over the epoch's
+    batch lengths: the batches at the quantiles (i + 0.5) / count of their longest text, in epoch order.
+    Their mean step time estimates the epoch's (the first few batches of an epoch can all be short)."""
+    lengths = dataset.text_lengths()
+    plan = epoch_batches(len(dataset), batch_size, seed=seed, epoch=0, lengths=lengths)
+    by_length = sorted(range(len(plan)), key=lambda j: max(lengths[i] for i in plan[j]))
+    picked = sorted({by_length[int((i + 0.5) * len(plan) / count)] for i in range(count)})
+    return [[dataset[i] for i in plan[j]] for j in picked]
+
+
+def longest_items(dataset, batch_size, seed=0):
+    """The default epoch's batch with the longest text (the one that sets a run's peak memory)."""
+    lengths = dataset.text_lengths()
+    plan = epoch_batches(len(dataset), batch_size, seed=seed, epoch=0, lengths=lengths)
+    return [dataset[i] for i in max(plan, key=lambda b: max(lengths[i] for i in b))]
 
 
 def our_step(model, optimizer, batch, autocast_dtype=None, device_type="cpu"):
-    """This project's step as Run.step does it: cross-entropy on logits, clip 1.0, Adam."""
+    """This project's step as Run.step does it: cross-entropy on logits, clip 1.0, Adam (pass Run's: fused)."""
     with torch.autocast(device_type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
         logits = model(batch)
     loss = losses_from_logits(logits.float(), batch["labels"]).sum()
@@ -112,30 +127,33 @@ def step_vs_original(train, sizes, batch_sizes, repeats):
     for size in sizes:
         torch.manual_seed(0)
         model = build_model(MODEL_SIZES[size])
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
+        # the original's default (per-tensor) Adam, and ours (Run's: fused); same hyper-parameters
+        original_optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
+        optimizer = adam(model.parameters(), lr=1e-5)
         for bs in batch_sizes:
             items = bucketed_items(train, bs, repeats + 1)
             ours = [collate(b) for b in items]
             orig = [original_batch(b) for b in items]
             our_step(model, optimizer, ours[-1])        # warm-up (Adam state, kernel set-up), both sides
-            original_like_step(model, optimizer, orig[-1])
-            fns = {"original-like": lambda r: original_like_step(model, optimizer, orig[r]),
+            original_like_step(model, original_optimizer, orig[-1])
+            fns = {"original-like": lambda r: original_like_step(model, original_optimizer, orig[r]),
                    "ours fp32": lambda r: our_step(model, optimizer, ours[r])}
             if bf16:
                 our_step(model, optimizer, ours[-1], torch.bfloat16)
                 fns["ours bf16"] = lambda r: our_step(model, optimizer, ours[r], torch.bfloat16)
-            t = interleaved(fns, repeats)
-            base = statistics.median(t["original-like"])
+            t = interleaved(fns, repeats)   # repeat r runs batch r: the mean over them is the epoch's estimate
+            base = statistics.mean(t["original-like"])
             tokens = statistics.mean(b["text_ids"].shape[1] for b in ours[:repeats])
             row = [size, bs, f"{tokens:.0f} / 500", bs / base]
             for name in ("ours fp32", "ours bf16"):
                 if name in t:
-                    row += [bs / statistics.median(t[name]), base / statistics.median(t[name])]
+                    row += [bs / statistics.mean(t[name]), base / statistics.mean(t[name])]
                 else:
                     row += ["n/a", "n/a"]
             rows.append(row)
-            print(f"  {size} batch {bs}: " + ", ".join(f"{k} {median_ms(v):.0f} ms" for k, v in t.items()), flush=True)
-        del model, optimizer
+            print(f"  {size} batch {bs}: mean over {repeats} batches of " + ", ".join(
+                f"{k} {1000 * statistics.mean(v):.0f} ms" for k, v in t.items()), flush=True)
+        model = optimizer = original_optimizer = None  # free before the next size (lambdas bind late)
     headers = ["size", "batch", "text tokens (ours / orig.)", "orig.-like samples/s", "ours fp32 samples/s",
                "x orig.", "ours bf16 samples/s", "x orig."]
     print(tabulate(rows, headers=headers, floatfmt=".2f"))
@@ -188,9 +206,25 @@ def gradient_steps(data, repeats, size="small"):
     def forward_no_grad(r):  # FAMO's extra forward alone, to see its part of the famo row
         with torch.no_grad():
             run.per_item_losses(batches[r])
+    shared = [p for p in run.model.shared_parameters() if p.requires_grad]
+
+    def t_backward_floor(r):
+        """Forward, T backward passes through the shared trunk, clip, Adam, and nothing else: the least
+        work of any rule that needs the T exact per-task gradients of the shared parameters."""
+        _, per_item, _ = run.per_item_losses(batches[r])
+        losses = per_item.mean(dim=0)
+        run.optimizer.zero_grad(set_to_none=True)
+        for t in range(TASK_COUNT - 1):
+            torch.autograd.grad(losses[t], shared, retain_graph=True, allow_unused=True)
+        losses.sum().backward()
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), 1.0)
+        run.optimizer.step()
     fns = {key: (lambda r, u=u: u.step(batches[r])) for key, u in updates.items()}
-    fns["(no-grad forward alone: FAMO's extra)"] = forward_no_grad
-    rows_meta["(no-grad forward alone: FAMO's extra)"] = ("(no-grad forward alone: FAMO's extra)", "-", "")
+    extras = {"(no-grad forward alone: FAMO's extra)": forward_no_grad,
+              f"(floor of exact parameter space: forward + {TASK_COUNT} backward passes + Adam)": t_backward_floor}
+    for name, fn in extras.items():
+        fns[name] = fn
+        rows_meta[name] = (name, "-", "")
     for fn in fns.values():
         fn(repeats)  # warm-up on the spare batch
     t = interleaved(fns, repeats)
@@ -204,6 +238,10 @@ def gradient_steps(data, repeats, size="small"):
     print(f"{size} model, batch 16, median of {repeats} interleaved repeats; x equal = ms / ms of the equal-weight step")
     print(tabulate(rows, headers=["rule", "gradient space", "ms/step", "x equal", "target (issue 17)"],
                    floatfmt=".2f"))
+    floor = statistics.median(t[next(k for k in extras if k.startswith("(floor"))]) / base
+    print(f"The floor row is what T = {TASK_COUNT} exact per-task gradients cost on this machine however they are "
+          f"combined ({floor:.2f}x): a parameter-space rule cannot be under it, so a target below it cannot be met "
+          f"here; batching the T passes does the same arithmetic ({TASK_COUNT}x the backward's FLOPs).")
     fallbacks = {key: u.task_grads.batch_fallback for key, u in updates.items()
                  if u.task_grads is not None and u.task_grads.batch_fallback}
     for key, why in fallbacks.items():
@@ -243,7 +281,7 @@ class ComponentTimer:
 def component_shares(train, size, batch_size, repeats):
     torch.manual_seed(0)
     model = build_model(MODEL_SIZES[size])
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
+    optimizer = adam(model.parameters(), lr=1e-5)
     branches = list(model.branches.values())
     attn = [b.attn for b in branches]
     groups = {"text encoder": [model.text_encoder], "video branch (BiLSTM + projection)": [model.video_encoder],
@@ -288,13 +326,13 @@ def vm_value(key):
 
 
 def memory_probe(config):
-    """Child process: one warm step of a configuration, then print {"rss_before", "peak"} as JSON."""
+    """Child process: one step of a configuration, then print {"rss_before", "peak"} as JSON."""
     data = ensure_data(DEFAULT_DATA)
     train, _ = datasets(data)
-    items = bucketed_items(train, config["batch_size"], 1)[0]
+    items = longest_items(train, config["batch_size"])
     torch.manual_seed(0)
     model = build_model(MODEL_SIZES[config["size"]], grad_checkpointing=config.get("grad_checkpointing", False))
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
+    optimizer = (torch.optim.Adam if config.get("original") else adam)(model.parameters(), lr=1e-5)
     before = vm_value("VmRSS")
     t0 = time.perf_counter()
     if config.get("original"):
@@ -332,7 +370,7 @@ def peak_memory(size, batch_size, quick):
         rows.append([label, result["peak"] / 1e9, result["peak"] / 2**30, (result["peak"] - result["rss_before"]) / 2**30,
                      result["seconds"], target])
         print(f"  {label}: peak {result['peak'] / 1e9:.2f} GB in {result['seconds']:.0f} s", flush=True)
-    print(f"one step in a fresh process per row, random weights, the first default batch ({tokens} text tokens)")
+    print(f"one step in a fresh process per row, random weights, the default epoch's longest batch ({tokens} text tokens)")
     print(tabulate(rows, headers=[f"{size}, batch {batch_size}", "peak RSS GB (VmHWM)", "GiB",
                                   "GiB above the built model + data", "step s", "target (issue 17)"],
                    floatfmt=".2f"))
@@ -378,7 +416,7 @@ def count_subnormals(model, optimizer, batch):
 def denormals(train, repeats):
     torch.manual_seed(0)
     model = build_model(MODEL_SIZES["small"])
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    optimizer = adam(model.parameters(), lr=1e-3)
     batches = [collate(b) for b in bucketed_items(train, 16, 8)]
     for k in range(10):  # a few updates first: denormals, if any, come as values shrink
         our_step(model, optimizer, batches[k % 8])

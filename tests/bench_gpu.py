@@ -25,7 +25,7 @@ from tabulate import tabulate  # noqa: E402
 
 from common.data import H5Dataset, collate, feature_stats  # noqa: E402
 from common.model import MODEL_SIZES, build_model  # noqa: E402
-from common.train import DEFAULT_DATA, device_batch, ensure_data, epoch_batches  # noqa: E402
+from common.train import DEFAULT_DATA, adam, device_batch, ensure_data, epoch_batches  # noqa: E402
 from bench import our_step  # noqa: E402
 
 KERNEL_TARGET_PCT = 70  # issue 16: at least 70% of the copy bandwidth at P = 1.1e8
@@ -50,7 +50,7 @@ def step_rates(data, device, repeats):
     for size in ("small", "full"):
         torch.manual_seed(0)
         model = build_model(MODEL_SIZES[size]).to(device)
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
+        optimizer = adam(model.parameters(), lr=1e-5)
         batches = gpu_batches(data, 16, repeats + 1, device)
         fns = {"fp32": None, "bf16": torch.bfloat16}
         for dtype in fns.values():
@@ -77,7 +77,7 @@ def peak_memory(data, device):
                                         ("bf16", False, torch.bfloat16)):
         torch.manual_seed(0)
         model = build_model(MODEL_SIZES["full"], grad_checkpointing=checkpointing).to(device)
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
+        optimizer = adam(model.parameters(), lr=1e-5)
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)

@@ -139,7 +139,7 @@ def main(argv=None):
                          speedup_vs_mm=t_mm / t_kernel, kernel_GBps=gbs, pct_of_copy_bw=100 * gbs * 1e9 / bw,
                          gram_err_mm=err_mm, gram_err_kernel=err_kernel, update_err_kernel=upd_err,
                          update_err_naive=naive_err))
-        del buf, out, ref, truth
+        buf = out = ref = truth = None  # free before the next size (the closures above bind late)
         if device.type == "cuda":
             torch.cuda.empty_cache()
 

@@ -7,7 +7,9 @@
     padding, no packing and no reversal within each length (so the backward direction starts in the padding);
   - every mask all ones (the original's attention pooling pools padding too);
   - BCE on softmax probabilities (one-hot targets), summed over the tasks;
-  - fp32, gradient clipping at 1.0 and Adam, as this project's step.
+  - PyTorch's own dropout (F.dropout, SDPA's dropout), as the original uses; this project's cheaper CPU
+    dropout (common/dropout.py) is switched off for the step (`stock_dropout`);
+  - fp32, gradient clipping at 1.0 and Adam (PyTorch's default, unfused implementation).
 
 The LSTM path is swapped by replacing common.model.run_bilstm for the duration of the step
 (`original_lstm_path`); the model itself is not modified.
@@ -18,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import common.model as model_module
+from common.dropout import stock_dropout
 from common.data import collate
 
 ORIGINAL_TEXT_LEN = 500
@@ -57,7 +60,7 @@ def bce_on_softmax(logits, labels):
 
 def original_like_step(model, optimizer, batch, clip=1.0):
     """One training step (forward, backward, clip, Adam) of a batch made by original_batch. Returns the loss."""
-    with original_lstm_path():
+    with original_lstm_path(), stock_dropout():
         loss = bce_on_softmax(model(batch), batch["labels"])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -19,7 +19,7 @@ from tabulate import tabulate  # noqa: E402
 
 from common.data import H5Dataset, collate, feature_stats  # noqa: E402
 from common.model import MODEL_SIZES, TRUNK_NAMES, build_model  # noqa: E402
-from common.train import DEFAULT_DATA, ensure_data, epoch_batches, losses_from_logits  # noqa: E402
+from common.train import DEFAULT_DATA, adam, ensure_data, epoch_batches, losses_from_logits  # noqa: E402
 
 
 def trunk_bench(data=DEFAULT_DATA, size="small", batch_size=16, n_batches=4, repeats=3, trunks=TRUNK_NAMES):
@@ -33,7 +33,7 @@ def trunk_bench(data=DEFAULT_DATA, size="small", batch_size=16, n_batches=4, rep
     for trunk in trunks:
         torch.manual_seed(0)
         models[trunk] = build_model(MODEL_SIZES[size], trunk).train()
-        optimizers[trunk] = torch.optim.Adam(models[trunk].parameters(), lr=1e-4)
+        optimizers[trunk] = adam(models[trunk].parameters(), lr=1e-4)
 
     def steps(trunk):
         model, opt = models[trunk], optimizers[trunk]

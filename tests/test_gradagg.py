@@ -316,7 +316,7 @@ def test_task_grad_buffer_writes_pcgrad_into_dot_grad(backend):
     x, y = torch.randn(16, 4), torch.randn(16, T)
     y[:, 1] = -3 * y[:, 0]  # make tasks 0 and 1 conflict
     shared = model.shared_parameters()
-    tgb = TaskGradBuffer = ga.TaskGradBuffer(shared, T)
+    tgb = ga.TaskGradBuffer(shared, T)
     buffer_ptr = tgb.grads.data_ptr()
 
     losses = model.losses(x, y)

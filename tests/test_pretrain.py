@@ -2,9 +2,8 @@
 import math
 
 import torch
-import torch.nn.functional as F
 
-from common.model import MODEL_SIZES, HCAModel
+from common.model import MODEL_SIZES
 from common.pretrain import (MASK_ID, SWAP_AUDIO, SWAP_NONE, SWAP_TEXT, SWAP_VIDEO, PretrainHeads, corrupt, info_nce,
                              shifted_partner)
 from common.train import Run, build_parser
