@@ -252,6 +252,23 @@ def run_bilstm(lstm: nn.LSTM, x, mask):
     return x * keep
 
 
+_CPU_BF16_LSTM = {}  # cached probe result: None where it works, else the error
+
+
+def cpu_bf16_lstm_problem():
+    """None when this CPU runs the bf16 LSTM under autocast, else why not. oneDNN's bf16 LSTM needs
+    AVX512-BF16 or AMX; on other processors (e.g. AVX2 only) it fails to create its kernel."""
+    if "result" not in _CPU_BF16_LSTM:
+        lstm = nn.LSTM(4, 2, batch_first=True, bidirectional=True)
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                lstm(torch.zeros(1, 2, 4))
+            _CPU_BF16_LSTM["result"] = None
+        except RuntimeError as e:
+            _CPU_BF16_LSTM["result"] = str(e).split(". ")[0]
+    return _CPU_BF16_LSTM["result"]
+
+
 class SequenceEncoder(nn.Module):
     """Video or audio: 2-layer BiLSTM (padding-exact) -> dropout+LayerNorm -> Linear+LayerNorm+Dropout."""
 

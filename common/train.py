@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from common import distributed
 from common.data import TASKS, H5Dataset, collate, feature_stats
 from common.evaluate import evaluate_predictions
-from common.model import MODEL_SIZES, TRUNK_NAMES, model_config, model_from_args
+from common.model import MODEL_SIZES, TRUNK_NAMES, cpu_bf16_lstm_problem, model_config, model_from_args
 from common.pretrain import PRETRAIN_TASKS, PretrainObjective
 
 REPO = Path(__file__).resolve().parents[1]
@@ -331,6 +331,9 @@ class Run:
         if args.precision == "fp16" and self.device.type == "cpu":
             raise SystemExit("--precision fp16 on CPU: oneDNN has no fp16 LSTM kernel; use bf16 or fp32 on CPU "
                              "(fp16 with its gradient scaler is for CUDA)")
+        if args.precision == "bf16" and self.device.type == "cpu" and cpu_bf16_lstm_problem():
+            raise SystemExit("--precision bf16 on this CPU: oneDNN's bf16 LSTM needs AVX512-BF16 or AMX, which "
+                             f"this processor lacks ({cpu_bf16_lstm_problem()}); use fp32 here")
         self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
         # fp16 gradients overflow and underflow: a scaler multiplies the loss, skips a step whose
         # gradients overflowed and lowers the scale (not an error); bf16 has fp32's range and needs none

@@ -270,6 +270,24 @@ def test_fp16_on_cpu_is_a_clear_error(tiny_data, tmp_path):
         Run(args, strategy="fp16_cpu")
 
 
+def test_bf16_on_cpu_runs_where_the_processor_has_it_else_is_a_clear_error(tiny_data, tmp_path):
+    """oneDNN's bf16 LSTM needs AVX512-BF16 or AMX: with it a bf16 step trains (fp32 losses), without it
+    the run stops at start-up, saying why, instead of failing inside the first forward."""
+    from common.model import cpu_bf16_lstm_problem
+    from common.train import Run, build_parser
+    args = build_parser().parse_args(["--data", str(tiny_data), "--out", str(tmp_path), "--model-size", "tiny",
+                                      "--quiet", "--precision", "bf16", "--batch-size", "8"])
+    if cpu_bf16_lstm_problem():
+        with pytest.raises(SystemExit, match="bf16 on this CPU.*AVX512-BF16 or AMX"):
+            Run(args, strategy="bf16_cpu")
+        return
+    run = Run(args, strategy="bf16_cpu")
+    run.start()
+    batch = next(iter(run.batches()))
+    losses = run.task_losses(batch)
+    assert losses.dtype == torch.float32 and torch.isfinite(losses).all()
+
+
 def test_evals_per_epoch_below_one_is_a_clear_error(tiny_data, tmp_path):
     from common.train import Run, build_parser
     args = build_parser().parse_args(["--data", str(tiny_data), "--out", str(tmp_path), "--model-size", "tiny",
