@@ -21,7 +21,8 @@ the other sections give medians over repeats.
    process (run before the others, while this process is small): fp32, with --grad-checkpointing (target <= 8 GB), and without --quick bf16 and the
    original-like baseline.
 5. Denormals: step time with torch.set_flush_denormal on and off, and a count of subnormal values.
-6. Evaluation: no_grad at batch 64 (before) against inference_mode at batch 128 (Run.predict now).
+6. Evaluation: no_grad at batch 64 in dataset order (before), inference_mode at batch 128, and Run.predict
+   (inference_mode, batch 128, clips in order of text length).
 7. Aggregation alone (T = 5): tests/bench_gradagg.py.
 8. Trunks (--trunk): samples/s of a training step of each at the small size (tests/bench_trunks.py).
 9. GPU, only where CUDA is present (tests/bench_gpu.py): small and full model at fp32 and bf16, peak
@@ -465,8 +466,10 @@ def evaluation(run, val, repeats):
                     model(collate([val[j] for j in range(i, min(i + batch_size, n))]))
             model.train()
         return fn
-    t = interleaved({"no_grad, batch 64 (before)": predict(64, torch.no_grad),
-                     "inference_mode, batch 128 (Run.predict)": predict(128, torch.inference_mode)}, repeats)
+    t = interleaved({"no_grad, batch 64, dataset order (before)": predict(64, torch.no_grad),
+                     "inference_mode, batch 128, dataset order": predict(128, torch.inference_mode),
+                     f"Run.predict (inference_mode, batch {run.args.eval_batch_size}, by length)":
+                         lambda _: run.predict(val)}, repeats)
     rows = [[k, n / statistics.median(v)] for k, v in t.items()]
     print(tabulate(rows, headers=[f"evaluation of {n} clips, small model", "clips/s"], floatfmt=".1f"))
 

@@ -4,6 +4,7 @@ batch gives the same scores, and the original-like baseline of `make bench` comp
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import gradagg as ga  # noqa: E402
 from common.model import MODEL_SIZES, build_model, run_bilstm  # noqa: E402
+from common.data import collate  # noqa: E402
 from common.train import losses_from_logits  # noqa: E402
 from test_model import make_batch  # noqa: E402
 
@@ -126,13 +128,20 @@ def test_original_like_baseline():
 
 
 def test_predict_same_scores_whatever_the_eval_batch_size(tiny_data, tmp_path):
+    """Run.predict batches clips in order of length: at batch 128 and 5 each row equals the clip's score
+    alone (batch 1, no padding) and the rows come back in the dataset's order."""
     from common.train import Run, build_parser
     scores = []
-    for size in (128, 5):
+    for size in (128, 5, 1):
         args = build_parser().parse_args(["--data", str(tiny_data), "--model-size", "tiny", "--out", str(tmp_path),
                                           "--quiet", "--eval-batch-size", str(size)])
         run = Run(args, strategy="perf_eval")
         scores.append(run.predict(run.val_set))
         assert torch.is_grad_enabled()  # predict leaves autograd as it found it
-    torch.testing.assert_close(torch.as_tensor(scores[0][0]), torch.as_tensor(scores[1][0]), rtol=1e-5, atol=1e-6)
-    assert (scores[0][1] == scores[1][1]).all()
+    for batched in scores[:2]:
+        torch.testing.assert_close(torch.as_tensor(batched[0]), torch.as_tensor(scores[2][0]), rtol=1e-5, atol=1e-6)
+        assert (batched[1] == scores[2][1]).all()
+    lengths = run.val_set.text_lengths()
+    assert (lengths[:-1] != lengths[1:]).any() and not (np.diff(lengths) >= 0).all()  # the order matters here
+    expected = np.stack([run.objective.labels(collate([run.val_set[i]]))[0].numpy() for i in range(len(run.val_set))])
+    assert (scores[2][1] == expected).all()
