@@ -5,16 +5,22 @@ them (common.multitask). The contract, one small class per method:
     weighting = Uncertainty(num_tasks)             # or Uncertainty.from_args(num_tasks, args)
     terms = weighting.terms(losses, active)        # [T]; an inactive task's term is exactly 0
     weighting.weights()                            # [T], for the log
-    weighting.observe(losses, active, epoch)       # optional: follow the losses over time (DWA, RLW, FAMO)
+    weighting.observe(losses, active, epoch, counts)  # optional: follow the losses over time (DWA, RLW, FAMO);
+                                                   # counts [T] = clips behind each loss (None: 1 per active task)
     weighting.parameters()                         # learned parameters for the run's optimizer (or [])
     weighting.state_dict() / load_state_dict(s)    # everything that changes over time
     Weighting.add_args(group) / from_args(T, args) # one flag per hyper-parameter, the default in __init__
 
 Capabilities, declared as class flags; the update asks for them, never for a name:
-    needs_grad_norms       update(losses, grad_norms, active) is called before terms() with the norms of
-                           the per-task gradients (GradNorm: of the last shared layer)
+    needs_grad_norms       update(losses, grad_norms, active) is called after terms() (the step's loss
+                           keeps the weights it started with) with the norms of the per-task gradients
+                           of the same batch (GradNorm: of the last shared layer); its new weights apply
+                           from the next step
     needs_loss_after_step  observe_after_step(losses_after, active) is called after the optimizer step
                            with the losses of the same batch, recomputed without grad (FAMO)
+
+Every class declares `version` (an int, the version of its rule, stored in run records): bump it in a
+class whose rule changes what a run computes.
 """
 import inspect
 
@@ -36,6 +42,8 @@ def _default(cls, name):
 class Weighting:
     """Equal weights, and the defaults of the contract: L = sum_t L_t."""
     name = "equal"
+    rule_kind = "weighting"  # run records store kind, name and version (common/versions.py)
+    version = 1
     needs_grad_norms = False
     needs_loss_after_step = False
 
@@ -51,7 +59,7 @@ class Weighting:
     def __call__(self, losses, active=None):
         return self.terms(losses, active).sum()
 
-    def observe(self, losses, active, epoch):
+    def observe(self, losses, active, epoch, counts=None):
         pass
 
     def parameters(self):
@@ -80,6 +88,7 @@ Equal = Weighting
 
 class _LearnedParameter(Weighting):
     """A weighting whose parameter [T] is trained by the run's optimizer (run.add_parameters)."""
+    version = 1
 
     def __init__(self, num_tasks):
         super().__init__(num_tasks)
@@ -105,6 +114,7 @@ class Learned(_LearnedParameter):
     Unconstrained weights would all shrink to 0; even constrained, gradient descent on w moves
     weight to the task with the smallest loss, which the logged weights make visible."""
     name = "learned"
+    version = 1
 
     def weights(self):
         return self.num_tasks * torch.softmax(self.param.detach(), dim=0)
@@ -115,17 +125,29 @@ class Learned(_LearnedParameter):
 
 
 class Uncertainty(_LearnedParameter):
-    """Kendall, Gal, Cipolla (CVPR 2018): L = sum_t exp(-s_t) L_t + s_t, s_t = log sigma_t^2 learned.
-    dL/ds_t = 1 - exp(-s_t) L_t, so s_t settles at log L_t: noisy (high-loss) tasks get small weights.
-    (The paper's 1/2 factors for regression are left out, as for classification losses and in LibMTL.)"""
+    """Kendall, Gal, Cipolla (CVPR 2018), exactly as LibMTL (LibMTL/weighting/UW.py): the paper's
+    regression form for every task,
+
+        L = sum_t L_t / (2 e^s_t) + s_t / 2,     s_t = log sigma_t^2 learned, starting at s_t = -0.5
+
+    dL/ds_t = 1/2 - L_t / (2 e^s_t), so s_t settles at log L_t and the effective weight 1 / (2 e^s_t) at
+    1 / (2 L_t): noisy (high-loss) tasks get small weights. weights() reports these effective weights
+    (dL/dL_t), as LibMTL returns them. Not the shortcut e^-s L + s (twice the regulariser, settled weights
+    1 / L_t). An inactive task's term, regulariser included, is exactly 0."""
     name = "uncertainty"
+    version = 1
+
+    def __init__(self, num_tasks):
+        super().__init__(num_tasks)
+        with torch.no_grad():
+            self.param.fill_(-0.5)   # LibMTL UW.init_param: loss_scale = [-0.5] * task_num
 
     def weights(self):
-        return torch.exp(-self.param.detach())
+        return 1 / (2 * torch.exp(self.param.detach()))
 
     def terms(self, losses, active=None):
         s = self.param.to(losses.device)
-        return _masked(torch.exp(-s) * losses + s, active)
+        return _masked(losses / (2 * s.exp()) + s / 2, active)
 
 
 class GradNorm(Weighting):
@@ -142,8 +164,11 @@ class GradNorm(Weighting):
     Convention: with a scheduler that switches tasks off, the mean and the renormalisation run over the
     active tasks, and all T weights are rescaled to sum T. The weights have their own Adam (not the
     model's optimizer), as in the paper's reference implementations.
+    Order within a step (paper, LibMTL, the TAG code): the step's loss uses w(t) (terms() is formed
+    before update()); update() gives w(t+1), which applies from the next step.
     """
     name = "gradnorm"
+    version = 1
     needs_grad_norms = True
 
     def __init__(self, num_tasks, alpha=1.5, lr=0.025):
@@ -203,43 +228,63 @@ class GradNorm(Weighting):
 
 class DWA(Weighting):
     """Dynamic Weight Average (Liu, Johns, Davison, CVPR 2019, "End-to-End Multi-Task Learning with
-    Attention"): w_t = T exp(r_t / tau) / sum_s exp(r_s / tau), r_t = L_t(k-1) / L_t(k-2), where L(k)
-    is the task's mean training loss over epoch k; w = 1 for the first two epochs. A task whose loss
-    falls slowly gets more weight."""
+    Attention"), as LibMTL (LibMTL/weighting/DWA.py): w_t = T exp(r_t / tau) / sum_s exp(r_s / tau),
+    r_t = L_t(k-1) / L_t(k-2), where L_t(k) is the task's mean training loss over epoch k, averaged over
+    its clips as LibMTL's AbsLoss._average_loss (each step's loss weighted by the clips behind it,
+    observe(counts=...); without counts, by 1 per step); w = 1 for the first two epochs. A task whose
+    loss falls slowly gets more weight. Where every task trains in every epoch this is LibMTL's rule.
+
+    Rested tasks (a scheduler that switches a task off for a whole epoch): an epoch in which a task had
+    no loss records NaN for it (no mean, never 0). A task's ratio uses its last two epochs with a loss,
+    however far back; a task that does not have two yet gets r_t = 1, the ratio of an unchanged loss
+    (neutral). The weights stay finite, positive and sum to T; they are all 1 until some task has two
+    epochs with a loss."""
     name = "dwa"
+    version = 1
 
     def __init__(self, num_tasks, tau=2.0):
         super().__init__(num_tasks)
         self.tau = tau
-        self.epoch_means = torch.zeros(0, num_tasks)  # one row per finished epoch
+        self.epoch_means = torch.zeros(0, num_tasks, dtype=torch.float64)  # one row per finished epoch, NaN: no loss
         self.sums = torch.zeros(num_tasks, dtype=torch.float64)
         self.counts = torch.zeros(num_tasks, dtype=torch.float64)
         self.epoch = 0
 
-    def observe(self, losses, active, epoch):
-        """Accumulate this step's losses; a new epoch closes the previous one's means."""
+    def observe(self, losses, active, epoch, counts=None):
+        """Accumulate this step's losses (weighted by counts, the clips behind each loss); a new epoch
+        closes the previous one's means."""
         if epoch != self.epoch:
-            means = (self.sums / self.counts.clamp(min=1)).float()
+            means = torch.where(self.counts > 0, self.sums / self.counts, torch.full_like(self.sums, float("nan")))
             self.epoch_means = torch.cat([self.epoch_means, means[None]])
             self.sums.zero_()
             self.counts.zero_()
             self.epoch = epoch
         active = active.cpu()
-        self.sums[active] += losses.detach().double().cpu()[active]
-        self.counts[active] += 1
+        n = torch.ones(self.num_tasks, dtype=torch.float64) if counts is None else counts.detach().double().cpu()
+        self.sums[active] += (losses.detach().double().cpu() * n)[active]
+        self.counts[active] += n[active]
+
+    def ratios(self):
+        """r_t from each task's last two epochs with a loss; 1 where a task has fewer than two."""
+        r = torch.ones(self.num_tasks, dtype=torch.float64)
+        for t in range(self.num_tasks):
+            seen = self.epoch_means[:, t][~torch.isnan(self.epoch_means[:, t])]
+            if seen.numel() >= 2:
+                r[t] = seen[-1] / seen[-2].clamp(min=1e-12)
+        return r
 
     def weights(self):
-        if self.epoch_means.shape[0] < 2:
+        has_two = (~torch.isnan(self.epoch_means)).sum(0) >= 2
+        if not has_two.any():
             return torch.ones(self.num_tasks)
-        r = self.epoch_means[-1] / self.epoch_means[-2].clamp(min=1e-12)
-        return self.num_tasks * torch.softmax(r / self.tau, dim=0)
+        return self.num_tasks * torch.softmax(self.ratios().float() / self.tau, dim=0)
 
     def state_dict(self):
         return {"epoch_means": self.epoch_means.clone(), "sums": self.sums.clone(),
                 "counts": self.counts.clone(), "epoch": self.epoch}
 
     def load_state_dict(self, state):
-        self.epoch_means, self.sums = state["epoch_means"].clone(), state["sums"].clone()
+        self.epoch_means, self.sums = state["epoch_means"].clone().double(), state["sums"].clone()
         self.counts, self.epoch = state["counts"].clone(), int(state["epoch"])
 
     @classmethod
@@ -252,18 +297,26 @@ class DWA(Weighting):
 
 
 class RLW(Weighting):
-    """Random Loss Weighting (Lin et al., TMLR 2022, "Reasonable Effectiveness of Random Weighting"):
-    each step w = softmax(z), z ~ N(0, I). Scaled by T here (sum T, like equal weights) so that the
-    learning rate means the same as for the other weightings; the paper's weights sum to 1."""
+    """Random Loss Weighting (Lin et al., TMLR 2022, "Reasonable Effectiveness of Random Weighting"), as
+    LibMTL (LibMTL/weighting/RLW.py): each step w = softmax(z), z ~ N(0, I), so the weights sum to 1
+    (--rlw-scale sum1, the default). z comes from the rule's own generator (seeded from --seed) instead of
+    the global RNG. --rlw-scale sumT gives the earlier T * softmax(z) (sum T, like equal weights); the two
+    differ by the factor T on the loss, which is not neutral: it changes the effective learning rate and
+    how often the global gradient-norm clip acts."""
     name = "rlw"
+    version = 1
 
-    def __init__(self, num_tasks, seed=0):
+    def __init__(self, num_tasks, seed=0, scale="sum1"):
         super().__init__(num_tasks)
+        if scale not in ("sum1", "sumT"):
+            raise ValueError(f"RLW: scale must be 'sum1' or 'sumT', got {scale!r}")
+        self.scale = scale
+        self.factor = 1.0 if scale == "sum1" else float(num_tasks)
         self.generator = torch.Generator().manual_seed(seed + 15485863)
-        self.current = torch.ones(num_tasks)
+        self.current = torch.full((num_tasks,), self.factor / num_tasks)
 
-    def observe(self, losses, active, epoch):
-        self.current = self.num_tasks * torch.softmax(torch.randn(self.num_tasks, generator=self.generator), dim=0)
+    def observe(self, losses, active, epoch, counts=None):
+        self.current = self.factor * torch.softmax(torch.randn(self.num_tasks, generator=self.generator), dim=0)
 
     def weights(self):
         return self.current.clone()
@@ -276,8 +329,13 @@ class RLW(Weighting):
         self.current = state["current"].clone()
 
     @classmethod
+    def add_args(cls, group):
+        group.add_argument("--rlw-scale", choices=("sum1", "sumT"), default=_default(cls, "scale"),
+                           help="RLW's weights sum to 1 (LibMTL, the paper) or to T")
+
+    @classmethod
     def from_args(cls, num_tasks, args):
-        return cls(num_tasks, seed=args.seed)
+        return cls(num_tasks, seed=args.seed, scale=args.rlw_scale)
 
 
 class FAMO(Weighting):
@@ -293,6 +351,7 @@ class FAMO(Weighting):
     The cost is that second forward (no backward). With a scheduler, a task inactive on this step
     gets delta_t = 0."""
     name = "famo"
+    version = 1
     needs_loss_after_step = True
 
     def __init__(self, num_tasks, lr=0.025, gamma=0.01, eps=1e-8):
@@ -305,7 +364,7 @@ class FAMO(Weighting):
     def weights(self):
         return torch.softmax(self.xi.detach(), dim=0)
 
-    def observe(self, losses, active, epoch):
+    def observe(self, losses, active, epoch, counts=None):
         self.before = losses.detach().double().cpu()
 
     def observe_after_step(self, losses_after, active):

@@ -4,8 +4,10 @@ import argparse
 import inspect
 import math
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from common.weighting import DWA, FAMO, RLW, WEIGHTINGS, GradNorm, Learned, Uncertainty
 
@@ -16,8 +18,55 @@ def test_uncertainty_gradient_matches_closed_form():
         w.param.copy_(torch.tensor([0.0, 0.5, -1.0]))
     losses = torch.tensor([0.7, 2.0, 0.1])
     w(losses).backward()
-    expected = 1 - torch.exp(-w.param.detach()) * losses   # d/ds (e^-s L + s)
+    s = w.param.detach()
+    expected = 0.5 - losses / (2 * torch.exp(s))           # d/ds (L / (2 e^s) + s / 2)
     assert torch.allclose(w.param.grad, expected, atol=1e-6)
+
+
+# Oracle: LibMTL (median-research-group/LibMTL), LibMTL/weighting/UW.py, class UW:
+#   init_param: self.loss_scale = nn.Parameter(torch.tensor([-0.5]*self.task_num))
+#   backward:   loss = (losses/(2*self.loss_scale.exp())+self.loss_scale/2).sum()
+#               return (1/(2*torch.exp(self.loss_scale))).detach().cpu().numpy()
+def _libmtl_uw_init(task_num):
+    return torch.nn.Parameter(torch.tensor([-0.5] * task_num))
+
+
+def _libmtl_uw_loss(losses, loss_scale):
+    return (losses / (2 * loss_scale.exp()) + loss_scale / 2).sum()
+
+
+def _libmtl_uw_weights(loss_scale):
+    return (1 / (2 * torch.exp(loss_scale))).detach()
+
+
+def test_uncertainty_is_libmtl_uw_over_adam_steps():
+    """Same init (s = -0.5), same loss, same learned state and reported weights over several Adam steps
+    on recorded losses; the reported weights are the effective ones (dL/dL_t = 1 / (2 e^s_t))."""
+    T = 3
+    g = torch.Generator().manual_seed(0)
+    recorded = (torch.rand(8, T, generator=g) + 0.1) * torch.tensor([0.5, 2.0, 0.05])
+    ours, ref = Uncertainty(T), _libmtl_uw_init(T)
+    assert torch.equal(ours.param.detach(), ref.detach())
+    opt_ours = torch.optim.Adam(ours.parameters(), lr=0.05)
+    opt_ref = torch.optim.Adam([ref], lr=0.05)
+    for losses in recorded:
+        assert torch.allclose(ours.weights(), _libmtl_uw_weights(ref), rtol=1e-6, atol=0)
+        l_ours = losses.clone().requires_grad_()
+        l_ref = losses.clone().requires_grad_()
+        loss_ours, loss_ref = ours(l_ours), _libmtl_uw_loss(l_ref, ref)
+        assert torch.allclose(loss_ours, loss_ref, rtol=1e-6, atol=1e-7)
+        opt_ours.zero_grad()
+        opt_ref.zero_grad()
+        loss_ours.backward()
+        loss_ref.backward()
+        assert torch.allclose(l_ours.grad, ours.weights(), rtol=1e-6, atol=0)   # weights() = effective weights
+        assert torch.allclose(l_ours.grad, l_ref.grad, rtol=1e-6, atol=0)
+        opt_ours.step()
+        opt_ref.step()
+        assert torch.allclose(ours.param.detach(), ref.detach(), rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(ours.param.detach(), torch.full((T,), -0.5))    # it did learn
+    # an inactive task contributes exactly 0, regulariser included
+    assert ours.terms(recorded[0], torch.tensor([True, False, True]))[1] == 0
 
 
 def test_learned_weights_sum_to_T_and_inactive_terms_are_zero():
@@ -156,8 +205,121 @@ def test_every_hyper_parameter_gets_one_flag_with_the_init_default():
             assert value == p.default, (cls.name, pname)
 
 
-def test_rlw_draws_softmax_normal_weights_summing_to_T():
-    rlw = RLW(4, seed=1)
+# Oracle: LibMTL (median-research-group/LibMTL), LibMTL/weighting/RLW.py, RLW.backward:
+#   batch_weight = F.softmax(torch.randn(self.task_num), dim=-1)
+# LibMTL draws z from the global RNG; both sides here take z from the same seeded generator, so the test
+# compares the mapping z -> weights.
+def _libmtl_rlw_weights(z):
+    return F.softmax(z, dim=-1)
+
+
+def test_rlw_is_libmtl_softmax_of_normal_draws_summing_to_1():
+    T = 4
+    rlw = RLW(T, seed=1)
+    g = torch.Generator().manual_seed(1 + 15485863)      # RLW's own generator, same seed
+    on = torch.ones(T, dtype=torch.bool)
+    for step in range(5):
+        rlw.observe(torch.ones(T), on, 0)
+        expected = _libmtl_rlw_weights(torch.randn(T, generator=g))
+        assert torch.allclose(rlw.weights(), expected, rtol=1e-6, atol=0)
+        assert float(rlw.weights().sum()) == pytest.approx(1.0, abs=1e-6)
+        assert torch.allclose(rlw.terms(torch.ones(T) * 2.0, on), 2.0 * expected)
+
+
+def test_rlw_sumT_flag_keeps_the_T_scaled_weights():
+    from common.multitask import add_update_args
+    args = add_update_args(argparse.ArgumentParser()).parse_args(["--rlw-scale", "sumT"])
+    args.seed = 1
+    rlw = RLW.from_args(4, args)
     rlw.observe(torch.ones(4), torch.ones(4, dtype=torch.bool), 0)
     g = torch.Generator().manual_seed(1 + 15485863)
-    assert torch.allclose(rlw.weights(), 4 * torch.softmax(torch.randn(4, generator=g), 0))
+    assert torch.allclose(rlw.weights(), 4 * _libmtl_rlw_weights(torch.randn(4, generator=g)))
+    default = add_update_args(argparse.ArgumentParser()).parse_args([])
+    assert default.rlw_scale == "sum1"
+
+
+# Oracle: LibMTL (median-research-group/LibMTL), LibMTL/weighting/DWA.py, DWA.backward:
+#   if self.epoch > 1:
+#       w_i = torch.Tensor(self.train_loss_buffer[:,self.epoch-1]/self.train_loss_buffer[:,self.epoch-2])
+#       batch_weight = self.task_num*F.softmax(w_i/T, dim=-1)
+#   else:
+#       batch_weight = torch.ones_like(losses)
+# and the buffer it reads: LibMTL/trainer.py (train_singlelevel: train_loss_buffer[:, epoch] =
+# meter.loss_item at the end of each epoch), whose per-task value is LibMTL/loss.py
+# AbsLoss._average_loss: (record*bs).sum()/bs.sum() over the epoch's batches (loss.item(), batch size).
+def _libmtl_dwa_weights(train_loss_buffer, epoch, task_num, T):
+    if epoch > 1:
+        w_i = torch.Tensor(train_loss_buffer[:, epoch - 1] / train_loss_buffer[:, epoch - 2])
+        return task_num * F.softmax(w_i / T, dim=-1)
+    return torch.ones(task_num)
+
+
+def _libmtl_average_loss(record, bs):
+    record, bs = np.array(record), np.array(bs)
+    return (record * bs).sum() / bs.sum()
+
+
+def test_dwa_is_libmtl_dwa_when_every_task_trains_every_epoch():
+    """Every step's weights against LibMTL's, on recorded losses with a short last batch (LibMTL averages
+    an epoch's losses weighted by batch size): equal for the first two epochs, then the same ratios."""
+    T, epochs, tau = 3, 6, 2.0
+    batch_sizes = [8, 8, 8, 3]
+    g = torch.Generator().manual_seed(0)
+    buffer = np.zeros([T, epochs])
+    dwa = DWA(T, tau=tau)
+    on = torch.ones(T, dtype=torch.bool)
+    for epoch in range(epochs):
+        record = [[] for _ in range(T)]
+        for k, bs in enumerate(batch_sizes):
+            # losses vary strongly inside an epoch, so that how the epoch is averaged matters
+            scale = torch.tensor([0.9, 0.6, 1.2]) ** epoch * (1.0 + 2.0 * (k == len(batch_sizes) - 1))
+            losses = (torch.rand(T, generator=g) + 0.5) * scale
+            dwa.observe(losses, on, epoch, counts=torch.full((T,), float(bs)))
+            ours, ref = dwa.weights(), _libmtl_dwa_weights(buffer, epoch, T, tau)
+            if epoch < 2:
+                assert torch.equal(ours, torch.ones(T))
+            else:
+                assert torch.allclose(ours, ref, rtol=1e-6, atol=0), (epoch, k, ours, ref)
+            for t in range(T):
+                record[t].append(losses[t].item())
+        for t in range(T):
+            buffer[t, epoch] = _libmtl_average_loss(record[t], batch_sizes)
+    assert not torch.allclose(dwa.weights(), torch.ones(T))
+
+
+def test_dwa_rested_task_has_no_loss_in_that_epoch_and_gets_finite_weights():
+    """A scheduler rests tasks (curriculum: task 2 enters at epoch 1; stop-and-go: task 1 rests in epoch 2).
+    An epoch without loss gives NaN, never 0; a task's ratio uses its last two epochs with a loss, and a
+    task without two gets r = 1 (the weight of an unchanged loss)."""
+    T, tau = 3, 2.0
+    plan = [[True, True, False], [True, True, True], [True, False, True], [True, True, True], [True, True, True]]
+    loss = lambda e: torch.tensor([1.0, 0.8, 0.6]) * torch.tensor([0.5, 0.9, 0.7]) ** e  # noqa: E731
+    dwa = DWA(T, tau=tau)
+    seen = {}
+    for epoch, act in enumerate(plan):
+        active = torch.tensor(act)
+        for _ in range(3):
+            dwa.observe(loss(epoch), active, epoch)
+            w = dwa.weights()
+            assert torch.isfinite(w).all() and (w > 0).all(), (epoch, w)
+            assert float(w.sum()) == pytest.approx(T, abs=1e-5)
+        seen[epoch] = w
+    assert torch.isnan(dwa.epoch_means[0, 2]) and torch.isnan(dwa.epoch_means[2, 1])
+    L = {e: loss(e) for e in range(5)}
+    # epoch 2 (epochs 0, 1 finished): task 2 has one epoch with a loss -> r = 1
+    r = torch.tensor([L[1][0] / L[0][0], L[1][1] / L[0][1], 1.0])
+    assert torch.allclose(seen[2], T * torch.softmax(r / tau, 0))
+    # epoch 3 (0, 1, 2 finished): task 1's last two epochs with a loss are 1 and 0
+    r = torch.tensor([L[2][0] / L[1][0], L[1][1] / L[0][1], L[2][2] / L[1][2]])
+    assert torch.allclose(seen[3], T * torch.softmax(r / tau, 0))
+    # epoch 4: task 1 has epochs 3 and 1
+    r = torch.tensor([L[3][0] / L[2][0], L[3][1] / L[1][1], L[3][2] / L[2][2]])
+    assert torch.allclose(seen[4], T * torch.softmax(r / tau, 0))
+
+
+def test_every_weighting_class_declares_rule_version_1():
+    import common.weighting as W
+    classes = [c for c in vars(W).values() if isinstance(c, type) and issubclass(c, W.Weighting)]
+    assert W.Weighting in classes and len(classes) >= len(WEIGHTINGS)
+    for cls in classes:
+        assert vars(cls).get("version") == 1, cls.__name__
