@@ -281,6 +281,11 @@ def cagrad_weights(G, c=0.5, rescale=1):
     def F(w):
         return b @ w + r * math.sqrt(max(w @ A @ w, 0.0))
 
+    # nu = ||g_w|| / sqrt(phi) is read from ||g_w||^2 = w^T A w, so on this trace-1 scale ||g_w|| is known
+    # only to ~sqrt(float64 eps) ~ 1e-8: a root nu = 0 (g_w = 0) comes out as a tiny number of either sign
+    # (-1.4e-15 seen with two opposite gradients). A negative root down to -nu_zero is that root and is
+    # clipped to 0; nu_zero also decides, below, when the optimum counts as g_w = 0.
+    nu_zero = max(1e-6, 1e-7 / r)
     best, best_value = None, np.inf
     for S in _supports(keep.size):
         A_S = A[np.ix_(S, S)]
@@ -298,6 +303,8 @@ def cagrad_weights(G, c=0.5, rescale=1):
         else:
             roots = [-q0 / (2 * q1)] if q1 != 0 else []
         for nu in roots:
+            if -nu_zero <= nu < 0:
+                nu = 0.0
             if not nu >= 0 or (w_S := _feasible(w0 + nu * w1)) is None:
                 continue
             w = np.zeros(keep.size)
@@ -306,7 +313,7 @@ def cagrad_weights(G, c=0.5, rescale=1):
                 best, best_value = w, value
     weights = mean.copy()
     gw_norm = math.sqrt(max(best @ A @ best, 0.0))        # ||g_w|| / sqrt(trace)
-    if gw_norm > 1e-6 * r:                                # else: the optimum is g_w = 0, d = g0
+    if gw_norm > nu_zero * r:                             # else: the optimum is g_w = 0, d = g0
         weights[keep] += r / gw_norm * best
     return _weights(weights / scale)
 
@@ -554,6 +561,8 @@ class Aggregator:
     """Gram matrix [T, T] -> weights [T] (float64, CPU). Subclasses hold their hyper-parameters (with
     the defaults in __init__'s signature) and their state, and add one flag per hyper-parameter."""
     name = None
+    rule_kind = "aggregator"  # run records store kind, name and version (common/versions.py)
+    version = 1               # bump in the subclass whose results change
 
     def __init__(self):
         self.report = {}  # what the last call noticed, for the run's decisions

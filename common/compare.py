@@ -35,9 +35,12 @@ import csv
 import itertools
 import json
 import math
+import os
 import re
+import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -52,6 +55,11 @@ from common.launch import LocalLauncher, Run, SlurmLauncher  # noqa: E402
 from common.evaluate import delta_m  # noqa: E402
 from common.stats import holm, mean_interval, mean_ranks, paired_tests  # noqa: E402
 from common.train import DEFAULT_DATA  # noqa: E402
+from common.versions import data_fingerprint, record_stale, repo_relative  # noqa: E402
+
+# set by --max-hours or a SIGINT/SIGTERM of make compare: the running scripts checkpoint and stop
+# (status "interrupted", resumed by the next make compare), nothing new starts, finished runs are kept
+STOP = threading.Event()
 
 # extra rows for scripts whose flags change the strategy; every script also runs with its defaults
 # unless its default is listed here under another name.
@@ -65,24 +73,22 @@ VARIANTS = {
     "mgda": [[], ["--grad-space", "representation"]],
 }
 
-# Profiles. The default synthetic set has 2900 training clips: 182 steps per epoch at batch 16.
-# Measured on this machine (2 cores, JOBS=2, one thread per job, tiny model): 16 s per epoch of training
-# plus about 1 s per validation (432 clips).
-#   quick     every strategy x 3 seeds, 2 fixed epochs: 56 min wall-clock, 107 min of run time (the committed
-#             first look; 26 rows: parameter-space aggregators about 105 s a run, plain rules about 60 s).
-#   standard  tiny model, budget 10 epochs (1820 steps), validation every 91 steps (half an epoch), early
-#             stopping after 4 validations without a new best, learning rate tuned on a 3-point grid, 5 seeds.
-#             A run that stops early takes 4-6 epochs. Cost: rows x (grid + seeds) runs; single_task counts
-#             5 runs (one model per task), task_grouping about 3.
-#   committed standard run (results/compare.md): SEEDS=3, the lr grid only (GRID=lr), JOBS=2:
-#             see the README for its measured wall-clock.
+# Profiles. The default synthetic set has 2900 training clips (182 steps per epoch at batch 16), 864
+# validation and 3200 test clips. Run times are printed as make compare goes and written in the header.
+#   quick     every strategy x 3 seeds, 2 fixed epochs, one learning rate: a first look.
+#   standard  the verdict (issue 25): tiny model, budget 10 epochs (1820 steps, every optimizer step counted),
+#             validation every 91 steps (half an epoch), early stopping after 4 validations without a new best;
+#             10 evaluation seeds (two halves of 5: replication); the learning rate tuned on a 3-point grid on
+#             two tuning seeds at half the budget (tune_args), chosen by the mean validation score of the two.
+#             single_task counts 5 models, task_grouping about 3.
 PROFILES = {
     "quick": {"args": ["--data", str(DEFAULT_DATA), "--model-size", "tiny", "--epochs", "2", "--lr", "2e-3",
                        "--eval-every", "45"],
               "seeds": 3, "tune": False, "title": "quick profile: a first look (2 fixed epochs, one learning rate)"},
     "standard": {"args": ["--data", str(DEFAULT_DATA), "--model-size", "tiny", "--epochs", "10", "--eval-every", "91",
-                          "--early-stop-patience", "4"],
-                 "seeds": 5, "tune": True, "title": "standard profile"},
+                          "--early-stop-patience", "4", "--log-every", "45"],
+                 "seeds": 10, "tune": True, "tune_seeds": [100, 101], "tune_args": ["--epochs", "5"],
+                 "title": "standard profile"},
     "full": {"args": ["--model-size", "full", "--epochs", "30", "--batch-size", "8", "--early-stop-patience", "5"],
              "seeds": 5, "tune": True, "title": "full profile"},
 }
@@ -121,6 +127,11 @@ RULE_NOTES = {
                         "precedent): a cheaper variant, not the published PCGrad / MGDA.",
 }
 TUNE_SEED = 100  # not an evaluation seed: no reported test number comes from a run that took part in a choice
+# the primary family of issue 25, fixed before the standard grid ran: each row against BASELINE, Holm over
+# these rows only; every other row (variants, representation space) is exploratory
+PRIMARY = ("sequential", "round_robin", "dynamic_sampling", "stop_and_go", "curriculum_easy", "modality_curriculum",
+           "task_grouping", "single_task", "uncertainty", "gradnorm", "pcgrad", "mgda", "cagrad", "nash_mtl", "famo",
+           "upgrad", "aligned_mtl", "imtl", "dwa", "rlw")
 BASELINE = "all_at_once"
 REFERENCE = "single_task"
 
@@ -172,7 +183,8 @@ def run_key(phase, script, variant, config, seed):
 
 
 def reusable_settings(extra):
-    """The settings that decide a run's result: --threads only changes its speed."""
+    """The settings that decide a run's result: --threads only changes its speed. Paths inside the
+    repository are kept relative, so that committed records are reused in any clone."""
     out, skip = [], False
     for a in extra:
         if skip:
@@ -180,18 +192,21 @@ def reusable_settings(extra):
         elif a == "--threads":
             skip = True
         else:
-            out.append(a)
+            out.append(repo_relative(a) if a.startswith("/") else a)
     return out
 
 
-def execute(key, cmd_tail, root, settings, threads, index, log_dir):
+def execute(key, cmd_tail, root, settings, threads, index, log_dir, fingerprint=None):
     """Run one strategy script (or reuse its finished run); returns its index entry.
-    cmd_tail: [script, *flags] without --out/--threads; settings: what makes a run reusable."""
+    cmd_tail: [script, *flags] without --out/--threads; settings: what makes a run reusable; fingerprint:
+    the current data's (a record made on other data, or by code whose versions changed, is run again)."""
     entry = index.get(key)
     if entry and entry.get("settings") != settings:
         entry = None  # made with other settings (profile, data): not reusable, and not resumable either
-    if entry and entry.get("status") == "ok" and Path(entry["summary"]).exists():
-        return entry
+    if entry and entry.get("status") == "ok":
+        if record_stale(entry["summary"], fingerprint) is None:
+            return entry
+        entry = None  # stale: trained again from the start, never mixed into a table
     script, flags = cmd_tail[0], cmd_tail[1:]
     cmd = [sys.executable, str(REPO / "strategies" / f"{script}.py"), "--out", str(root), "--quiet",
            "--threads", str(threads), *flags]
@@ -199,27 +214,77 @@ def execute(key, cmd_tail, root, settings, threads, index, log_dir):
         cmd.append("--resume")
     log = log_dir / (slug(key) + ".log")
     t0 = time.time()
-    index[key] = {"status": "running", "cmd": cmd, "settings": settings}
+    index[key] = {"status": "running", "settings": settings}
     with open(log, "w") as f:
-        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
+        # its own session: a Ctrl-C of make compare reaches the scripts only through STOP (one SIGTERM each)
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+        returncode, cpu_seconds = wait_with_cpu(proc)
     lines = [x for x in log.read_text().splitlines() if x.strip()]
     # every script ends by printing "summary: <path>" (Run.finish)
     written = [x.split("summary: ", 1)[1] for x in lines if x.startswith("summary: ")]
-    if proc.returncode == 0 and written and Path(written[-1]).exists():
-        return {"status": "ok", "summary": written[-1], "seconds": time.time() - t0, "log": str(log),
-                "settings": settings}
-    error = lines[-1] if lines else f"exit code {proc.returncode}"
-    if proc.returncode == 0:
+    if returncode == 0 and written and Path(written[-1]).exists():
+        return {"status": "ok", "summary": written[-1], "seconds": round(time.time() - t0, 1),
+                "cpu_seconds": round(cpu_seconds, 1), "log": str(log), "settings": settings}
+    if STOP.is_set():
+        return {"status": "interrupted", "log": str(log), "settings": settings}
+    error = lines[-1] if lines else f"exit code {returncode}"
+    if returncode == 0:
         error = "finished without printing its summary path"
     return {"status": "failed", "error": error[:300], "log": str(log), "cmd": cmd, "settings": settings}
+
+
+RECORD_PATHS = ("summary", "log")   # index entries' paths, stored relative to the index's folder
+
+
+def load_index(path):
+    """index.json with its record paths made absolute (they are stored relative to its folder, so that a
+    committed grid is reused from any clone and any --out)."""
+    if not path.exists():
+        return {}
+    index = json.loads(path.read_text())
+    for entry in index.values():
+        for k in RECORD_PATHS:
+            if isinstance(entry, dict) and isinstance(entry.get(k), str) and not Path(entry[k]).is_absolute():
+                entry[k] = str(path.parent / entry[k])
+    return index
+
+
+def save_index(index, path):
+    def relative(value):
+        try:
+            return str(Path(value).relative_to(path.parent))
+        except ValueError:
+            return value
+    stored = {key: ({k: relative(v) if k in RECORD_PATHS else v for k, v in entry.items()}
+                    if isinstance(entry, dict) and key != "chosen" else entry) for key, entry in index.items()}
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(stored, indent=1))
+    tmp.replace(path)
+
+
+def wait_with_cpu(proc):
+    """Wait for a script (sending it one SIGTERM once STOP is set: it checkpoints after its step and exits);
+    returns its exit code and the CPU seconds it used, its threads included (os.wait4: this child alone,
+    even with other runs going on in parallel)."""
+    signalled = False
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            return proc.returncode, usage.ru_utime + usage.ru_stime
+        if STOP.is_set() and not signalled:
+            proc.send_signal(signal.SIGTERM)
+            signalled = True
+        time.sleep(0.5)
 
 
 def read_summary(entry):
     """The summary.json of a finished run (with its path as "_path"), or None."""
     if not entry or entry.get("status") != "ok" or not Path(entry["summary"]).exists():
         return None
-    summary = json.loads(Path(entry["summary"]).read_text())
-    summary["_path"] = entry["summary"]
+    path = Path(entry["summary"])
+    summary = json.loads(path.read_text())
+    summary["_path"] = str(path)
     return summary
 
 
@@ -231,7 +296,10 @@ def validation_view(summary):
 
 
 def selection_value(view, metric):
-    """The selection score of a run from its validation view: the mean validation metric, higher better."""
+    """The selection score of a run from its validation view (or a list of views, one per tuning seed: their
+    mean): the mean validation metric, higher better."""
+    if isinstance(view, list):
+        return float(np.mean([selection_value(v, metric) for v in view]))
     mean = view["val"]["mean"]
     value = mean[metric]
     return -value if metric == "loss" else value
@@ -248,6 +316,135 @@ def choose_config(candidates, metric):
         if score is not None and not math.isnan(score) and score > best_score:
             best, best_score = config, score
     return best, scores
+
+
+# ---------------------------------------------------------------- the verdict (issue 25)
+N_BOOT = 2000          # replicates of the hierarchical bootstrap (its smallest p is 1/N_BOOT)
+VERDICT_ALPHA = 0.05   # family-wise, Holm over the primary family
+
+
+def test_scores(summary, tasks):
+    """[N, T] test probabilities of a finished run from its test_scores.npy file(s), or None (older record)."""
+    files = summary.get("test_scores")
+    if not files or any(t not in files for t in tasks):
+        return None
+    folder, cache, columns = run_dir(summary), {}, []
+    for t in tasks:
+        name, col = files[t]
+        path = folder / name
+        if not path.exists():
+            return None
+        if path not in cache:
+            cache[path] = np.load(path)
+        columns.append(cache[path][:, col])
+    return np.stack(columns, axis=1)
+
+
+def verdict(by_label, tasks, labels, primary=PRIMARY, baseline=BASELINE, n_boot=N_BOOT, seed=0):
+    """Each row against the baseline, with test-set noise included: the hierarchical bootstrap (seeds and
+    test clips) of the mean-AP and per-task-AP differences, its p Holm-corrected over the primary family,
+    rliable's probability of improvement, the replication rule (same sign on seeds 0-4 and 5-9), and the
+    minimum detectable effect of this family and seed count. labels: [N, T] test labels (None: no verdict)."""
+    from common.stats import (bootstrap_task_ap, clip_weights, hierarchical_bootstrap, minimum_detectable_effect,
+                              probability_of_improvement_interval, replicated)
+    base = by_label.get(baseline, {})
+    if labels is None or not base:
+        return None
+    rng = np.random.default_rng(seed)
+    weights = clip_weights(labels.shape[0], n_boot, rng)   # one set of clip resamples shared by every run
+    cache = {}
+
+    def boot(label, s):
+        if (label, s) not in cache:
+            scores = test_scores(by_label[label][s], tasks)
+            cache[(label, s)] = None if scores is None else bootstrap_task_ap(scores, labels, weights)
+        return cache[(label, s)]
+
+    rows, sds = {}, {}
+    for label in sorted(by_label):
+        if label == baseline:
+            continue
+        seeds = sorted(s for s in by_label[label] if s in base)
+        boots = [(boot(label, s), boot(baseline, s)) for s in seeds]
+        if len(seeds) < 2 or any(a is None or b is None for a, b in boots):
+            continue
+        ap = lambda runs, s: [per_task(runs[s], "ap", t) for t in tasks]  # noqa: E731
+        observed = np.array([np.subtract(ap(by_label[label], s), ap(base, s)) for s in seeds])   # [S, T]
+        result = hierarchical_bootstrap(np.stack([a for a, _ in boots]), np.stack([b for _, b in boots]), rng,
+                                        observed=observed)
+        diffs = np.nanmean(observed, axis=1)                   # mean-AP difference per seed
+        x = np.array([ap(by_label[label], s) for s in seeds])
+        y = np.array([ap(base, s) for s in seeds])
+        result["poi"] = probability_of_improvement_interval(x, y, rng, n_boot=n_boot)
+        halves = ([d for d, s in zip(diffs, seeds) if s < 5], [d for d, s in zip(diffs, seeds) if s >= 5])
+        result["halves"] = tuple(float(np.mean(h)) if h else float("nan") for h in halves)
+        result["seeds"] = len(seeds)
+        result["family"] = "primary" if label in primary else "exploratory"
+        rows[label] = result
+        sds[label] = float(np.std(diffs, ddof=1))
+    if not rows:
+        return None
+    family = [lab for lab in rows if rows[lab]["family"] == "primary"]
+    for lab, p in zip(family, holm([rows[lab]["p"] for lab in family])):
+        rows[lab]["p_holm"] = p
+    for lab, r in rows.items():
+        r["called"] = r.get("p_holm", 1.0) < VERDICT_ALPHA
+        r["replicated"] = replicated([r["halves"][0]], [r["halves"][1]], r["called"])
+    n_seeds = max(r["seeds"] for r in rows.values())
+    sd = float(np.median([sds[lab] for lab in family])) if family else float("nan")
+    m = max(len(family), 1)
+    mde = minimum_detectable_effect(sd, n_seeds, VERDICT_ALPHA / m) if family else float("nan")
+    return {"rows": rows, "seed_sd": sd, "mde": mde, "family_size": len(family), "seeds": n_seeds, "n_boot": n_boot}
+
+
+def verdict_tables(result, tasks):
+    """The verdict's rows (compare.md) from verdict(): the call per row, and the per-task differences."""
+    main, per_task_rows = [], []
+    for lab, r in sorted(result["rows"].items(), key=lambda kv: (kv[1]["family"] != "primary", -kv[1]["diff"])):
+        if r["called"]:
+            call = ("better" if r["diff"] > 0 else "worse") + (", replicated" if r["replicated"] else ", not replicated")
+        else:
+            call = "no call" if r["family"] == "primary" else "exploratory"
+        poi, lo, hi = r["poi"]
+        main.append([lab, r["family"], r["seeds"], f"{r['diff']:+.3f} [{r['low']:+.3f}, {r['high']:+.3f}]",
+                     fmt_p(r["p"]), fmt_p(r.get("p_holm")), f"{poi:.2f} [{lo:.2f}, {hi:.2f}]",
+                     f"{r['halves'][0]:+.3f} / {r['halves'][1]:+.3f}", call])
+        per_task_rows.append([lab] + [f"{d:+.3f} [{a:+.3f}, {b:+.3f}]" for d, a, b in r["per_task"]])
+    return main, per_task_rows
+
+
+def verdict_section(result, tasks, lead=()):
+    """The lines of compare.md's verdict: what is called, with the power to call it."""
+    from tabulate import tabulate
+    main, per_task_rows = verdict_tables(result, tasks)
+    return [
+        "## Verdict: each strategy against " + BASELINE, "",
+        f"Primary family ({result['family_size']} rows, fixed before the grid ran: common/compare.py PRIMARY), Holm "
+        f"over it at {VERDICT_ALPHA}; the other rows are exploratory (their p is not corrected, nothing is called). "
+        "Δ: mean test AP minus the baseline's, paired by seed, with a 95% hierarchical bootstrap interval that "
+        f"resamples seeds and test clips ({result['n_boot']} replicates; p: twice the smaller tail beyond 0). "
+        "P(better): rliable's probability of improvement (per task, a run of the row beats a run of the "
+        "baseline; mean over tasks) with its bootstrap interval. halves: Δ on seeds 0-4 / 5-9. A difference is "
+        "called when its Holm p is below the level, and replicated when both halves have its sign.",
+        "",
+        f"- power: with {result['seeds']} seeds and the measured seed SD of a paired difference "
+        f"{result['seed_sd']:.4f} AP (median over the primary rows), the paired t-test at Holm's strictest step "
+        f"(α = {VERDICT_ALPHA}/{max(result['family_size'], 1)}) detects a true difference of "
+        f"**{result['mde']:.3f} mean AP** with 80% power (minimum detectable effect, noncentral t).", "",
+        tabulate(main, headers=[*lead, "strategy", "family", "seeds", "Δ mean AP [95% CI]", "p (bootstrap)", "p (Holm)",
+                                "P(better) [95% CI]", "Δ halves", "verdict"], tablefmt="github"), "",
+        "### Per-task Δ AP against " + BASELINE + " [95% hierarchical bootstrap interval]", "",
+        tabulate(per_task_rows, headers=["strategy", *tasks], tablefmt="github"), ""]
+
+
+def collapse_rows(by_label, tasks):
+    """Per row, the share of seeds on which each task collapsed to a constant predictor on test."""
+    rows = []
+    for lab in sorted(by_label):
+        runs = list(by_label[lab].values())
+        rates = [np.mean([bool(s["test"]["per_task"][t].get("collapsed")) for s in runs]) for t in tasks]
+        rows.append([lab, len(runs)] + [f"{100 * r:.0f}%" for r in rates] + [f"{100 * np.mean(rates):.0f}%"])
+    return rows
 
 
 # ---------------------------------------------------------------- tables
@@ -315,13 +512,16 @@ def mean_of(summary, metric):
 TESTED = (("mean AP", lambda s: mean_of(s, "ap")), ("mean F1+ (tuned)", lambda s: mean_of(s, "f1_pos_tuned")))
 
 
-def collect(index, rows, seeds, phase="final"):
+def collect(index, rows, seeds, phase="final", fingerprint=None):
     """{row label: {seed: summary}} of the finished final runs and {row label: [errors]} of the others.
-    The row label is the strategy's run-folder name (all_at_once_learned, curriculum_easy, ...)."""
+    The row label is the strategy's run-folder name (all_at_once_learned, curriculum_easy, ...). A record
+    made by other code versions or on other data (common/versions.py) counts as not run."""
     by_label, failed, label_of_row = {}, {}, {}
     for script, variant in rows:
         for s in seeds:
             entry = index.get(run_key(phase, script, variant, index_config(index, script, variant), s), {})
+            if entry.get("status") == "ok" and (why := record_stale(entry["summary"], fingerprint)):
+                entry = {"status": "stale", "error": f"stale record: {why}"}
             summary = read_summary(entry)
             if summary is not None:
                 by_label.setdefault(summary["strategy"], {})[s] = summary
@@ -431,7 +631,7 @@ def build_tables(by_label, tasks, failed=None, chosen=None):
         for e in errors:
             csv_rows.append({"strategy": key, "seed": e.split(":")[0], "status": "failed", "error": e})
     return {"main": main, "ap": ap_rows, "f1": f1_rows, "significance": sig_rows, "budget": budget_rows,
-            "decisions": decisions, "ranks": ranks}, csv_rows
+            "decisions": decisions, "ranks": ranks, "collapse": collapse_rows(by_label, tasks)}, csv_rows
 
 
 def headers(tasks):
@@ -446,6 +646,7 @@ def headers(tasks):
         "budget": ["strategy", "steps trained", "steps to best", "budget (steps)", "stopped early",
                    "wall-clock s/run", "step cost"],
         "decisions": ["strategy", "decisions (mean over seeds)"],
+        "collapse": ["strategy", "seeds", *tasks, "all tasks"],
     }
 
 
@@ -465,7 +666,13 @@ def header_text(info):
              f"- seeds: {', '.join(map(str, info['seeds']))} (mean ± std over seeds; 95% t intervals)",
              f"- tuning: {info['tuning']}",
              f"- selection: best validation mean {info['select_metric']} (model selection, early stopping and "
-             f"every tuning choice); test metrics take no part in any choice", ""]
+             f"every tuning choice); test metrics take no part in any choice"]
+    if info.get("cost"):
+        c = info["cost"]
+        lines.append(f"- measured cost: {c['runs']} finished runs (tuning included), {c['seconds'] / 3600:.2f} h of run "
+                     f"time (wall-clock per run, summed; about {c['seconds'] / 3600 / max(c['jobs'], 1):.2f} h with "
+                     f"{c['jobs']} at once) and {c['cpu_seconds'] / 3600:.2f} h of CPU")
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -487,10 +694,16 @@ def write_outputs(tables, csv_rows, tasks, out_dir, info, figures=None):
         f"Tests against {BASELINE} pair the seeds: Student's paired t-test (t) and the Wilcoxon signed-rank "
         "test (W, exact; with n seeds its smallest p is 2/2^n), two-sided, Holm-corrected over all strategies "
         "compared, per metric and test. chosen: the tuned configuration.")
-    parts = [header_text(info), notes, "", table("main"), "",
+    parts = [header_text(info), notes, ""]
+    if info.get("verdict"):
+        parts += verdict_section(info["verdict"], tasks, lead)
+    parts += [table("main"), "",
              "## Per-task test AP", "", table("ap"), "",
              "## Per-task test F1+ (validation-tuned threshold / 0.5)", "", table("f1"), "",
-             f"## Paired tests against {BASELINE}", "", table("significance"), "",
+             "## Collapse rate per task (seeds on which the task predicts one class for every test clip)", "",
+             table("collapse"), "",
+             f"## Paired tests against {BASELINE} (seeds only; the verdict above also holds test-set noise)", "",
+             table("significance"), "",
              "## Budget", "",
              "steps to best: the step of the selected (best validation) model; stopped early: runs that patience "
              "ended before the budget (the others used all of it); wall-clock includes validation; step cost: "
@@ -582,7 +795,12 @@ def parse_args(argv=None):
     p.add_argument("--grid", choices=("lr", "full"), default="full",
                    help="lr: learning rates only; full: also each method's key hyper-parameter (METHOD_GRID)")
     p.add_argument("--lrs", default="", help="comma-separated learning rates (default: LR_GRIDS of the model size)")
-    p.add_argument("--tune-seed", type=int, default=TUNE_SEED)
+    p.add_argument("--tune-seeds", default="",
+                   help=f"comma-separated tuning seeds (default: the profile's, else {TUNE_SEED}); the choice reads "
+                        "the mean validation score over them")
+    p.add_argument("--max-hours", type=float, default=0,
+                   help="stop after H hours: running scripts checkpoint (resumed next time), finished runs are kept, "
+                        "the tables show what is done (0: no limit)")
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--data", default=None)
     p.add_argument("--only", default="", help="comma-separated strategy scripts (default: all)")
@@ -623,7 +841,7 @@ def parse_args(argv=None):
 def make_launcher(args, root):
     """The launcher of --launcher (common/launch.py)."""
     if args.launcher == "local":
-        return LocalLauncher(args.jobs, args.gpus)
+        return LocalLauncher(args.jobs, args.gpus, stopping=STOP.is_set)
     options = {}
     for opt in args.slurm_option:
         key, sep, value = opt.partition("=")
@@ -651,9 +869,30 @@ def main(argv=None):
     profile = PROFILES[args.profile]
     seeds = list(range(args.seeds if args.seeds is not None else profile["seeds"]))
     tune = profile["tune"] if args.tune is None else args.tune
-    if tune and args.tune_seed in seeds:
-        raise SystemExit(f"--tune-seed {args.tune_seed} is an evaluation seed: choose one outside {seeds}, so that "
-                         "no reported test number comes from a run that took part in a choice")
+    args.tune_seeds = ([int(x) for x in args.tune_seeds.split(",") if x.strip()]
+                       or profile.get("tune_seeds", [TUNE_SEED]))
+    args.tune_args = profile.get("tune_args", [])
+    if tune and set(args.tune_seeds) & set(seeds):
+        raise SystemExit(f"--tune-seeds {args.tune_seeds} include an evaluation seed: choose them outside {seeds}, so "
+                         "that no reported test number comes from a run that took part in a choice")
+    STOP.clear()
+    timer = None
+    if args.max_hours > 0:  # the deadline: STOP is set when it passes
+        timer = threading.Timer(args.max_hours * 3600, stop_all, args=(f"--max-hours {args.max_hours} reached",))
+        timer.daemon = True
+        timer.start()
+    handlers = {sig: signal.signal(sig, lambda signum, _frame: stop_all(f"signal {signum}"))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return _main(args, profile, seeds, tune)
+    finally:
+        if timer is not None:
+            timer.cancel()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def _main(args, profile, seeds, tune):
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if models and args.pretraining:
         raise SystemExit("--pretraining with --models: run the pretraining section for one model at a time")
@@ -674,6 +913,8 @@ def main(argv=None):
         result = results[models[0]]
     info = describe(args.profile, profile, extra, seeds, tune, args, model_size, select_metric, result["by_label"])
     info["models"] = models
+    info["cost"] = result["cost"]
+    info["verdict"] = result["verdict"] if not models else None   # --models: one verdict per model is not drawn
     info["tuning_rows"], info["tuning_headers"] = tuning_rows, result["tuning_headers"]
     text = write_outputs(tables, csv_rows, tasks, out, info, figures)
     if args.pretraining and not args.plot_only:
@@ -691,6 +932,43 @@ def main(argv=None):
     print(f"written {out / 'compare.md'} and {out / 'compare.csv'}")
 
 
+def stop_all(why):
+    """End make compare early: running scripts checkpoint and stop, nothing new starts (see STOP)."""
+    if not STOP.is_set():
+        print(f"[compare] {why}: stopping; running scripts checkpoint, finished runs are kept", flush=True)
+    STOP.set()
+
+
+class Progress:
+    """Runs done out of the total, the run starting now, and an ETA from the runs finished so far."""
+
+    def __init__(self, total, jobs):
+        self.total, self.jobs, self.done, self.reused = total, max(jobs, 1), 0, 0
+        self.seconds, self.started = [], set()
+
+    def eta(self):
+        if not self.seconds:
+            return "ETA after the first finished run"
+        left = (self.total - self.done) * float(np.mean(self.seconds)) / self.jobs
+        return f"ETA {left / 3600:.1f} h ({np.mean(self.seconds):.0f} s per run, {self.jobs} at once)"
+
+    def update(self, key, entry):
+        status = entry["status"]
+        if status == "running":
+            self.started.add(key)
+            print(f"[compare] {self.done}/{self.total} done; starting {key}; {self.eta()}", flush=True)
+            return
+        if status in ("ok", "failed"):
+            self.done += 1
+            if key in self.started and "seconds" in entry:
+                self.seconds.append(entry["seconds"])
+            elif key not in self.started:
+                self.reused += 1
+        if key in self.started or status != "ok":  # a reused record is counted, not announced
+            extra = f" ({entry['error']})" if status == "failed" else ""
+            print(f"[compare] {key}: {status}{extra}; {self.done}/{self.total} done ({self.reused} reused)", flush=True)
+
+
 def compare_one(args, rows, seeds, tune, extra, root, model_size, select_metric):
     """Tuning, final runs and tables of every row for one model (extra: the scripts' flags), with its
     runs and index under root."""
@@ -700,23 +978,29 @@ def compare_one(args, rows, seeds, tune, extra, root, model_size, select_metric)
     threads = launcher.threads  # parallel local jobs share the cores; a Slurm job has its own
     lrs = [float(x) for x in args.lrs.split(",") if x] or None
     index_path = root / "index.json"
-    index = json.loads(index_path.read_text()) if index_path.exists() else {}
+    index = load_index(index_path)
     settings = reusable_settings(extra)
+    fingerprint = current_fingerprint(extra)
+    tune_seeds = args.tune_seeds
+    n_tune = sum(len(grid_for(r[0], model_size, args.grid, lrs)) for r in rows) * len(tune_seeds) if tune else 0
+    progress = Progress(n_tune + len(rows) * len(seeds), launcher.jobs if hasattr(launcher, "jobs") else 1)
 
     def save():
-        index_path.write_text(json.dumps(index, indent=1))
+        save_index(index, index_path)
 
     def as_run(job):
         phase, script, variant, config, seed, run_root = job
         key = run_key(phase, script, variant, config, seed)
-        flags = ["--seed", str(seed), *extra, *config, *variant]
-        return Run(key, [script, *flags], str(run_root), settings + config, str(log_dir), index.get(key))
+        # tuning runs: the profile's tune_args (half the budget) after everything else
+        phase_args = args.tune_args if phase == "tune" else []
+        flags = ["--seed", str(seed), *extra, *config, *variant, *phase_args]
+        return Run(key, [script, *flags], str(run_root), settings + config + phase_args, str(log_dir), index.get(key),
+                   fingerprint)
 
     def update(run, entry):  # the launcher calls it here, in this thread, whenever a run's entry changes
         index[run.key] = entry
         save()
-        print(f"[compare] {run.key}: {entry['status']}" + (f" ({entry['error']})" if entry["status"] == "failed" else ""),
-              flush=True)
+        progress.update(run.key, entry)
 
     def run_all(jobs):
         if args.plot_only:
@@ -733,12 +1017,12 @@ def compare_one(args, rows, seeds, tune, extra, root, model_size, select_metric)
         tune_root = {row_key(*r): {config_tag(c): root / "tune" / slug(row_key(*r)) / config_tag(c) for c in grids[row_key(*r)]}
                      for r in rows}
         ref_rows = [r for r in rows if r[0] == REFERENCE]
-        run_all([("tune", s, v, c, args.tune_seed, tune_root[row_key(s, v)][config_tag(c)])
-                 for s, v in ref_rows for c in grids[row_key(s, v)]])
+        run_all([("tune", s, v, c, ts, tune_root[row_key(s, v)][config_tag(c)])
+                 for s, v in ref_rows for c in grids[row_key(s, v)] for ts in tune_seeds])
         choices = {}
         for script, variant in rows:
             if script == REFERENCE:
-                choices[row_key(script, variant)] = choose_tuned(index, script, variant, grids, args.tune_seed, select_metric)
+                choices[row_key(script, variant)] = choose_tuned(index, script, variant, grids, tune_seeds, select_metric)
         ref_choice = next(iter(choices.values()), (None, {}))[0]
         others = [r for r in rows if r[0] != REFERENCE]
         if ref_choice is not None and not args.plot_only:  # the tuned reference: what dynamic_sampling's gap reads
@@ -749,10 +1033,10 @@ def compare_one(args, rows, seeds, tune, extra, root, model_size, select_metric)
                     path.mkdir(parents=True, exist_ok=True)
                     if not link.exists() and not link.is_symlink():
                         link.symlink_to(ref_dir.resolve(), target_is_directory=True)
-        run_all([("tune", s, v, c, args.tune_seed, tune_root[row_key(s, v)][config_tag(c)])
-                 for s, v in others for c in grids[row_key(s, v)]])
+        run_all([("tune", s, v, c, ts, tune_root[row_key(s, v)][config_tag(c)])
+                 for s, v in others for c in grids[row_key(s, v)] for ts in tune_seeds])
         for script, variant in others:
-            choices[row_key(script, variant)] = choose_tuned(index, script, variant, grids, args.tune_seed, select_metric)
+            choices[row_key(script, variant)] = choose_tuned(index, script, variant, grids, tune_seeds, select_metric)
         all_tags = list(dict.fromkeys(config_tag(c) for g in grids.values() for c in g))
         tuning_headers = all_tags
         for script, variant in rows:
@@ -772,18 +1056,23 @@ def compare_one(args, rows, seeds, tune, extra, root, model_size, select_metric)
     run_all([("final", s, v, index_config(index, s, v), seed, root) for s, v in final_rows for seed in seeds])
     save()
 
-    by_label, failed, label_of_row = collect(index, rows, seeds)
+    by_label, failed, label_of_row = collect(index, rows, seeds, fingerprint=fingerprint)
     chosen_text = {label_of_row.get(k, k): " ".join(v["config"]).replace("--", "") for k, v in index["chosen"].items()}
     if tune:
         for script, variant in rows:
             if row_key(script, variant) not in index["chosen"]:
                 failed.setdefault(row_key(script, variant), ["tuning: every configuration failed"])
     tables, csv_rows = build_tables(by_label, list(TASKS), failed, chosen_text)
+    decided = verdict(by_label, list(TASKS), test_labels(extra))
     tuning_rows = [[label_of_row.get(r[0], r[0])] + r[1:] for r in tuning_rows]
     ctx = {"extra": extra, "settings": settings, "threads": threads, "index": index, "log_dir": log_dir,
            "save": save, "root": root}
+    # what the finished runs of this table cost, summed over every session that made them
+    finished = [e for k, e in index.items() if k != "chosen" and isinstance(e, dict) and e.get("status") == "ok"]
+    cost = {"runs": len(finished), "seconds": sum(e.get("seconds", 0) for e in finished),
+            "cpu_seconds": sum(e.get("cpu_seconds", 0) for e in finished), "jobs": progress.jobs}
     return {"tables": tables, "csv_rows": csv_rows, "tuning_rows": tuning_rows, "tuning_headers": tuning_headers,
-            "by_label": by_label, "ctx": ctx}
+            "by_label": by_label, "ctx": ctx, "cost": cost, "verdict": decided}
 
 
 def with_model_column(results, tasks, out):
@@ -800,13 +1089,29 @@ def with_model_column(results, tasks, out):
     return tables, csv_rows, tuning_rows, figures
 
 
-def choose_tuned(index, script, variant, grids, tune_seed, metric):
-    """The chosen configuration of one row from its tuning runs' validation views."""
+def choose_tuned(index, script, variant, grids, tune_seeds, metric):
+    """The chosen configuration of one row from its tuning runs' validation views (every tuning seed)."""
     candidates = []
     for config in grids[row_key(script, variant)]:
-        summary = read_summary(index.get(run_key("tune", script, variant, config, tune_seed)))
-        candidates.append((config, validation_view(summary) if summary is not None else None))
+        summaries = [read_summary(index.get(run_key("tune", script, variant, config, ts))) for ts in tune_seeds]
+        views = [validation_view(s) for s in summaries if s is not None]
+        candidates.append((config, views if len(views) == len(tune_seeds) else None))
     return choose_config(candidates, metric)
+
+
+def test_labels(extra):
+    """[N, T] labels of the test split the scripts read (TASKS order)."""
+    from common.data import H5Dataset
+    from common.train import ensure_data
+    return H5Dataset(ensure_data(flag_value(extra, "--data", str(DEFAULT_DATA))) / "test.h5").labels
+
+
+def current_fingerprint(extra):
+    """The fingerprint of the data the scripts will read (common/versions.py), made if missing."""
+    from common.data import H5Dataset
+    from common.train import ensure_data
+    data = ensure_data(flag_value(extra, "--data", str(DEFAULT_DATA)))
+    return data_fingerprint([H5Dataset(data / f"{split}.h5") for split in ("train", "val", "test")])
 
 
 def describe(name, profile, extra, seeds, tune, args, model_size, select_metric, by_label):
@@ -826,7 +1131,10 @@ def describe(name, profile, extra, seeds, tune, args, model_size, select_metric,
         tuning = f"learning rate in {{{grid}}}"
         if args.grid == "full":
             tuning += " x " + "; ".join(f"{s} {f} {{{', '.join(v)}}}" for s, (f, v) in METHOD_GRID.items())
-        tuning += f", on tuning seed {args.tune_seed} (not an evaluation seed), chosen on validation"
+        seeds_text = ", ".join(map(str, args.tune_seeds))
+        tuning += (f", on tuning seed(s) {seeds_text} (not evaluation seeds)"
+                   + (f" with {' '.join(args.tune_args)}" if args.tune_args else "")
+                   + ", chosen by the mean validation score over them")
     else:
         tuning = f"none: every strategy at lr {flag_value(extra, '--lr', '1e-3')}"
     data = flag_value(extra, "--data", str(DEFAULT_DATA))

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import submitit
 
+from common.versions import record_stale
+
 
 @dataclasses.dataclass
 class Run:
@@ -39,11 +41,14 @@ class Run:
     settings: list  # what makes a finished run reusable
     log_dir: str
     entry: dict = None
+    data_fingerprint: str = None  # the current data's (common/versions.py); None: not checked
 
     def finished(self):
-        """Finished with the same settings: reused, nothing is started (compare.execute's rule)."""
+        """Finished with the same settings, by the current code and on the current data: reused, nothing is
+        started (compare.execute's rule)."""
         e = self.entry or {}
-        return e.get("settings") == self.settings and e.get("status") == "ok" and Path(e["summary"]).exists()
+        return (e.get("settings") == self.settings and e.get("status") == "ok"
+                and record_stale(e["summary"], self.data_fingerprint) is None)
 
     def started(self):
         """The same run marked as started: compare.execute then continues it with --resume."""
@@ -57,7 +62,8 @@ def execute_run(run, threads, device=None):
     if device and "--device" not in tail:
         tail += ["--device", device]
     index = {run.key: run.entry} if run.entry else {}
-    return execute(run.key, tail, Path(run.root), run.settings, threads, index, Path(run.log_dir))
+    return execute(run.key, tail, Path(run.root), run.settings, threads, index, Path(run.log_dir),
+                   run.data_fingerprint)
 
 
 def failed_entry(run, error, **extra):
@@ -76,7 +82,7 @@ class LocalLauncher:
     """JOBS runs at once on this machine; with gpus ("0,1,2,3"), one run per GPU instead: a free GPU takes
     the next run, which sees only that GPU (CUDA_VISIBLE_DEVICES) and trains with --device cuda."""
 
-    def __init__(self, jobs=1, gpus=None, work=execute_run):
+    def __init__(self, jobs=1, gpus=None, work=execute_run, stopping=lambda: False):
         self.gpus = [g.strip() for g in (gpus or "").split(",") if g.strip()]
         for g in self.gpus:
             if not g.isdigit():
@@ -84,6 +90,7 @@ class LocalLauncher:
         self.jobs = len(self.gpus) or max(jobs, 1)
         self.threads = max(1, (os.cpu_count() or 1) // self.jobs)  # parallel runs share the cores
         self.work = work  # work(run, threads, device) -> entry; replaceable in tests
+        self.stopping = stopping  # true once make compare must end (--max-hours, a signal): start nothing new
 
     def run(self, runs, on_update):
         todo = []
@@ -108,10 +115,12 @@ class LocalLauncher:
             slots = self.gpus or list(range(self.jobs))
             free, running = list(slots), {}
             while todo or running:
-                while free and todo:
+                while free and todo and not self.stopping():
                     slot, r = free.pop(0), todo.pop(0)
                     on_update(r, r.started().entry)
                     running[submit(slot, r)] = (slot, r)
+                if not running:  # stopping: nothing more is started
+                    break
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in done:
                     slot, r = running.pop(future)

@@ -95,22 +95,24 @@ class MultiTaskUpdate:
         run = self.run
         fused, per_item, valid = run.per_item_losses(batch)        # [B, 3H], [B, T], [B, T]
         mask = self._sample_mask(task_mask, valid)
-        losses, active = self._masked_losses(per_item, mask)
+        losses, active, counts = self._masked_losses(per_item, mask)
         if not run.check_finite(losses.masked_fill(~active, 0.0), batch):
             run.skip_step()
             return losses.detach()
-        self.weighting.observe(losses.detach(), active, run.epoch)
+        self.weighting.observe(losses.detach(), active, run.epoch, counts=counts.detach())
         # fp16: every backward below starts from losses times the scaler's scale (scaler.scale, which also
         # starts the scaler for run.step's unscale_); 1.0 otherwise
         scaled = (lambda x: run.scaler.scale(x)) if run.scaler is not None else (lambda x: x)
         scale = run.loss_scale
+        # the step's loss uses the weights the step starts with, w(t); GradNorm's update (below, from the
+        # gradient norms of this batch at w(t)) gives w(t+1) for the next step (paper, LibMTL, TAG code)
+        terms = self.weighting.terms(losses, active)
         if self.weighting.needs_grad_norms:
             _, G = self._task_gradients(scaled(losses), active, fused, scale)
             if G is None:  # fp16 overflow: this step is the scaler's to skip; the weights wait for the next
                 self.last["gradnorm_targets"] = torch.full((self.T,), float("nan"))
             else:
                 self.last["gradnorm_targets"] = self.weighting.update(losses, G.diagonal().clamp(min=0).sqrt(), active)
-        terms = self.weighting.terms(losses, active)
         if task_scale is not None:
             terms = terms * self._check_task_scale(task_scale, terms)
 
@@ -131,7 +133,7 @@ class MultiTaskUpdate:
         if stepped and self.weighting.needs_loss_after_step:
             with torch.no_grad():   # the same batch after the step (FAMO's official second forward)
                 _, per_item_after, _ = run.per_item_losses(batch)
-                after, _ = self._masked_losses(per_item_after, mask)
+                after, _, _ = self._masked_losses(per_item_after, mask)
             self.last["loss_change"] = self.weighting.observe_after_step(after, active)
         self.last["weights"] = self.weighting.weights()
         self.last["active"] = active.cpu()
@@ -157,10 +159,10 @@ class MultiTaskUpdate:
 
     @staticmethod
     def _masked_losses(per_item, mask):
-        """Per-task mean losses over the clips each task counts (under torchrun: over the global batch)
-        and which tasks have any clip (identical on every rank)."""
+        """Per-task mean losses over the clips each task counts (under torchrun: over the global batch),
+        which tasks have any clip, and how many clips each loss averages (identical on every rank)."""
         losses, counts = distributed.global_task_losses(per_item, mask)
-        return losses, counts > 0
+        return losses, counts > 0, counts
 
     # -- per-task gradients
     def _task_gradients(self, losses, active, fused, scale=1.0):
@@ -220,6 +222,13 @@ class MultiTaskUpdate:
             fused.backward(combined.view_as(fused))
         for p, g in zip(own, head_grads):
             p.grad = g
+
+    def rule_versions(self):
+        """{kind:name: version} of the weighting and the aggregator, for the run's record (common/versions.py)."""
+        out = {f"weighting:{self.weighting.name}": self.weighting.version}
+        if self.aggregator is not None:
+            out[f"aggregator:{self.aggregator.name}"] = self.aggregator.version
+        return out
 
     def decisions(self):
         """What the rule decided on the last step, for run.log_step."""

@@ -28,6 +28,7 @@ class StopAndGo:
     the best and count any non-worse score as an improvement; a non-finite (or None) score is not judged and is
     listed in `skipped` instead of counting as a non-improvement.
     """
+    rule_kind, name, version = "scheduler", "stop_and_go", 1   # common/versions.py: bump when results change
 
     def __init__(self, tasks, improve=0.001, restart=0.005, patience=2, stop_gap=4, cooldown=1):
         if patience < 1 or stop_gap < 1 or cooldown < 0:
@@ -101,3 +102,6 @@ class StopAndGo:
         self.no_improve = list(state["no_improve"])
         self.cooldown_left = list(state["cooldown_left"])
         self.stopped = list(state["stopped"])
+
+
+SCHEDULERS = {cls.name: cls for cls in (StopAndGo,)}

@@ -58,6 +58,7 @@ from common.data import TASKS, H5Dataset, collate, feature_stats
 from common.evaluate import evaluate_predictions
 from common.model import MODEL_SIZES, TRUNK_NAMES, cpu_bf16_lstm_problem, model_config, model_from_args
 from common.pretrain import PRETRAIN_TASKS, PretrainObjective
+from common.versions import data_fingerprint, rule_versions_of, run_versions
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO / "data_prep" / "synthetic"
@@ -262,12 +263,15 @@ class FinetuneObjective:
     def task_parameters(self, model, task=None):
         return list(model.heads[task].parameters()) if task else model.head_parameters()
 
-    def evaluate(self, run, dataset, model, modalities, thresholds=None):
+    def evaluate(self, run, dataset, model, modalities, thresholds=None, keep_scores=False):
         """Metrics of a split (common.evaluate). thresholds: {task: threshold} of f1_pos_tuned, the
         validation-chosen ones when scoring test (None: chosen on this split). Each per-task dict and the
-        mean carry "score" (--metric, higher is better); the mean also "selection" (--select-metric)."""
+        mean carry "score" (--metric, higher is better); the mean also "selection" (--select-metric).
+        keep_scores: also return the positive-class probabilities [N, T] as metrics["scores"]."""
         scores, labels = run.predict(dataset, model, modalities)
         metrics = evaluate_predictions(labels, scores, self.tasks, thresholds)
+        if keep_scores:
+            metrics["scores"] = scores
         for m in list(metrics["per_task"].values()) + [metrics["mean"]]:
             m["score"] = higher_is_better(m, self.metric)
         metrics["mean"]["selection"] = higher_is_better(metrics["mean"], self.select_metric)
@@ -412,7 +416,7 @@ class Run:
             if ckpt_path.exists():
                 print(f"[{self.strategy}] starting fresh in {self.dir} (use --resume to continue it)", flush=True)
             distributed.barrier()  # every rank has seen whether a checkpoint exists before rank 0 removes it
-            for f in ("checkpoint.pt", "best.pt", "metrics.jsonl", "summary.json"):
+            for f in ("checkpoint.pt", "best.pt", "metrics.jsonl", "summary.json", "test_scores.npy"):
                 if distributed.is_main():
                     (self.dir / f).unlink(missing_ok=True)
             self.log({"event": "start", "strategy": self.strategy, "tasks": self.tasks, "args": vars(self.args),
@@ -841,7 +845,12 @@ class Run:
         # F1 at a tuned threshold: each task's threshold is chosen on validation, then applied to test
         thresholds = ({t: m["threshold"] for t, m in val["per_task"].items()}
                       if all("threshold" in m for m in val["per_task"].values()) else None)  # none when pretraining
-        test = self.evaluate(self.test_set, thresholds=thresholds) if thresholds else self.evaluate(self.test_set)
+        test = (self.evaluate(self.test_set, thresholds=thresholds, keep_scores=True) if thresholds
+                else self.evaluate(self.test_set))
+        # the test probabilities per clip (dataset order): what make compare's bootstrap over test clips reads
+        test_scores = test.pop("scores", None)
+        if test_scores is not None and distributed.is_main():
+            atomic_write_bytes(self.dir / "test_scores.npy", _npy_bytes(np.asarray(test_scores, np.float32)))
         steps = max(self.progress["step"], 1)
         summary = {
             "strategy": self.strategy, "run": self.dir.name, "tasks": self.tasks, "seed": self.args.seed,
@@ -864,6 +873,12 @@ class Run:
         summary.update(world_size=distributed.world_size(), precision=self.args.precision,
                        fp16_overflow_skips=self.progress.get("fp16_overflow_skips", 0),
                        trunk=self.args.trunk, text_encoder=self.args.text_encoder)
+        # issue 25: what made this record (a committed record is reused only while these match the code)
+        summary.update(
+            versions=run_versions(Path(sys.argv[0]).stem, rule_versions_of(self.stateful.values())),
+            data_fingerprint=data_fingerprint((self.train_set, self.val_set, self.test_set)),
+            test_scores=({t: ["test_scores.npy", i] for i, t in enumerate(self.tasks)}
+                         if test_scores is not None else None))
         summary = _jsonable(summary)
         self.write_summary(summary)
         self.log({"event": "end", "step": self.progress["step"], "test_mean": test["mean"]})
@@ -921,6 +936,11 @@ def merge_summaries(summaries, tasks, strategy):
         "world_size": parts[0].get("world_size", 1), "precision": parts[0].get("precision"),
         "val": merged("val"), "test": merged("test"),
         "decisions": {"models": {name: s["tasks"] for name, s in summaries.items()}},
+        "versions": parts[0].get("versions"), "data_fingerprint": parts[0].get("data_fingerprint"),
+        # each task's test scores: the file of the model that has it, relative to this summary's folder
+        "test_scores": ({t: [os.path.relpath(Path(owner[t]["strategy"]) / owner[t]["run"] / owner[t]["test_scores"][t][0],
+                                             Path(strategy) / f"seed{parts[0]['seed']}"), owner[t]["test_scores"][t][1]]
+                         for t in tasks} if all(owner[t].get("test_scores") for t in tasks) else None),
     }
 
 
@@ -999,6 +1019,12 @@ def atomic_write_bytes(path, data):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _npy_bytes(array):
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
 
 
 def atomic_write_text(path, text):

@@ -13,6 +13,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+RULE_VERSION = 1  # stored in run records (common/versions.py): bump when this rule's results change
+
 from common.multitask import run_every_task  # noqa: E402
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+RULE_VERSION = 1  # stored in run records (common/versions.py): bump when this rule's results change
+
 import torch  # noqa: E402
 
 from common.multitask import add_update_args, make_update  # noqa: E402

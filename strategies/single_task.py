@@ -15,6 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+RULE_VERSION = 1  # stored in run records (common/versions.py): bump when this rule's results change
+
 from common.data import TASKS  # noqa: E402
 from common.train import (Run, build_parser, format_metrics, merge_summaries, parse_tasks,  # noqa: E402
                           train_sum_of_losses, write_json)

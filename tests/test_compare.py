@@ -98,7 +98,7 @@ def test_tuning_picks_the_best_validation_config_and_runs_it_over_the_seeds(tiny
     assert f"| round_robin | lr {best} " in md and "## Tuning" in md
     assert f"{tune[best]['val']['mean']['ap']:.3f}*" in md.split("## Tuning")[1]
     with pytest.raises(SystemExit, match="evaluation seed"):
-        compare.main(argv + ["--tune-seed", "0"])
+        compare.main(argv + ["--tune-seeds", "0"])
 
 
 def test_tuning_choice_reads_validation_only(tmp_path):
@@ -112,9 +112,9 @@ def test_tuning_choice_reads_validation_only(tmp_path):
         path = tmp_path / f"{compare.config_tag(config)}.json"
         path.write_text(json.dumps({"strategy": "all_at_once", "val": {"mean": {"ap": val_ap, "loss": 1 - val_ap}}}))
         index[key] = {"status": "ok", "summary": str(path)}
-    config, scores = compare.choose_tuned(index, "all_at_once", [], grids, 100, "ap")
+    config, scores = compare.choose_tuned(index, "all_at_once", [], grids, [100], "ap")
     assert config == ["--lr", "0.003"] and scores == {"lr0.001": 0.4, "lr0.003": 0.7, "lr0.01": None}
-    config, _ = compare.choose_tuned(index, "all_at_once", [], grids, 100, "loss")  # minus the loss: same order
+    config, _ = compare.choose_tuned(index, "all_at_once", [], grids, [100], "loss")  # minus the loss: same order
     assert config == ["--lr", "0.003"]
     assert compare.validation_view({"val": 1, "test": 2}) == {"val": 1}
 
