@@ -2,7 +2,10 @@
 with Dynamic Stop-and-Go, as in 12-in-1 (Lu et al., CVPR 2020).
 
 1. Difficulty. --difficulty probe (default): a short probe trains a copy of the model on all tasks for
-   --probe-steps steps and measures each task's validation score; difficulty = 1 - score.
+   --probe-steps steps and measures each task's validation score; difficulty = 1 - score. The probe's
+   optimizer steps count against the run's step budget (issue 25): the main training gets all_at_once's
+   budget minus them (at least 1 step), and the summary's budget_steps and steps include them, with
+   extra_steps {"probe": n}.
    --difficulty single_task: 1 - the single-task model's validation score (results/single_task/seed<seed>).
 2. Order. --order easy: easiest first (curriculum); --order hard: hardest first (anti-curriculum).
 3. Schedule. The k-th task of the order enters at step k * --entry-every (default: all tasks are in by
@@ -24,9 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from common import distributed  # noqa: E402
 from common.multitask import add_update_args, make_update  # noqa: E402
 from common.schedulers import StopAndGo  # noqa: E402
 from common.train import Run, build_parser, epoch_batches, single_task_references  # noqa: E402
+
+# the version of this strategy's rule, stored in run records: bumped when what the rule decides changes
+RULE_VERSION = 1
 
 
 def curriculum_order(difficulty, order="easy"):
@@ -39,11 +46,17 @@ def entered(step, tasks, planned_order, entry_every):
     return torch.tensor([step >= planned_order.index(t) * entry_every for t in tasks])
 
 
+def probe_plan(run, steps):
+    """The probe's batches: the first `steps` of an epoch of its own (fewer when an epoch is shorter); one
+    optimizer step each."""
+    return epoch_batches(len(run.train_set), run.args.batch_size, run.args.seed, epoch=-1)[:steps]
+
+
 def probe_difficulty(run, steps, lr):
     """Train a copy of the model on all tasks for a few steps; difficulty = 1 - its validation score."""
     model = copy.deepcopy(run.model)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    plan = epoch_batches(len(run.train_set), run.args.batch_size, run.args.seed, epoch=-1)[:steps]
+    plan = probe_plan(run, steps)
     for batch in run.loader(plan, run.train_set):
         batch = {k: (v.to(run.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
         losses = run.task_losses(batch, model=model)
@@ -55,16 +68,18 @@ def probe_difficulty(run, steps, lr):
 
 
 class Plan:
-    """The measured difficulties and the resulting order: computed once, checkpointed."""
+    """The measured difficulties, the resulting order and the probe's optimizer steps: computed once,
+    checkpointed."""
 
     def __init__(self):
-        self.difficulty, self.order = None, None
+        self.difficulty, self.order, self.probe_steps = None, None, 0
 
     def state_dict(self):
-        return {"difficulty": self.difficulty, "order": self.order}
+        return {"difficulty": self.difficulty, "order": self.order, "probe_steps": self.probe_steps}
 
     def load_state_dict(self, state):
         self.difficulty, self.order = state["difficulty"], state["order"]
+        self.probe_steps = state.get("probe_steps", 0)  # absent before RULE_VERSION 1 (probe not counted)
 
 
 def main(argv=None):
@@ -78,7 +93,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     run = Run(args, strategy=f"curriculum_{args.order}")
-    entry_every = args.entry_every or max(run.total_steps // (2 * len(run.tasks)), 1)
+    budget = run.total_steps  # all_at_once's: the probe's steps and the main training's together
+    entry_every = args.entry_every or max(budget // (2 * len(run.tasks)), 1)
     plan, rule = Plan(), StopAndGo(run.tasks, stop_gap=args.stop_gap)
     update = make_update(run, args)
     run.start(plan=plan, rule=rule, update=update)
@@ -92,10 +108,17 @@ def main(argv=None):
             plan.difficulty = {t: 1.0 - refs[t] for t in run.tasks}
         else:
             plan.difficulty = probe_difficulty(run, args.probe_steps, args.lr)
+            plan.probe_steps = len(probe_plan(run, args.probe_steps))
         plan.order = curriculum_order(plan.difficulty, args.order)
         run.log({"event": "curriculum", "difficulty": plan.difficulty, "order": plan.order,
-                 "entry_steps": {t: plan.order.index(t) * entry_every for t in run.tasks}})
+                 "entry_steps": {t: plan.order.index(t) * entry_every for t in run.tasks},
+                 "probe_steps": plan.probe_steps})
     print(f"[curriculum] order ({args.order} first): {' -> '.join(plan.order)}, one task every {entry_every} steps")
+    # issue 25: the probe's steps count against the budget; the main training gets the rest (at least 1)
+    main_steps = max(budget - plan.probe_steps, 1)
+    run.set_total_steps(main_steps)
+    if plan.probe_steps + main_steps > budget:
+        print(f"[curriculum] over budget: {plan.probe_steps} probe steps + 1 training step for a budget of {budget}")
 
     for batch in run.batches():
         step = run.step_count
@@ -114,8 +137,14 @@ def main(argv=None):
                 run.log({"event": "reset", "step": run.step_count, "why": "learning-rate drop"})
             run.save_checkpoint()
 
-    return run.finish(decisions={"order": plan.order, "difficulty": plan.difficulty, "entry_every": entry_every,
-                                 "final_states": rule.states()})
+    summary = run.finish(decisions={"order": plan.order, "difficulty": plan.difficulty, "entry_every": entry_every,
+                                    "final_states": rule.states()})
+    # every optimizer update counts (issue 25): the probe's steps on its copy of the model, then the main run's
+    summary.update(budget_steps=summary["budget_steps"] + plan.probe_steps, steps=summary["steps"] + plan.probe_steps,
+                   extra_steps={"probe": plan.probe_steps})
+    if distributed.is_main():
+        run.write_summary(summary)
+    return summary
 
 
 if __name__ == "__main__":

@@ -12,7 +12,11 @@ with d_t its difficulty:
   --difficulty loss        L_t / L_t(0): its mean training loss over the last interval relative to the first
                            interval's (the fallback where no single-task reference exists)
   --difficulty loss_share  L_t: the mean training loss itself, so p_t = L_t / sum_s L_s (the rule of the student
-                           code the research plan refers to, cullena20/IRESComicMischief train.py)
+                           code the research plan refers to, cullena20/IRESComicMischief train.py). A task that
+                           was not trained in the interval (--apply task or clips) has no loss there: it keeps
+                           its last measured L_t (the mean of this interval's measured L_s if it has none yet, its
+                           share at the uniform start), never 0, which would stop drawing it for good. The
+                           student code cannot starve a task either: every batch holds at least 2 clips of each.
   --difficulty auto        gap where every single-task reference exists, loss otherwise; the log says which.
 
 How p acts on training (--apply). In the paper every dataset has its own instances and p decides how many of
@@ -40,6 +44,9 @@ import torch  # noqa: E402
 from common import distributed  # noqa: E402
 from common.multitask import add_update_args, make_update  # noqa: E402
 from common.train import Run, build_parser, single_task_references  # noqa: E402
+
+# the version of this strategy's rule, stored in run records: bumped when what the rule decides changes
+RULE_VERSION = 1
 
 
 def sampling_probabilities(difficulty):
@@ -70,6 +77,7 @@ class DifficultySampler:
         self.initial_loss = torch.full((num_tasks,), float("nan"), dtype=torch.float64)
         self.loss_sum = torch.zeros(num_tasks, dtype=torch.float64)
         self.loss_count = torch.zeros(num_tasks, dtype=torch.float64)
+        self.last_loss = torch.full((num_tasks,), float("nan"), dtype=torch.float64)  # loss_share: last measured
         self.generator = torch.Generator().manual_seed(seed + 104729)
 
     def record(self, losses, active):
@@ -93,6 +101,21 @@ class DifficultySampler:
         self.initial_loss[first] = mean[first]
         return torch.nan_to_num(mean / self.initial_loss, nan=1.0)
 
+    def loss_share_difficulty(self):
+        """--difficulty loss_share: (L_t [T], carried bool [T]). L_t is the task's mean training loss over the
+        interval; a task with no loss in the interval (not drawn) keeps its last measured L_t, or, never measured
+        yet, gets the mean of this interval's measured losses (the uniform start gave every task the same
+        share). carried says which tasks were not measured. Missing data never gives a task 0 (p_t = 0 under
+        --apply task / clips would never draw it again). A NaN mean (a non-finite loss recorded) stays NaN."""
+        measured = self.loss_count > 0
+        mean = self.interval_losses()
+        finite = measured & torch.isfinite(mean)
+        self.last_loss[finite] = mean[finite]
+        fallback = mean[finite].mean() if finite.any() else torch.tensor(float("nan"), dtype=torch.float64)
+        carried = ~measured
+        d = torch.where(measured, mean, torch.where(torch.isnan(self.last_loss), fallback, self.last_loss))
+        return d, carried
+
     def draw(self, apply, batch_size):
         """What the probabilities decide on one step: (bool mask [T] or [B, T], loss scale [T] or None)."""
         if apply == "weights":
@@ -103,12 +126,14 @@ class DifficultySampler:
         return compose_batch(self.probs, batch_size, self.generator), None
 
     def state_dict(self):
-        return {k: getattr(self, k) for k in ("probs", "initial_loss", "loss_sum", "loss_count")} | {
+        return {k: getattr(self, k) for k in ("probs", "initial_loss", "loss_sum", "loss_count", "last_loss")} | {
             "generator": self.generator.get_state()}
 
     def load_state_dict(self, state):
         for k in ("probs", "initial_loss", "loss_sum", "loss_count"):
             setattr(self, k, state[k].clone())
+        if "last_loss" in state:  # absent from checkpoints written before RULE_VERSION 1
+            self.last_loss = state["last_loss"].clone()
         self.generator.set_state(state["generator"])
 
 
@@ -163,15 +188,17 @@ def main(argv=None):
                 d = gap_difficulty(refs, {t: metrics["per_task"][t]["score"] for t in run.tasks})
             elif mode == "loss":
                 d = sampler.loss_difficulty().tolist()
-            else:
-                d = torch.nan_to_num(sampler.interval_losses(), nan=0.0).tolist()
+            else:  # loss_share: a task not trained in the interval keeps its last loss (never 0)
+                d, carried = sampler.loss_share_difficulty()
+                d, carried = d.tolist(), [t for t, c in zip(run.tasks, carried.tolist()) if c]
             bad = [t for t, v in zip(run.tasks, d) if v is None or not math.isfinite(v)]
             if bad:  # an undefined score (e.g. AP without positives): keep the last probabilities, say so
                 run.say(f"step {run.step_count}: difficulty not finite for {bad}; probabilities unchanged")
             else:
                 sampler.probs = sampling_probabilities(d)
             run.log({"event": "sampling", "step": run.step_count, "mode": mode, "skipped": bad,
-                     "difficulty": dict(zip(run.tasks, d)), "probs": dict(zip(run.tasks, sampler.probs.tolist()))})
+                     "difficulty": dict(zip(run.tasks, d)), "probs": dict(zip(run.tasks, sampler.probs.tolist())),
+                     **({"carried": carried} if mode == "loss_share" else {})})
         if validated:
             run.save_checkpoint()
 

@@ -4,25 +4,35 @@
 1. Affinity. During one joint run (all tasks, equal weights, --affinity-fraction of the budget), every
    --affinity-every steps and for each task i: take the step the training optimizer itself would take on
    the shared parameters from task i's gradient alone (Adam with its current moments, at the current
-   training learning rate, the run's gradient clipping; the real optimizer state is not touched), and
-   measure every task's loss on the same batch:
+   training learning rate, no gradient clipping: the official lookahead clips nothing; the real optimizer
+   state is not touched), and measure every task's loss on the same batch:
        Z_{i->j} = (1 - L_j(theta + step_i) / L_j(theta)) / lr
    Z_{i->j} > 0: a step for i helps j. Divided by the lr as the official code does, averaged over the run.
+   The model is in train mode, as in the official lookahead (training=True); every forward of one
+   measurement uses the same dropout masks, so the losses differ only by the step taken.
 2. Grouping (--selection tag, the official network selection): for every group of two or more tasks, the
    affinity onto each member is the mean of Z_{i->j} over its group mates i; choose at most --groups groups
    (overlapping allowed) covering every task that maximise the mean over tasks of the affinity each task
    gets from its best group; that group serves it. --selection partition: the exhaustive search over
    partitions (52 for 5 tasks) with the same per-task affinity, a task alone receiving 0; --groups 0 takes
    the best number of groups.
-3. One model per group (equal weights), same budget as the other strategies; each task's test metrics
-   come from the group that serves it.
+3. One model per group (equal weights); each task's test metrics come from the group that serves it.
+Budget (issue 25): the whole strategy spends all_at_once's step budget B, counting every optimizer update.
+The joint run gets --affinity-fraction of B for its training steps and its lookahead steps together (one
+lookahead step per task per measurement counts as one step: each is one update of the shared parameters
+from one gradient, like a training step); the group models share the rest equally. The summary records
+budget_steps (the total), steps (all updates taken), extra_steps {"affinity": lookahead steps taken} and
+decisions.budget (the split). Tiny budgets where the joint run (1 step + its lookahead) and one step per
+group do not fit go over B, and decisions.budget.over_budget says so.
 --brute-force adds Standley et al. (ICML 2020): every possible group is trained on a smaller budget
-(--brute-epochs) and the partition with the best summed validation score is compared with TAG's choice.
+(--brute-epochs) and the partition with the best summed validation score is compared with TAG's choice
+(an analysis beside the strategy, outside its budget).
 
     python strategies/task_grouping.py
     python strategies/task_grouping.py --groups 3 --brute-force --brute-epochs 1
 """
 import argparse
+import contextlib
 import itertools
 import math
 import sys
@@ -36,17 +46,17 @@ from tabulate import tabulate  # noqa: E402
 from common import distributed  # noqa: E402
 from common.train import Run, build_parser, format_metrics, merge_summaries, train_sum_of_losses, write_json  # noqa: E402
 
+# the version of this strategy's rule, stored in run records: bumped when what the rule decides changes
+RULE_VERSION = 1
 
-def adam_step(optimizer, params, grads, clip=0.0):
+
+def adam_step(optimizer, params, grads):
     """The change torch.optim.Adam `optimizer` would make to `params` if it stepped now on `grads` (one
-    tensor per parameter), from its current moments and step count; nothing is changed. clip: the
-    training's max gradient norm over these gradients (0 = none)."""
+    tensor per parameter), from its current moments and step count; nothing is changed. No gradient
+    clipping: the official TAG lookahead applies the optimizer's update to the raw task gradient."""
     if type(optimizer) is not torch.optim.Adam:
         raise TypeError(f"TAG lookahead: written for torch.optim.Adam, got {type(optimizer).__name__}")
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-    if clip > 0:  # as torch.nn.utils.clip_grad_norm_
-        norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads)).item()
-        grads = [g * min(1.0, clip / (norm + 1e-6)) for g in grads]
     steps = []
     for p, g in zip(params, grads):
         group = group_of[id(p)]
@@ -90,22 +100,60 @@ def global_gradient(grads):
     return [part.view_as(g) for part, g in zip(flat.split([g.numel() for g in grads]), grads)]
 
 
+def lookahead_seed(run):
+    """The seed of one affinity measurement's dropout masks: a function of --seed, the rank and the step, so
+    that a resumed run measures the same Z."""
+    return distributed.rank_seed(run.args.seed) * 1_000_003 + run.step_count
+
+
+@contextlib.contextmanager
+def forked_rng(device):
+    """torch's CPU generator (and the CUDA generator of `device`) saved on entry and restored on exit: the
+    random numbers drawn inside leave the training run's own stream where it was."""
+    devices = []
+    if device.type == "cuda":
+        devices = [device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=devices):
+        yield
+
+
+def reseed(device, seed):
+    """Seed the generators that dropout draws from on `device` (CPU; and that CUDA device's)."""
+    torch.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            torch.cuda.manual_seed(seed)
+
+
 def affinity_on_batch(run, batch, shared):
-    """TAG's Z on one training batch, with the run's optimizer and lr; no dropout, and (pretraining) the same
-    corruption in every forward, so the losses differ only by the step taken. Under torchrun the batch is
-    the global one: its losses are global (run.task_losses), the gradients are all-reduced, so Z is the same
-    on every rank and equals one process's."""
-    run.model.eval()
-    fixed = lambda: torch.Generator().manual_seed(run.step_count)  # noqa: E731
-    losses = run.task_losses(batch, generator=fixed())
-    grads = []
-    for t in range(len(run.tasks)):
-        g = torch.autograd.grad(losses[t], shared, retain_graph=t < len(run.tasks) - 1, allow_unused=True)
-        grads.append(global_gradient([torch.zeros_like(p) if x is None else x for p, x in zip(shared, g)]))
-    steps = [adam_step(run.optimizer, shared, g, run.args.clip_grad) for g in grads]
-    lr = float(run.optimizer.param_groups[0]["lr"])
-    Z = lookahead_affinity(lambda: run.task_losses(batch, generator=fixed()), shared, steps, lr)
-    run.model.train()
+    """TAG's Z on one training batch, with the run's optimizer and lr and no gradient clipping, the model in
+    train mode (the official lookahead runs with training=True). Dropout: every forward of the measurement is
+    reseeded with lookahead_seed(run), so all of them draw the same masks and (pretraining: the same
+    corruption too) the losses differ only by the step taken; the draws happen inside forked_rng, which saves
+    and restores the RNG state, so the training run's subsequent random numbers are the same whether or not
+    the lookahead ran. Under torchrun the batch is the global one: its losses are global (run.task_losses),
+    the gradients are all-reduced, so Z is the same on every rank and equals one process's (with the same
+    dropout masks: the tests use --zero-dropout)."""
+    was_training = run.model.training
+    seed = lookahead_seed(run)
+
+    def task_losses():
+        reseed(run.device, seed)
+        return run.task_losses(batch, generator=torch.Generator().manual_seed(run.step_count))
+
+    try:
+        run.model.train()
+        with forked_rng(run.device):
+            losses = task_losses()
+            grads = []
+            for t in range(len(run.tasks)):
+                g = torch.autograd.grad(losses[t], shared, retain_graph=t < len(run.tasks) - 1, allow_unused=True)
+                grads.append(global_gradient([torch.zeros_like(p) if x is None else x for p, x in zip(shared, g)]))
+            steps = [adam_step(run.optimizer, shared, g) for g in grads]
+            lr = float(run.optimizer.param_groups[0]["lr"])
+            Z = lookahead_affinity(task_losses, shared, steps, lr)
+    finally:
+        run.model.train(was_training)
     return Z
 
 
@@ -182,10 +230,28 @@ class AffinityAverage:
         self.sum, self.count = state["sum"].clone(), state["count"]
 
 
+def joint_run_steps(share, num_tasks, every):
+    """Training steps n of the joint run such that they and their lookahead steps, num_tasks at each of the
+    ceil(n / every) measurements (steps 0, every, 2 every, ...), fit in `share` steps; at least 1."""
+    n = max(int(share), 1)
+    while n > 1 and n + num_tasks * math.ceil(n / every) > share:
+        n -= 1
+    return n
+
+
+def split_budget(total, k):
+    """`total` steps over k models, as evenly as possible (the first ones take the remainder); at least 1 each."""
+    return [max(total // k + (i < total % k), 1) for i in range(k)]
+
+
 def measure_affinity(args):
-    """The joint run of step 1: equal-weight training that measures Z on the way."""
+    """The joint run of step 1: equal-weight training that measures Z on the way. Returns (tasks, mean Z,
+    account): account holds the strategy's budget B (all_at_once's), the joint run's training budget and
+    lookahead budget (planned), and the training and lookahead steps it took."""
     run = Run(args, strategy="task_grouping", run_name=f"seed{args.seed}/affinity")
-    run.set_total_steps(max(int(run.total_steps * args.affinity_fraction), 1))
+    budget, T = run.total_steps, len(run.tasks)
+    n = joint_run_steps(max(int(budget * args.affinity_fraction), 1), T, args.affinity_every)
+    run.set_total_steps(n)
     shared = [p for p in run.model.shared_parameters() if p.requires_grad]
     affinity = AffinityAverage(len(run.tasks))
     run.start(affinity=affinity)
@@ -201,19 +267,25 @@ def measure_affinity(args):
             run.validate()
             run.save_checkpoint()
     run.save_checkpoint()
-    return run.tasks, affinity.mean()
+    account = {"budget": budget, "joint_budget": n, "lookahead_budget": T * math.ceil(n / args.affinity_every),
+               "joint_steps": run.step_count, "lookahead_steps": T * affinity.count}
+    return run.tasks, affinity.mean(), account
 
 
-def train_group(args, group, name, epochs=None):
-    """One model for one group of tasks, equal weights."""
+def train_group(args, group, name, epochs=None, steps=None):
+    """One model for one group of tasks, equal weights; steps: its step budget (default: the run's)."""
     sub = argparse.Namespace(**vars(args))
     sub.epochs = epochs or args.epochs
-    return train_sum_of_losses(Run(sub, strategy="task_grouping", tasks=list(group), run_name=f"seed{args.seed}/{name}"))
+    run = Run(sub, strategy="task_grouping", tasks=list(group), run_name=f"seed{args.seed}/{name}")
+    if steps is not None:
+        run.set_total_steps(steps)
+    return train_sum_of_losses(run)
 
 
 def main(argv=None):
     parser = build_parser(__doc__)
-    parser.add_argument("--affinity-fraction", type=float, default=0.5, help="share of the budget of the joint run")
+    parser.add_argument("--affinity-fraction", type=float, default=0.5,
+                        help="share of the budget for the joint run, its training and lookahead steps together")
     parser.add_argument("--affinity-every", type=int, default=10, help="steps between affinity measurements (TAG: 10)")
     parser.add_argument("--selection", choices=("tag", "partition"), default="tag")
     parser.add_argument("--groups", type=int, default=2,
@@ -224,7 +296,7 @@ def main(argv=None):
     if args.groups < 0 or (args.selection == "tag" and args.groups < 1):
         raise SystemExit(f"--groups {args.groups}: --selection tag needs at least 1 group")
 
-    tasks, Z = measure_affinity(args)
+    tasks, Z, account = measure_affinity(args)
     print("\ninter-task affinity Z[i -> j] / lr (row i: the task whose lookahead step; column j: the task measured)")
     print(tabulate([[t] + Z[i].tolist() for i, t in enumerate(tasks)], headers=["i \\ j"] + tasks, floatfmt=".4f"))
     decisions = {"affinity": {t: dict(zip(tasks, Z[i].tolist())) for i, t in enumerate(tasks)}, "selection": args.selection}
@@ -242,12 +314,25 @@ def main(argv=None):
         chosen = best[k][1]
         serving = {t: g for g in chosen for t in g}
         decisions.update(groups=chosen, serving=serving, scores_by_k={k: s for k, (s, _) in best.items()})
-    print(f"training one model per group: {chosen}")
+    # issue 25: the groups share what the joint run and its lookahead steps left of all_at_once's budget
+    spent = account["joint_budget"] + account["lookahead_budget"]
+    group_steps = dict(zip(("+".join(g) for g in chosen), split_budget(account["budget"] - spent, len(chosen))))
+    total = spent + sum(group_steps.values())
+    print(f"training one model per group: {chosen}; steps: {group_steps} (budget {account['budget']}: joint run "
+          f"{account['joint_budget']} + lookahead {account['lookahead_budget']} + groups {sum(group_steps.values())})")
+    if total > account["budget"]:
+        print(f"[task_grouping] over budget: {total} steps for a budget of {account['budget']} (the joint run needs "
+              f"1 step and its lookahead, each group 1 step)")
 
-    trained = {"+".join(g): train_group(args, g, "+".join(g)) for g in chosen}
+    trained = {"+".join(g): train_group(args, g, "+".join(g), steps=group_steps["+".join(g)]) for g in chosen}
     served = {name: {**s, "tasks": [t for t in s["tasks"] if "+".join(serving[t]) == name]} for name, s in trained.items()}
     summary = merge_summaries(served, tasks, "task_grouping")
     summary["decisions"].update(decisions)
+    # every optimizer update counts: the joint run's training steps and lookahead steps, then the groups'
+    summary["steps"] += account["joint_steps"] + account["lookahead_steps"]
+    summary["budget_steps"] = total
+    summary["extra_steps"] = {"affinity": account["lookahead_steps"]}
+    summary["decisions"]["budget"] = {**account, "group_steps": group_steps, "over_budget": total > account["budget"]}
     if args.brute_force:
         summary["decisions"]["brute_force"] = brute_force(args, tasks, serving)
     path = Path(args.out) / "task_grouping" / f"seed{args.seed}" / "summary.json"

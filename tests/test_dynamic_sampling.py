@@ -144,3 +144,63 @@ def test_single_task_references_name_what_is_missing(tmp_path):
     assert refs is None and "gory" in why                                   # AP undefined: not a reference
     refs, _ = single_task_references(tmp_path, 0, tasks, "f1_macro")
     assert refs == {"binary": 0.7, "gory": 0.6}
+
+
+def test_loss_share_keeps_the_last_loss_of_a_task_not_trained():
+    """--difficulty loss_share: a task with no loss in the interval keeps its last measured mean loss (a task
+    never measured yet: the mean of the interval's measured losses); it is never given 0."""
+    s = DifficultySampler(3, seed=0)
+    s.record(torch.tensor([1.0, 2.0, 9.0]), torch.tensor([True, True, False]))   # task 2 never measured
+    d, carried = s.loss_share_difficulty()
+    assert d.tolist() == pytest.approx([1.0, 2.0, 1.5]) and carried.tolist() == [False, False, True]
+    s.record(torch.tensor([0.5, 7.0, 3.0]), torch.tensor([True, False, True]))   # task 1 not trained
+    d, carried = s.loss_share_difficulty()
+    assert d.tolist() == pytest.approx([0.5, 2.0, 3.0]) and carried.tolist() == [False, True, False]
+    d, carried = s.loss_share_difficulty()                                       # an interval with no step
+    assert d.tolist() == pytest.approx([0.5, 2.0, 3.0]) and carried.all()
+    s.record(torch.tensor([float("nan"), 1.0, 1.0]), torch.tensor([True, True, True]))
+    d, _ = s.loss_share_difficulty()                                             # a non-finite loss stays NaN
+    assert torch.isnan(d[0]) and d[1:].tolist() == pytest.approx([1.0, 1.0])     # (main keeps the old probs)
+    s.record(torch.tensor([4.0, 1.0, 1.0]), torch.tensor([False, True, True]))
+    assert s.loss_share_difficulty()[0][0].item() == pytest.approx(0.5)          # the last finite loss
+    b = DifficultySampler(3, seed=5)
+    b.load_state_dict(s.state_dict())                                            # checkpointed
+    assert torch.equal(b.last_loss, s.last_loss)
+
+
+@pytest.mark.parametrize("apply", ["task", "clips"])
+def test_loss_share_simulation_no_probability_stuck_at_zero(apply):
+    """200 scripted intervals of 2 steps (--apply task: one task per step; clips: 4 clips per step over 5
+    tasks), positive losses that fall at different rates: no probability is ever 0, every task keeps being
+    drawn. (The rule before the fix gave an undrawn task difficulty 0, then probability 0, forever.)"""
+    g = torch.Generator().manual_seed(11)
+    T, s = 5, DifficultySampler(5, seed=3)
+    base, rate = torch.tensor([0.7, 0.5, 0.9, 0.3, 0.6]), torch.tensor([0.01, 0.002, 0.02, 0.0, 0.005])
+    drawn_late = torch.zeros(T)
+    for interval in range(200):
+        for _ in range(2):
+            mask, _ = s.draw(apply, 4)
+            trained = mask.any(0) if mask.dim() == 2 else mask
+            losses = base * torch.exp(-rate * interval) * (1 + 0.2 * torch.rand(T, generator=g)) + 0.01
+            s.record(losses, trained)
+            if interval >= 100:
+                drawn_late += trained.float()
+        d, _ = s.loss_share_difficulty()
+        assert torch.isfinite(d).all() and (d > 0).all(), (interval, d)
+        s.probs = sampling_probabilities(d.tolist())
+        assert (s.probs > 0).all(), (interval, s.probs)
+    assert (drawn_late > 0).all(), drawn_late
+
+
+def test_loss_share_run_never_sets_a_probability_to_zero(tiny_data, tmp_path):
+    """The script itself, --difficulty loss_share --apply task --interval 1 (one task trained per interval):
+    every logged probability stays positive (before the fix the first update gave four tasks 0 for good)."""
+    from strategies.dynamic_sampling import main
+    main(["--data", str(tiny_data), "--out", str(tmp_path), "--model-size", "tiny", "--batch-size", "8",
+          "--max-steps", "6", "--eval-every", "6", "--quiet", "--difficulty", "loss_share", "--apply", "task",
+          "--interval", "1"])
+    records = [json.loads(line) for line in (tmp_path / "dynamic_sampling" / "seed0" / "metrics.jsonl").open()]
+    sampling = [r for r in records if r["event"] == "sampling"]
+    assert len(sampling) == 6
+    assert all(p > 0 for r in sampling for p in r["probs"].values()), [r["probs"] for r in sampling]
+    assert all(len(r["carried"]) == 4 for r in sampling)                          # one task trained per step

@@ -1,5 +1,6 @@
 """TAG (strategies/task_grouping.py): the Adam lookahead, the lr-normalised affinity, the official network
 selection and the exhaustive partition search, on small hand-checkable cases."""
+import argparse
 import copy
 import math
 
@@ -62,21 +63,96 @@ def test_adam_lookahead_equals_the_hand_computed_step_and_the_optimizers_own(wei
     assert all(torch.equal(torch.as_tensor(after[k]), torch.as_tensor(state_before["state"][0][k])) for k in after)
 
 
-def test_adam_lookahead_clips_like_the_training_step():
-    w, losses = linear_tasks()
-    opt = torch.optim.Adam([w], lr=0.01)
-    w.grad = torch.tensor([0.3, -0.7])
-    opt.step()
-    state = copy.deepcopy(opt.state_dict())
-    g = torch.tensor([4.0, -3.0])                                  # norm 5, clipped to 1
-    (step,) = adam_step(opt, [w], [g], clip=1.0)
-    w2 = copy.deepcopy(w)
-    opt2 = torch.optim.Adam([w2], lr=0.01)
-    opt2.load_state_dict(state)
-    w2.grad = g.clone()
-    torch.nn.utils.clip_grad_norm_([w2], 1.0)
-    opt2.step()
-    assert torch.allclose(w2.detach() - w.detach(), step, rtol=1e-5, atol=1e-9)
+class ThreeTaskModel(torch.nn.Module):
+    """A shared weight w [2] (tasks a and b: squared errors of x @ w, after a dropout) and a head-only
+    parameter h [3] (task c: squared error of dropout(h), independent of w); float64, so that the relative
+    loss changes of a huge loss stay exact. Records its mode per forward."""
+
+    def __init__(self, p=0.0, scale=1.0):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor([0.5, -1.0], dtype=torch.float64))
+        self.h = torch.nn.Parameter(torch.tensor([0.3, 0.8, -0.2], dtype=torch.float64))
+        self.drop = torch.nn.Dropout(p)
+        self.x = torch.tensor([[1.0, 2.0], [0.5, -1.0], [-1.0, 0.3]], dtype=torch.float64)
+        self.y = scale * torch.tensor([[1.0, 0.0, 2.0], [-1.0, 1.0, 0.5]], dtype=torch.float64)
+        self.modes = []
+
+    def forward(self, batch=None):
+        self.modes.append(self.training)
+        shared = self.drop(self.x @ self.w)
+        return torch.stack([(shared - self.y[0]).pow(2).mean(), (2 * shared - self.y[1]).pow(2).mean(),
+                            (self.drop(self.h) - 1.0).pow(2).mean()])
+
+
+class ScriptedRun:
+    """What affinity_on_batch reads of a Run, around ThreeTaskModel; Adam with non-zero moments (one real
+    step taken) and the training's gradient clipping set to 1."""
+
+    def __init__(self, model, lr=0.01, clip_grad=1.0):
+        self.model, self.tasks, self.step_count, self.device = model, ["a", "b", "c"], 7, torch.device("cpu")
+        self.args = argparse.Namespace(seed=0, clip_grad=clip_grad)
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        model.w.grad = torch.tensor([0.3, -0.7], dtype=torch.float64)
+        model.h.grad = torch.tensor([0.1, 0.2, -0.1], dtype=torch.float64)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def task_losses(self, batch, model=None, generator=None):
+        return (model or self.model)(batch)
+
+
+def test_lookahead_applies_no_clip_a_huge_loss_gives_the_unclipped_adam_update():
+    """As the official lookahead: the optimizer's update from the raw task gradient (the training clips at
+    1 here; a huge loss has a gradient norm above 1e3, which a clip would shrink to 1 and so change Adam's
+    step, its moments being non-zero). Oracle: torch.optim.Adam's own step on a copy, no clip."""
+    run = ScriptedRun(ThreeTaskModel(scale=1e3))
+    state = copy.deepcopy(run.optimizer.state_dict())
+    Z = affinity_on_batch(run, None, [run.model.w])
+    base = run.model().detach()
+    for i in range(3):
+        model = copy.deepcopy(run.model)
+        opt = torch.optim.Adam(model.parameters(), lr=0.01)
+        opt.load_state_dict(copy.deepcopy(state))
+        (g,) = torch.autograd.grad(model()[i], [model.w], allow_unused=True)
+        assert i == 2 or g.norm() > 1e3                              # far above the clip
+        model.w.grad = torch.zeros_like(model.w) if g is None else g  # task c: no gradient on w
+        opt.step()                                                   # h has no grad: Adam leaves it
+        expected = ((1 - model().detach() / base) / 0.01).float()
+        torch.testing.assert_close(Z[i], expected, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_lookahead_runs_in_train_mode_and_restores_the_mode(mode):
+    model = ThreeTaskModel(p=0.5)
+    run = ScriptedRun(model)
+    model.train(mode == "train")
+    model.modes.clear()
+    affinity_on_batch(run, None, [model.w])
+    assert model.modes == [True] * 5             # the gradients' forward, the base losses, one per task
+    assert model.training == (mode == "train")
+
+
+def test_lookahead_draws_one_dropout_mask_and_leaves_the_training_rng_stream():
+    """Dropout is on (train mode) and every forward of a measurement draws the same masks, so task c, whose
+    loss does not depend on the shared weight, gets exactly Z[i, c] = 0; the draws come from a forked RNG:
+    the training run's next random numbers are the same whether or not the lookahead ran; and Z depends on
+    the seed and step only (a resumed run measures the same)."""
+    run = ScriptedRun(ThreeTaskModel(p=0.5))
+    torch.manual_seed(123)
+    expected_next = torch.rand(4)
+    torch.manual_seed(123)
+    Z = affinity_on_batch(run, None, [run.model.w])
+    assert torch.equal(torch.rand(4), expected_next)
+    assert torch.equal(Z[:, 2], torch.zeros(3))
+    assert (Z[:2, :2] != 0).all()
+    torch.manual_seed(999)
+    assert torch.equal(affinity_on_batch(run, None, [run.model.w]), Z)
+    # the masks are live: the lookahead's losses are not the no-dropout ones
+    from strategies.task_grouping import lookahead_seed, reseed
+    reseed(run.device, lookahead_seed(run))
+    dropped = run.model().detach()
+    run.model.eval()
+    assert not torch.equal(dropped, run.model().detach())
 
 
 def test_first_adam_step_moves_each_weight_by_about_the_lr():
@@ -118,7 +194,9 @@ def test_binary_helps_itself_on_the_tiny_model(tiny_data, tmp_path):
         run.step(losses.sum(), losses, batch)
     params = [p.detach().clone() for p in run.model.parameters()]
     state = copy.deepcopy(run.optimizer.state_dict())
+    rng = torch.get_rng_state()
     Z = affinity_on_batch(run, batch, shared)
+    assert torch.equal(torch.get_rng_state(), rng) and run.model.training   # the training's RNG stream untouched
     b = run.tasks.index("binary")
     assert Z[b, b] > 0
     assert torch.isfinite(Z).all()
