@@ -574,10 +574,11 @@ class Run:
         return self._nonfinite(f"non-finite loss at step {self.progress['step']} for task(s) {bad}; {where}")
 
     def check_finite_grads(self):
-        for name, p in self.model.named_parameters():
-            if p.grad is not None and not torch.isfinite(p.grad).all():
-                return self._nonfinite(f"non-finite gradient at step {self.progress['step']} in {name}")
-        return True
+        named = [(name, p.grad) for name, p in self.model.named_parameters() if p.grad is not None]
+        if all_finite([g for _, g in named]):  # one fused reduction and one sync a step
+            return True
+        name = next(name for name, g in named if not torch.isfinite(g).all())
+        return self._nonfinite(f"non-finite gradient at step {self.progress['step']} in {name}")
 
     def _nonfinite(self, report):
         self.log({"event": "nonfinite", "step": self.progress["step"], "report": report})
@@ -642,8 +643,7 @@ class Run:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def _grads_finite(self):
-        grads = [p.grad for p in self._trained_parameters() if p.grad is not None]
-        return all(bool(torch.isfinite(g).all()) for g in grads)
+        return all_finite([p.grad for p in self._trained_parameters() if p.grad is not None])
 
     # -- evaluation
     @torch.inference_mode()  # no autograd bookkeeping at all (cheaper than no_grad); issue 17
@@ -983,6 +983,18 @@ def losses_from_logits(logits, labels, reduction="mean"):
     per_item = F.cross_entropy(logits.reshape(B * T, 2).float(), labels.reshape(B * T), reduction="none")
     per_item = per_item.view(B, T)
     return per_item if reduction == "none" else per_item.mean(0)
+
+
+def all_finite(tensors):
+    """True when no tensor holds a NaN or an inf: one fused max-abs per tensor (NaN and inf propagate
+    through it, and a finite tensor's max-abs is finite), then a single host sync (was one per tensor)."""
+    if not tensors:
+        return True
+    by_device = {}
+    for t in tensors:
+        by_device.setdefault((t.device, t.dtype), []).append(t)
+    return all(bool(torch.isfinite(torch.stack(torch._foreach_norm(group, float("inf")))).all())
+               for group in by_device.values())
 
 
 def masked_mean(per_item, valid):

@@ -1,6 +1,14 @@
 """Every strategy script runs a few steps on tiny data, then resumes from its checkpoint and finishes.
-The scripts run in this process (runpy, as `python strategies/x.py` would) to spare the start-up cost."""
+The scripts run in this process (runpy, as `python strategies/x.py` would) to spare the start-up cost.
+
+The golden check: the finished run's numbers are pinned in tests/golden.json with the versions that made
+them (common/versions.py). A change that moves any of them must bump the version of the rule (or of the
+protocol) it changed, so that make compare never reuses a record the code no longer reproduces; then
+refresh the pins with UPDATE_GOLDEN=1 python -m pytest tests/test_strategies_smoke.py. A refactor (issue 27)
+leaves every pin as it is."""
 import json
+import math
+import os
 import runpy
 import sys
 from pathlib import Path
@@ -9,6 +17,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted(p.stem for p in (REPO / "strategies").glob("*.py") if not p.stem.startswith("_"))
+GOLDEN = REPO / "tests" / "golden.json"
 EXTRA = {"curriculum": ["--probe-steps", "2", "--entry-every", "1"], "dynamic_sampling": ["--interval", "2"],
          "task_grouping": ["--affinity-every", "1"]}
 
@@ -36,3 +45,31 @@ def test_script_runs_and_resumes(script, tiny_data, tmp_path, capsys, monkeypatc
     if script not in ("single_task", "task_grouping", "sequential"):  # several models / early phase ends
         assert summary["steps"] == 6
     assert "summary: " in first
+    check_golden(script, summary)
+
+
+def golden_numbers(summary):
+    """The pinned numbers of a run: continuous ones, so that any change of a rule moves them."""
+    return {"steps": summary["steps"], "steps_to_best": summary["steps_to_best"],
+            "val_loss": summary["val"]["mean"]["loss"], "test_loss": summary["test"]["mean"]["loss"],
+            "test_ap": summary["test"]["mean"]["ap"]}
+
+
+def check_golden(script, summary):
+    pins = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {}
+    now = {"versions": summary["versions"], "numbers": golden_numbers(summary)}
+    if os.environ.get("UPDATE_GOLDEN"):
+        pins[script] = now
+        GOLDEN.write_text(json.dumps(dict(sorted(pins.items())), indent=1) + "\n")
+        return
+    assert script in pins, f"no golden numbers for {script}: run with UPDATE_GOLDEN=1 once"
+    pinned = pins[script]
+    moved = {k: (v, now["numbers"][k]) for k, v in pinned["numbers"].items()
+             if not math.isclose(v, now["numbers"][k], rel_tol=1e-6, abs_tol=1e-9)}
+    if moved and pinned["versions"] == now["versions"]:
+        raise AssertionError(f"{script}: results changed without a version bump {moved}; if the change is meant, bump "
+                             "RULE_VERSION / the rule's version / PROTOCOL_VERSION (common/versions.py), then "
+                             "UPDATE_GOLDEN=1")
+    assert pinned["versions"] == now["versions"], (
+        f"{script}: versions {pinned['versions']} -> {now['versions']}: refresh the pins with UPDATE_GOLDEN=1")
+    assert not moved

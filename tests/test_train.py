@@ -114,3 +114,15 @@ def test_nonfinite_loss_stops_with_report_or_skips(tiny_data, tmp_path):
     assert run.progress["nonfinite_skips"] == 1
     after = list(run.model.parameters())
     assert all(torch.equal(a, b) or torch.isnan(a).all() for a, b in zip(before, after))
+
+
+def test_all_finite_is_one_fused_check_that_misses_nothing():
+    from common.train import all_finite
+    grads = [torch.randn(3, 4), torch.randn(5), torch.randn(2, dtype=torch.float64)]
+    assert all_finite(grads) and all_finite([])
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        g = [t.clone() for t in grads]
+        g[2][1] = bad
+        assert not all_finite(g)
+    big = [torch.full((4,), 3e38)]   # finite, though its 2-norm overflows: not flagged
+    assert all_finite(big)
