@@ -116,7 +116,15 @@ RULE_NOTES = {
     "dynamic_sampling": "p_t weights every clip's task-t loss by T·p_t (default --apply weights) instead of drawing "
                         "instances per task, so no label is discarded; --apply clips is the paper's / student "
                         "code's heterogeneous batches.",
-    "dwa": "equal weights for the first 2 epochs, as the reference: in a 2-epoch profile it equals all_at_once.",
+    "dwa": "equal weights for the first 2 epochs, as the reference: in a 2-epoch profile it equals all_at_once. Under a "
+           "scheduler that rests a task, an epoch without a loss for it gives no ratio (its r is 1 until it has two "
+           "epochs with a loss), where LibMTL assumes every task trains every epoch.",
+    "task_grouping": "every optimizer step counts: the joint run's training and lookahead steps (one per task per "
+                     "measurement) and the group models together spend all_at_once's budget (--affinity-fraction of it "
+                     "for the joint run, the rest split between the groups); the official code trains each group a "
+                     "full schedule after a separate affinity run. The lookahead uses one dropout draw per "
+                     "measurement (the official code draws per forward).",
+    "curriculum": "the difficulty probe's steps count against the budget (the main training gets the rest).",
     "cagrad": "exact active-set solve instead of SLSQP, without the reference's 1e-8 epsilons (scale-invariant).",
     "imtl": "pseudo-inverse where the references invert (LibMTL) or add 1e-8 I; an ascent solution is negated.",
     "nash_mtl": "where no bargaining solution exists (e.g. antiparallel gradients) the previous alpha is kept, "
