@@ -254,7 +254,11 @@ def cagrad_weights(G, c=0.5, rescale=1):
     optimum, stationarity b + (sqrt(phi) / ||g_w||) G w = lambda 1 with nu = ||g_w|| / sqrt(phi) makes w
     affine in nu, w = w0 + nu w1 (one linear system on S), and ||g_w|| = sqrt(phi) nu is a quadratic
     equation in nu; every support and root with w >= 0 is a candidate and the one with the smallest F is
-    the optimum (2^T - 1 supports; ~1 ms for T = 5).
+    the optimum (2^T - 1 supports; ~1 ms for T = 5). The root nu = 0 (g_w = 0 optimal, e.g. with two
+    opposite gradients) comes out of the rounding as a tiny number of either sign (~ -1e-15): a negative
+    root down to -max(1e-6, 1e-7 / sqrt(phi)) is taken as 0 (on G / trace, ||g_w|| is only known to
+    ~sqrt(eps)), and g_w counts as 0 below that same ratio nu (issue 26: a rejected nu = 0 gave
+    d = g0 + c ||g0|| u for a unit u, 0.5 ||g0|| away from the optimum's d = g0).
     Deviations from the official code: none of its 1e-8 epsilons (sqrt(mean(G) + 1e-8) etc.), so the
     rule is invariant to the scale of G; the dual is solved over the non-zero gradients only (a zero
     gradient cannot be hurt), g0 is still the mean over all T; where the optimum is g_w = 0 (0 is in
@@ -505,7 +509,11 @@ def upgrad_weights(G, reg_eps=0.0, pref=None):
     so everything is read from G. Solved exactly by active sets over the 2^T splits of the tasks into
     free (v_j > u_j, (G v)_j = 0) and bound (v_j = u_j, (G v)_j >= 0) ones, where TorchJD calls quadprog;
     the problem is strictly convex, so the split whose solution satisfies these conditions is the
-    optimum (ranked by their violation, relative to each task's scale, as for MGDA).
+    optimum. Splits are ranked by their worst violation of them: v_j < u_j relative to max(u), and
+    <g_j, d> < 0 relative to ||g_j|| ||J^T u||, the norms of the task and of the vector projected (the same
+    for every split of one projection), not to ||d||: where the projection is d = 0 (two opposite
+    gradients, g_1 = -k g_0) the exact split's d is rounding noise, which a cosine with it ranked
+    below a wrong split whose update conflicts with a task (issue 26).
     Consequences: every projected gradient, and so the update, has <g_j, d> >= 0 for every task (no
     conflict to first order); a set of gradients without conflict (G >= 0 entrywise) is left as its mean.
     As TorchJD, G is first divided by its trace. Differences, both intended: TorchJD then adds
@@ -532,6 +540,8 @@ def upgrad_weights(G, reg_eps=0.0, pref=None):
     for i in range(T):
         u = np.zeros(T)
         u[i] = u_all[i]
+        # the scale of the dual conditions: ||J^T u|| (the vector projected), the same for every split
+        u_norm = math.sqrt(max(float(u @ A @ u), 0.0))
         best, best_violation = u, np.inf
         for F in splits:
             v = u.copy()
@@ -540,10 +550,9 @@ def upgrad_weights(G, reg_eps=0.0, pref=None):
                 # least squares: a singular block (linearly dependent gradients) still has solutions
                 v[F] = np.linalg.lstsq(A[np.ix_(F, F)], -A[np.ix_(F, B)] @ u[B], rcond=None)[0]
             Av = A @ v
-            d_norm = math.sqrt(max(float(v @ Av), 1e-300))
             bound = np.setdiff1d(np.arange(T), F)
             violation = max(float(np.max(u[F] - v[F], initial=0.0)) / max(u_all.max(), 1e-300),
-                            float(np.max(-Av[bound] / (norms[bound] * d_norm), initial=0.0)))
+                            float(np.max(-Av[bound] / np.maximum(norms[bound] * u_norm, 1e-300), initial=0.0)))
             if violation < best_violation:
                 best, best_violation = v, violation
         total += best
