@@ -889,8 +889,10 @@ def main(argv=None):
         timer = threading.Timer(args.max_hours * 3600, stop_all, args=(f"--max-hours {args.max_hours} reached",))
         timer.daemon = True
         timer.start()
-    handlers = {sig: signal.signal(sig, lambda signum, _frame: stop_all(f"signal {signum}"))
-                for sig in (signal.SIGINT, signal.SIGTERM)}
+    handlers = {}   # a signal handler can only be set from the main thread (a test may call main from another)
+    if threading.current_thread() is threading.main_thread():
+        handlers = {sig: signal.signal(sig, lambda signum, _frame: stop_all(f"signal {signum}"))
+                    for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         return _main(args, profile, seeds, tune)
     finally:

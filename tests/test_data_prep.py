@@ -328,7 +328,7 @@ def test_knob_parsing_and_validation():
         syn.make_knobs(modalities={"gory": {"smell": 1.0}})
     with pytest.raises(ValueError, match="conflict"):
         syn.make_knobs(conflict={("gory", "gory"): 0.5})
-    assert syn.split_sizes(0.02) == {"train": 58, "val": 9, "test": 16}
+    assert syn.split_sizes(0.02) == {"train": 58, "val": 17, "test": 64}
 
 
 def test_synthesize_cli_and_refuses_to_overwrite(tmp_path):
@@ -363,4 +363,4 @@ def test_ensure_default_data_is_idempotent_and_atomic(tmp_path, monkeypatch):
     syn.ensure_default_data(root, scale=0.003, verbose=False)
     assert (root / "train.h5").stat().st_mtime_ns == stamp
     assert not (root / ".building").exists()
-    assert len(H5Dataset(root / "val.h5")) == 1 and (root / "raw" / "val_features.json").exists()
+    assert len(H5Dataset(root / "val.h5")) == 3 and (root / "raw" / "val_features.json").exists()

@@ -19,10 +19,11 @@ TIMING = ("train_seconds", "seconds_per_step")  # wall-clock: differs from run t
 
 
 def table(out):
-    """compare.csv without its timing columns, and compare.md without its Budget section (wall-clock)."""
+    """compare.csv without its timing columns, and compare.md without its Budget section and cost line (wall-clock)."""
     rows = [{k: v for k, v in r.items() if k not in TIMING} for r in csv.DictReader(open(out / "compare.csv"))]
     md = (out / "compare.md").read_text()
     head, _, rest = md.partition("## Budget")
+    head = "\n".join(x for x in head.splitlines() if not x.startswith("- measured cost:"))  # run times
     return rows, head + rest.partition("\n## ")[2]
 
 
