@@ -131,6 +131,44 @@ RULE_NOTES = {
                 "as the official code does when its solver fails; counted as nash_no_solution.",
     "upgrad": "reg_eps 0 (the paper's exact projection) where TorchJD adds 1e-4 I; --upgrad-reg-eps 1e-4 gives "
               "TorchJD's.",
+    "dualproj": "reg_eps 0 (the exact projection) where TorchJD adds 1e-4 I, as upgrad; --dualproj-reg-eps 1e-4 gives "
+                "TorchJD's.",
+    "config_agg": "ConFIG's pseudo-inverse read from the cosine matrix (unit gradients count as dependent below 1e-6 "
+                  "of the largest singular value, TorchJD's pinv below ~1e-14); d = 0 where the preferred direction "
+                  "vanishes (TorchJD: rounding noise / 1e-12).",
+    "gradvac": "TorchJD's rule with the random order from the aggregator's own (checkpointed) generator; the EMA "
+               "targets restart when the number of active tasks changes (TorchJD: when m changes).",
+    "fairgrad": "G w = w^(-1/alpha) solved exactly (damped Newton) where TorchJD and the official code stop "
+                "least_squares at 1e-8 tolerances (far off at norm spreads of 1e6); alpha 1.0 (official default, "
+                "TorchJD has none); no solution (0 in the hull of the gradients): d = 0, counted; no norm clip by "
+                "default (official: 1.0, --fairgrad-max-norm 1).",
+    "krum": "n_byzantine 1 (TorchJD has no default; the largest Krum allows for 5 tasks); fewer active tasks than "
+            "n_byzantine + 3: the mean, counted (TorchJD raises).",
+    "pcd": "the primary objective is the first task of --tasks (the first active one on a step that rests it); the "
+           "norm EMA restarts when the number of active tasks changes.",
+    "modo": "G from the step's single batch (the paper and TorchJD's examples: two independent batches, J1 J2^T).",
+    "sdmgrad": "G from the step's single batch (the paper and TorchJD's examples: two independent batches, J1 J2^T).",
+    "crmogm": "smooths --crmogm-base (mgda by default: CR-MGDA; TorchJD wraps a weighting given in code) with alpha "
+              "0.9; restarts from the base's weights when the number of active tasks changes (TorchJD raises).",
+    "graddrop": "torchjd 0.18's coordinate-wise GradDrop on the shared parameters' gradients (one purity and one draw "
+                "per parameter coordinate, one --graddrop-leak for all tasks); LibMTL's GradDrop is another, "
+                "representation-only variant (purity of sign(z) * dz summed over the batch, one mask per feature). "
+                "Draws from the rule's own CPU generator (seeded by --seed, checkpointed), not the global RNG.",
+    "trimmed_mean": "torchjd's TrimmedMean with trim 1 (torchjd has no default); with fewer than 2 trim + 1 active "
+                    "tasks the trim shrinks to (A - 1) // 2 for the step (trimmed_mean_short_steps).",
+    "moco": "LibMTL's MoCo with Y Y^T summed in fp64 blocks and lambda in fp64 (LibMTL: one fp32 matmul); a task "
+            "switched off by a scheduler keeps its y and lambda, the active lambdas keep their mass.",
+    "db_mtl": "LibMTL's DB-MTL; with a scheduler the max norm and the sum run over the active tasks, a rested task "
+              "keeps its EMA row. With a weighting other than equal the log is taken of the weighted terms.",
+    "excess_mtl": "the official code / LibMTL (weights start at 1 and sum to T, the first step only sets the "
+                  "baseline, heads weighted too), updated in log space (no overflow); torchjd 0.18's ExcessMTL "
+                  "starts at 1/T, moves the weights with the raw excess on its first call and divides by "
+                  "baseline + 1e-7. A task's baseline is its first positive excess risk (scheduler convention).",
+    "gls": "LibMTL's geometric mean of the losses, as constant weights L / (T L_t) times L_t (same value and "
+           "gradient); the logged weights are these dL/dL_t, not LibMTL's printed losses / (T prod L).",
+    "stch": "LibMTL's STCH (log-loss warm-up for --stch-warmup-epoch epochs, nadir = mean loss of the last warm-up "
+            "epoch); in a profile of at most warmup + 1 epochs it only ever trains sum_t log L_t. With a "
+            "scheduler the softmax runs over the active tasks.",
     "*_representation": "per-task gradients of the fused representation instead of the shared parameters (MGDA-UB "
                         "precedent): a cheaper variant, not the published PCGrad / MGDA.",
 }

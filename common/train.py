@@ -794,7 +794,8 @@ class Run:
         atomic_save(state, self.dir / "checkpoint.pt")
 
     def _load_checkpoint(self, path):
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        from common.checkpoints import load_checkpoint  # restricted unpickler: a tampered file runs nothing
+        state = load_checkpoint(path, map_location=self.device)
         saved_world = state.get("world_size", 1)
         if saved_world != distributed.world_size():
             raise SystemExit(f"{path}: written by a run of {saved_world} process(es), resumed with "
@@ -837,10 +838,16 @@ class Run:
         distributed.barrier()  # torchrun: rank 0 has written best.pt
         best = self.dir / "best.pt"
         if best.exists():
-            state = torch.load(best, map_location=self.device, weights_only=False)
+            from common.checkpoints import load_checkpoint
+            state = load_checkpoint(best, map_location=self.device)
             self.model.load_state_dict(state["model"])
             if "objective" in state:
                 self.objective.load_state_dict(state["objective"])
+        if distributed.is_main():  # the evaluated model without a pickle: model.safetensors + model_config.json
+            from common.checkpoints import write_model_files
+            write_model_files(self.model, self.dir, stage=self.args.stage, strategy=self.strategy,
+                              feature_norm=getattr(self.args, "feature_norm", None),
+                              best_step=self.progress["best_step"], source="best.pt" if best.exists() else "last step")
         val = self.evaluate(self.val_set)
         # F1 at a tuned threshold: each task's threshold is chosen on validation, then applied to test
         thresholds = ({t: m["threshold"] for t, m in val["per_task"].items()}
@@ -959,9 +966,20 @@ def single_task_references(out, seed, tasks, metric):
 
 def load_init(model, path):
     """Load a checkpoint into the model non-strictly and report what did not match. Our checkpoints hold
-    {"model": state_dict}; the original code's hold {"model_state": ...} with its own parameter names."""
+    {"model": state_dict}; the original code's hold {"model_state": ...} with its own parameter names; a
+    .safetensors file (a finished run's model.safetensors) holds the state dict, and its configuration
+    (model_config.json) must match the model's. Every file is read without running code from it
+    (common.checkpoints: the restricted unpickler; a file holding anything else stops the run, unrun)."""
+    from common.checkpoints import check_model_config, load_checkpoint, load_safetensors
     from common.model import load_original_checkpoint
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    if str(path).endswith(".safetensors"):  # no pickle; its configuration (header or model_config.json) must match
+        tensors, config = load_safetensors(path)
+        if config is not None:
+            check_model_config(model, config, path)
+        original = any(k.startswith("features.") for k in tensors) and not any(k.startswith("heads.") for k in tensors)
+        state = tensors if original else {"model": tensors}
+    else:  # restricted unpickler: a file holding anything but tensors and plain data stops here, unrun
+        state = load_checkpoint(path, map_location="cpu")
     if isinstance(state, dict) and "model" in state:
         result = model.load_state_dict(state["model"], strict=False)
         missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
@@ -1015,8 +1033,12 @@ def format_metrics(metrics, tasks, title=""):
 
 # ---------------------------------------------------------------- files
 def atomic_save(obj, path):
-    """torch.save to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written checkpoint. The object
+    goes through common.checkpoints.to_safe first: numpy values become plain data and anything the restricted
+    loader would refuse is an error here, so that every checkpoint we write loads with weights_only=True."""
+    from common.checkpoints import to_safe
     path = Path(path)
+    obj = to_safe(obj, path.name)
     buf = io.BytesIO()
     torch.save(obj, buf)
     atomic_write_bytes(path, buf.getvalue())
