@@ -1028,7 +1028,7 @@ def compare_one(args, rows, seeds, tune, extra, root, model_size, select_metric)
     index_path = root / "index.json"
     index = load_index(index_path)
     settings = reusable_settings(extra)
-    fingerprint = current_fingerprint(extra)
+    fingerprint, labels = current_data(extra)
     tune_seeds = args.tune_seeds
     n_tune = sum(len(grid_for(r[0], model_size, args.grid, lrs)) for r in rows) * len(tune_seeds) if tune else 0
     progress = Progress(n_tune + len(rows) * len(seeds), launcher.jobs if hasattr(launcher, "jobs") else 1)
@@ -1111,7 +1111,7 @@ def compare_one(args, rows, seeds, tune, extra, root, model_size, select_metric)
             if row_key(script, variant) not in index["chosen"]:
                 failed.setdefault(row_key(script, variant), ["tuning: every configuration failed"])
     tables, csv_rows = build_tables(by_label, list(TASKS), failed, chosen_text)
-    decided = verdict(by_label, list(TASKS), test_labels(extra))
+    decided = verdict(by_label, list(TASKS), labels)
     tuning_rows = [[label_of_row.get(r[0], r[0])] + r[1:] for r in tuning_rows]
     ctx = {"extra": extra, "settings": settings, "threads": threads, "index": index, "log_dir": log_dir,
            "save": save, "root": root}
@@ -1147,19 +1147,14 @@ def choose_tuned(index, script, variant, grids, tune_seeds, metric):
     return choose_config(candidates, metric)
 
 
-def test_labels(extra):
-    """[N, T] labels of the test split the scripts read (TASKS order)."""
-    from common.data import H5Dataset
-    from common.train import ensure_data
-    return H5Dataset(ensure_data(flag_value(extra, "--data", str(DEFAULT_DATA))) / "test.h5").labels
-
-
-def current_fingerprint(extra):
-    """The fingerprint of the data the scripts will read (common/versions.py), made if missing."""
+def current_data(extra):
+    """The data the scripts will read (made if missing): its fingerprint (common/versions.py) and its test
+    labels [N, T] (TASKS order), from one opening of the splits."""
     from common.data import H5Dataset
     from common.train import ensure_data
     data = ensure_data(flag_value(extra, "--data", str(DEFAULT_DATA)))
-    return data_fingerprint([H5Dataset(data / f"{split}.h5") for split in ("train", "val", "test")])
+    splits = [H5Dataset(data / f"{split}.h5") for split in ("train", "val", "test")]
+    return data_fingerprint(splits), splits[2].labels
 
 
 def describe(name, profile, extra, seeds, tune, args, model_size, select_metric, by_label):
@@ -1185,11 +1180,7 @@ def describe(name, profile, extra, seeds, tune, args, model_size, select_metric,
                    + ", chosen by the mean validation score over them")
     else:
         tuning = f"none: every strategy at lr {flag_value(extra, '--lr', '1e-3')}"
-    data = flag_value(extra, "--data", str(DEFAULT_DATA))
-    try:
-        data = str(Path(data).resolve().relative_to(REPO))
-    except ValueError:
-        pass
+    data = repo_relative(flag_value(extra, "--data", str(DEFAULT_DATA)))
     return {"title": profile["title"], "profile": name, "model_size": model_size, "data": data,
             "train_clips": train_clips(by_label), "budget": budget, "seeds": seeds, "tuning": tuning,
             "select_metric": select_metric}

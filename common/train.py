@@ -58,7 +58,7 @@ from common.data import TASKS, H5Dataset, collate, feature_stats
 from common.evaluate import evaluate_predictions
 from common.model import MODEL_SIZES, TRUNK_NAMES, cpu_bf16_lstm_problem, model_config, model_from_args
 from common.pretrain import PRETRAIN_TASKS, PretrainObjective
-from common.versions import data_fingerprint, rule_versions_of, run_versions
+from common.versions import data_fingerprint, repo_relative, rule_versions_of, run_versions
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO / "data_prep" / "synthetic"
@@ -155,6 +155,15 @@ def build_parser(description=None):
                         "off by default: it did not change the step time measurably in `make bench`")
     # -- end performance
     return p
+
+
+PATH_ARGS = ("data", "out", "init", "text_encoder")
+
+
+def recorded_args(args):
+    """The arguments as a run records them: paths inside the repository relative to it, so that a committed
+    record holds no machine's absolute path."""
+    return {k: repo_relative(v) if k in PATH_ARGS and isinstance(v, str) else v for k, v in vars(args).items()}
 
 
 def parse_tasks(text, known=TASKS, flag="--tasks"):
@@ -419,7 +428,7 @@ class Run:
             for f in ("checkpoint.pt", "best.pt", "metrics.jsonl", "summary.json", "test_scores.npy"):
                 if distributed.is_main():
                     (self.dir / f).unlink(missing_ok=True)
-            self.log({"event": "start", "strategy": self.strategy, "tasks": self.tasks, "args": vars(self.args),
+            self.log({"event": "start", "strategy": self.strategy, "tasks": self.tasks, "args": recorded_args(self.args),
                       "train_clips": len(self.train_set), "steps_per_epoch": self.steps_per_epoch})
         # a SIGINT/SIGTERM finishes the current step, checkpoints and exits: nothing is lost
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -861,7 +870,7 @@ class Run:
         steps = max(self.progress["step"], 1)
         summary = {
             "strategy": self.strategy, "run": self.dir.name, "tasks": self.tasks, "seed": self.args.seed,
-            "model_size": self.args.model_size, "data": str(self.args.data), "lr": self.args.lr,
+            "model_size": self.args.model_size, "data": repo_relative(self.args.data), "lr": self.args.lr,
             "steps": self.progress["step"], "epochs": self.progress["step"] / self.steps_per_epoch,
             "best_step": self.progress["best_step"], "train_seconds": self.progress["train_seconds"],
             # budget and model selection (issue 14): the same budget for every strategy; steps_to_best is

@@ -84,3 +84,11 @@ def test_max_hours_stops_and_the_next_call_finishes(tiny_data, tmp_path, capsys)
     compare.main(grid(tmp_path, tiny_data))
     index = json.loads((tmp_path / "runs/quick/index.json").read_text())
     assert {e["status"] for k, e in index.items() if k != "chosen"} == {"ok"}
+
+
+def test_recorded_arguments_hold_repository_paths_relative():
+    import argparse
+
+    from common.train import REPO, recorded_args
+    args = argparse.Namespace(data=str(REPO / "data_prep" / "synthetic"), out="/elsewhere/results", init=None, lr=1e-3)
+    assert recorded_args(args) == {"data": "data_prep/synthetic", "out": "/elsewhere/results", "init": None, "lr": 1e-3}
