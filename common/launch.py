@@ -14,7 +14,7 @@ Slurm: the runs not finished yet go out as one job array; each job is a checkpoi
 When Slurm preempts it or its time is nearly up, Slurm sends USR2 (sbatch --signal, set by submitit);
 submitit calls GridJob.checkpoint, which resubmits the same run marked as started, and requeues the job:
 the new attempt runs the script with --resume, from the run's last checkpoint (written every
---checkpoint-every steps and at each validation; the trainer is stopped when the job is, so the steps
+--checkpoint-minutes and after a validation with a new best; the trainer is stopped when the job is, so the steps
 since that checkpoint are trained again, identically). The table is written when the last job has ended;
 finished runs are reused, so running `make compare` again only collects. Without a cluster, cluster="local"
 runs the same jobs through submitit's local executor (tests/test_launch.py).

@@ -222,6 +222,8 @@ class MultiTaskUpdate:
         coeffs = torch.zeros(self.T, dtype=torch.float64)
         if G is None:  # fp16 overflow: the aggregator is not asked; an inf update makes run.step's scaler skip
             coeffs[idx] = 1.0
+        elif idx.numel() == 0:  # no task has a clip in this batch: nothing to aggregate, a zero update
+            pass
         else:
             # the aggregator sees only the active tasks' Gram matrix (a scheduler may have switched some off)
             G_active = G[idx][:, idx].cpu()
@@ -349,5 +351,5 @@ def run_every_task(strategy, doc, argv=None, **defaults):
         run.log_step(losses, **update.decisions())          # weights, aggregator weights, conflicts
         if run.at_eval():
             run.validate(weights=update.weighting.weights())
-            run.save_checkpoint()
+            run.eval_checkpoint()
     return run.finish(decisions=update.summary())

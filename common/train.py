@@ -12,12 +12,14 @@ A typical script reads:
         run.log_step(losses, weights=...)          # what the rule decided
         if run.at_eval():
             run.validate()                         # val metrics, LR schedule, best model
-            run.save_checkpoint()
+            run.eval_checkpoint()                  # at a new best, or when the cadence is due
     run.finish()                                   # test metrics of the best model, summary.json
 
 Resuming is exact on CPU: the data order is a function of (seed, epoch), the checkpoint holds the model,
 optimizer, scheduler, every RNG and the position inside the epoch, and metrics.jsonl is cut back to
-the checkpoint's step.
+the checkpoint's step. A run checkpoints after an evaluation that made a new best model, every
+--checkpoint-minutes of wall time (and every --checkpoint-every steps where set), on SIGINT/SIGTERM, and
+where a script asks (run.save_checkpoint()).
 
 What a strategy script may use of a Run (its public surface; everything else is internal):
   read      run.args, run.tasks, run.model, run.device, run.dir, run.objective, run.optimizer,
@@ -32,6 +34,7 @@ What a strategy script may use of a Run (its public surface; everything else is 
   evaluate  run.at_eval(), run.validate(**extra), run.evaluate(dataset, model, modalities),
             run.predict(dataset, model, modalities), run.loader(plan, dataset)
   record    run.log_step(losses, **decisions), run.log(record), run.say(text), run.save_checkpoint(),
+            run.eval_checkpoint() (after validate() and the rule's reaction: saves when due),
             run.finish(decisions), run.write_summary(summary)
 What the run trains on is its objective (FinetuneObjective: the Comic Mischief tasks;
 common.pretrain.PretrainObjective with --stage pretrain): the objective turns a batch into per-item
@@ -54,6 +57,7 @@ import torch
 import torch.nn.functional as F
 
 from common import distributed
+from common.checkpoints import MODEL_CONFIG_FILE, MODEL_FILE
 from common.data import TASKS, H5Dataset, collate, feature_stats
 from common.evaluate import evaluate_predictions
 from common.model import MODEL_SIZES, TRUNK_NAMES, cpu_bf16_lstm_problem, model_config, model_from_args
@@ -100,8 +104,10 @@ def build_parser(description=None):
                    help="recompute the text encoder's activations in the backward pass (less memory, same gradients)")
     # -- end models
     p.add_argument("--init", default=None,
-                   help="start from a checkpoint: ours (results/.../best.pt, a pretraining checkpoint) or the "
-                        "original code's (its names are mapped); missing and unexpected keys are reported")
+                   help="start from a checkpoint: ours (results/.../best.pt, a pretraining checkpoint, a run's "
+                        "model.safetensors) or the original code's (its names are mapped); missing and unexpected "
+                        "keys are reported. Read with the restricted unpickler: a file that would run code stops "
+                        "the run (data_prep/trust_checkpoint.py converts a file you trust)")
     p.add_argument("--feature-norm", choices=("train", "none"), default="train",
                    help="standardise video/audio per dimension with the training split's mean and std "
                         "(none: raw features, e.g. to fine-tune the original code's checkpoints)")
@@ -121,7 +127,12 @@ def build_parser(description=None):
     p.add_argument("--eval-every", type=int, default=0, help="validate every N steps (0: --evals-per-epoch)")
     p.add_argument("--evals-per-epoch", type=int, default=1,
                    help="where --eval-every is 0: validate this many times per epoch, evenly spaced")
-    p.add_argument("--checkpoint-every", type=int, default=100, help="also checkpoint every N steps")
+    p.add_argument("--checkpoint-minutes", type=float, default=10.0,
+                   help="checkpoint at the first step after N minutes of wall time since the last checkpoint "
+                        "(0 = off); a run also checkpoints after a validation that made a new best model and "
+                        "on SIGINT/SIGTERM")
+    p.add_argument("--checkpoint-every", type=int, default=0,
+                   help="also checkpoint every N steps (0 = off: the wall-time cadence decides)")
     p.add_argument("--log-every", type=int, default=20, help="write a train line to metrics.jsonl every N steps")
     p.add_argument("--max-steps", type=int, default=0,
                    help="cap on optimizer steps: the budget is min(epochs x steps per epoch, N) (0 = no cap)")
@@ -400,6 +411,8 @@ class Run:
         self._hold_early_stop = False
         self._pending = []  # train lines not yet written
         self._stop_requested = False
+        self._last_improved = False                # did the last validate() make a new best model
+        self._last_checkpoint = time.perf_counter()  # the wall-time cadence counts from here
         self._last_val = None
         self._t_start = None
 
@@ -425,7 +438,8 @@ class Run:
             if ckpt_path.exists():
                 print(f"[{self.strategy}] starting fresh in {self.dir} (use --resume to continue it)", flush=True)
             distributed.barrier()  # every rank has seen whether a checkpoint exists before rank 0 removes it
-            for f in ("checkpoint.pt", "best.pt", "metrics.jsonl", "summary.json", "test_scores.npy"):
+            for f in ("checkpoint.pt", "best.pt", "metrics.jsonl", "summary.json", "test_scores.npy", MODEL_FILE,
+                      MODEL_CONFIG_FILE):
                 if distributed.is_main():
                     (self.dir / f).unlink(missing_ok=True)
             self.log({"event": "start", "strategy": self.strategy, "tasks": self.tasks, "args": recorded_args(self.args),
@@ -480,7 +494,7 @@ class Run:
                     print(f"[{self.strategy}] stopped at step {self.progress['step']}; rerun with --resume",
                           flush=True)
                     sys.exit(130)
-                if self.progress["step"] % self.args.checkpoint_every == 0 and not self.at_eval():
+                if not self.at_eval() and self._checkpoint_due():  # at an evaluation the script decides
                     self.save_checkpoint()
             else:
                 self.progress["epoch"] += 1
@@ -699,6 +713,7 @@ class Run:
         self.lr_dropped = self.optimizer.param_groups[0]["lr"] < lr_before
         self.progress["evals"] += 1
         improved = score > self.progress["best_val"]  # a nan score is never a new best
+        self._last_improved = improved
         if improved:
             self.progress["best_val"] = score
             self.progress["best_step"] = self.progress["step"]
@@ -801,6 +816,27 @@ class Run:
             state["world_size"] = distributed.world_size()
             state["ranks"] = distributed.gather_objects(_to_cpu({"rng": state["rng"], "strategy": state["strategy"]}))
         atomic_save(state, self.dir / "checkpoint.pt")
+        self._last_checkpoint = time.perf_counter()
+
+    def eval_checkpoint(self):
+        """After validate() and the rule's own reaction to it: checkpoint when that validation made a new best
+        model (best.pt and the checkpoint then describe the same point) or when the cadence is due."""
+        if self._last_improved or self._checkpoint_due():
+            self.save_checkpoint()
+
+    def _checkpoint_due(self):
+        """--checkpoint-every steps, or --checkpoint-minutes of wall time since the last checkpoint (under
+        torchrun: decided alike on every rank, as save_checkpoint gathers from all of them; the clocks are
+        compared every 10 steps, one all-reduce of a flag)."""
+        every, minutes = self.args.checkpoint_every, getattr(self.args, "checkpoint_minutes", 0)
+        if every > 0 and self.progress["step"] % every == 0:
+            return True
+        if minutes <= 0:
+            return False
+        if distributed.is_distributed() and self.progress["step"] % 10 != 0:
+            return False
+        due = time.perf_counter() - self._last_checkpoint >= minutes * 60
+        return distributed.any_true(due) if distributed.is_distributed() else due
 
     def _load_checkpoint(self, path):
         from common.checkpoints import load_checkpoint  # restricted unpickler: a tampered file runs nothing
@@ -914,7 +950,7 @@ def train_sum_of_losses(run):
         run.log_step(losses)
         if run.at_eval():
             run.validate()
-            run.save_checkpoint()
+            run.eval_checkpoint()
     return run.finish()
 
 

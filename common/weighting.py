@@ -23,6 +23,7 @@ Every class declares `version` (an int, the version of its rule, stored in run r
 class whose rule changes what a run computes.
 """
 import inspect
+import math
 
 import torch
 from torch import nn
@@ -84,6 +85,39 @@ class Weighting:
 
 
 Equal = Weighting
+
+
+class Constant(Weighting):
+    """Fixed weights given by the user: L = sum_t c_t L_t (TorchJD's Constant aggregator; with all c_t = 1 it
+    is `equal`, TorchJD's Sum; TorchJD's Mean is c_t = 1/T, the same direction at 1/T of the size)."""
+    name = "constant"
+    version = 1
+
+    def __init__(self, num_tasks, weights=None):
+        super().__init__(num_tasks)
+        try:
+            values = [1.0] * num_tasks if weights is None else [float(w) for w in weights]
+        except ValueError as exc:
+            raise ValueError(f"constant weighting: --constant-weights must be numbers, got {weights}") from exc
+        if len(values) != num_tasks:
+            raise ValueError(f"constant weighting: --constant-weights needs {num_tasks} values (one per task), "
+                             f"got {len(values)}: {values}")
+        if not all(math.isfinite(w) and w >= 0 for w in values):
+            raise ValueError(f"constant weighting: --constant-weights must be finite and >= 0, got {values}")
+        self.constant = torch.tensor(values)
+
+    def weights(self):
+        return self.constant.clone()
+
+    @classmethod
+    def add_args(cls, group):
+        group.add_argument("--constant-weights", default=None,
+                           help="constant weighting: one weight per task, comma-separated (default all 1)")
+
+    @classmethod
+    def from_args(cls, num_tasks, args):
+        text = args.constant_weights
+        return cls(num_tasks, None if text is None else [x for x in text.split(",") if x.strip()])
 
 
 class _LearnedParameter(Weighting):
@@ -553,4 +587,4 @@ class STCH(Weighting):
         return cls(num_tasks, mu=args.stch_mu, warmup_epoch=args.stch_warmup_epoch)
 
 
-WEIGHTINGS = {cls.name: cls for cls in (Equal, Learned, Uncertainty, GradNorm, DWA, RLW, FAMO, GLS, STCH)}
+WEIGHTINGS = {cls.name: cls for cls in (Equal, Constant, Learned, Uncertainty, GradNorm, DWA, RLW, FAMO, GLS, STCH)}

@@ -562,3 +562,36 @@ def test_update_hands_the_rows_to_the_rule_and_writes_its_update(name, tiny_data
         assert "conflicts" in update.decisions()
         if k == 1:
             break
+
+
+@pytest.mark.parametrize("name", ["upgrad", "krum", "trimmed_mean"])
+def test_a_step_with_no_active_task_leaves_the_trunk_unmoved(name, tiny_data, tmp_path):
+    """A scheduler may switch every task off on a batch (or no clip has a label): the aggregator is not asked
+    (an empty Gram matrix is an error for it) and the shared parameters get a zero update."""
+    from common.multitask import add_update_args, make_update
+    from common.train import Run, build_parser
+    args = add_update_args(build_parser()).parse_args(
+        ["--data", str(tiny_data), "--out", str(tmp_path), "--model-size", "tiny", "--batch-size", "8",
+         "--epochs", "1", "--quiet", "--aggregator", name])
+    run = Run(args, strategy=f"{name}_empty_probe")
+    update = make_update(run, args)
+    run.start(update=update)
+    seen = {}
+    run.step = lambda *a, **k: seen.update({n: p.grad.clone() for n, p in run.model.named_parameters()
+                                            if p.grad is not None}) or True
+    batch = next(iter(run.batches()))
+    update.step(batch, task_mask=torch.zeros(len(run.tasks), dtype=torch.bool))
+    shared = {id(p) for p in update.task_grads.params}
+    trunk = [seen[n] for n, p in run.model.named_parameters() if id(p) in shared and n in seen]
+    assert trunk and all(float(g.abs().max()) == 0 for g in trunk)
+
+
+def test_records_of_gradient_rules_are_checked_against_their_version():
+    """A record that used a gradient rule stays reusable while the rule's version is the code's, and goes stale
+    when it differs (common/versions.py looks the rule up in GRADIENT_RULES as well as AGGREGATORS)."""
+    from common.versions import PROTOCOL_VERSION, run_versions, stale_reason
+    for name, cls in R.GRADIENT_RULES.items():
+        record = run_versions(name, {f"aggregator:{name}": cls.version})
+        assert record["protocol"] == PROTOCOL_VERSION and stale_reason(record) is None, name
+        record["rules"][f"aggregator:{name}"] = cls.version + 1
+        assert f"aggregator:{name} version" in stale_reason(record), name

@@ -242,3 +242,72 @@ def test_model_safetensors_round_trip_gives_best_pt_metrics(finished_run, tiny_d
 def test_model_safetensors_into_another_configuration_stops(flags, field, finished_run, tiny_data, tmp_path):
     with pytest.raises(SystemExit, match=field):
         _run(tiny_data, tmp_path, "--init", str(finished_run / MODEL_FILE), *flags)
+
+
+def tiny_bert_folder(folder, weights_file=None):
+    """A local encoder folder with a 1-layer BERT config (and, if given, a weights file written by the caller)."""
+    from transformers import BertConfig
+    folder.mkdir(parents=True, exist_ok=True)
+    BertConfig(vocab_size=50, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+               max_position_embeddings=16).save_pretrained(folder)
+    return folder
+
+
+def test_text_encoder_folder_with_a_pickled_payload_bin_is_refused(tmp_path):
+    """A folder holding only a pickled pytorch_model.bin: transformers loads it with torch.load(weights_only=True)
+    (local_files_only, never remote code), so a payload is refused before it runs; a clean .bin still loads."""
+    from transformers import BertModel
+
+    from common.text_encoder import load_encoder_folder
+    clean = tiny_bert_folder(tmp_path / "clean")
+    model = BertModel(__import__("transformers").BertConfig.from_pretrained(clean), add_pooling_layer=False)
+    torch.save(model.state_dict(), clean / "pytorch_model.bin")
+    loaded = load_encoder_folder(clean, verbose=False)
+    assert torch.equal(loaded.embeddings.word_embeddings.weight, model.embeddings.word_embeddings.weight)
+
+    bad = tiny_bert_folder(tmp_path / "bad")
+    marker = tmp_path / "marker"
+    state = dict(model.state_dict())
+    state["extra"] = Payload(marker)
+    torch.save(state, bad / "pytorch_model.bin")
+    with pytest.raises(Exception) as err:
+        load_encoder_folder(bad, verbose=False)
+    assert "weights_only" in str(err.value) or "Unsupported global" in str(err.value), str(err.value)
+    assert not marker.exists(), "the payload ran"
+
+
+def test_text_encoder_folder_asking_for_remote_code_is_refused(tmp_path):
+    """A config.json whose auto_map points at code in the folder: loaded without trust_remote_code, so the
+    folder's Python file never runs. A known model_type loads transformers' own class; an unknown one is
+    refused by transformers (it would need trust_remote_code)."""
+    from transformers import BertConfig, BertModel
+
+    from common.text_encoder import load_encoder_folder
+    marker = tmp_path / "marker"
+    for model_type in ("bert", "evil_bert"):
+        folder = tiny_bert_folder(tmp_path / model_type)
+        model = BertModel(BertConfig.from_pretrained(folder), add_pooling_layer=False)
+        model.save_pretrained(folder)
+        (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+        config = json.loads((folder / "config.json").read_text())
+        config["auto_map"] = {"AutoModel": "evil.EvilModel", "AutoConfig": "evil.EvilConfig"}
+        config["model_type"] = model_type
+        (folder / "config.json").write_text(json.dumps(config))
+        if model_type == "bert":
+            assert type(load_encoder_folder(folder, verbose=False)).__name__ == "BertModel"
+        else:
+            with pytest.raises(Exception, match="trust_remote_code"):
+                load_encoder_folder(folder, verbose=False)
+        assert not marker.exists(), f"the folder's code ran ({model_type})"
+
+
+def test_a_fresh_start_removes_the_model_files_of_an_earlier_run(finished_run, tiny_data, tmp_path):
+    """Starting again without --resume in a run's folder removes its model.safetensors and model_config.json
+    with its other files: an unfinished new run never sits beside the old run's exported model."""
+    import shutil
+    out = tmp_path / "out"
+    shutil.copytree(finished_run, out / "all_at_once" / "seed0")
+    run = _run(tiny_data, out)
+    assert (run.dir / MODEL_FILE).exists() and (run.dir / MODEL_CONFIG_FILE).exists()
+    run.start()
+    assert not (run.dir / MODEL_FILE).exists() and not (run.dir / MODEL_CONFIG_FILE).exists()

@@ -76,6 +76,18 @@ def test_interrupted_run_resumes_to_identical_metrics(tiny_data, tmp_path):
     assert vals(full) == vals(part)
 
 
+def test_checkpoint_cadence_in_wall_time_and_at_a_new_best(tiny_data, tmp_path):
+    """Without a step cadence: a checkpoint after a validation that made a new best (the first one always does),
+    none between evaluations while --checkpoint-minutes has not passed, and one at every step once it has."""
+    def last_checkpoint_step(out, *extra):
+        crashed = run_script(tiny_data, out, "--checkpoint-every", "0", "--crash-after-step", "7", *extra, check=False)
+        assert crashed.returncode == 3, crashed.stderr
+        return torch.load(out / "all_at_once" / "seed0" / "checkpoint.pt", weights_only=True)["progress"]["step"]
+    assert last_checkpoint_step(tmp_path / "slow", "--checkpoint-minutes", "60") == 5      # the eval at step 5
+    assert last_checkpoint_step(tmp_path / "due", "--checkpoint-minutes", "1e-9") == 6     # every step is due
+    assert last_checkpoint_step(tmp_path / "off", "--checkpoint-minutes", "0") == 5
+
+
 def test_sigterm_checkpoints_and_resume_finishes(tiny_data, tmp_path):
     import signal
     import time
