@@ -202,6 +202,19 @@ def row_key(script, variant):
     return " ".join([script, *variant])
 
 
+def row_label(script, variant):
+    """The row's label, its run-folder name as the scripts form it from the variant's values
+    (curriculum --order easy -> curriculum_easy, pcgrad --grad-space representation -> pcgrad_representation)."""
+    return "_".join([script, *variant[1::2]])
+
+
+def primary_rows(rows):
+    """The rows the verdict needs (the primary family, the baseline and the reference), in their order:
+    make compare runs them to the end before the exploratory rows."""
+    wanted = set(PRIMARY) | {BASELINE, REFERENCE}
+    return [r for r in rows if row_label(*r) in wanted]
+
+
 def grid_for(script, model_size, grid="lr", lrs=None):
     """The configurations (flag lists) tried for one script: the learning rates of its model size, times
     the values of its key hyper-parameter with grid="full"."""
@@ -950,6 +963,11 @@ def _main(args, profile, seeds, tune):
     select_metric = flag_value(extra, "--select-metric") or flag_value(extra, "--metric", "ap")
     rows = planned_rows(discover([x for x in args.only.split(",") if x]))
     tasks = list(TASKS)
+    first = primary_rows(rows)
+    if not args.only and not args.plot_only and not models and len(first) < len(rows):
+        # the verdict needs only these: they finish (tuning and final runs) before any exploratory row starts
+        print(f"[compare] the primary family first: {len(first)} of {len(rows)} rows", flush=True)
+        compare_one(args, first, seeds, tune, extra, out / "runs" / args.profile, model_size, select_metric)
     if not models:  # the profile's model (hca unless --extra says --trunk): the table has no model column
         result = compare_one(args, rows, seeds, tune, extra, out / "runs" / args.profile, model_size, select_metric)
         figures = draw_figures(result["by_label"], tasks, out)

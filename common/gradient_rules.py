@@ -43,6 +43,7 @@ import math
 import torch
 
 from common import gradagg
+from common.aggregators import Aggregator
 
 _CHUNK_CPU = 1 << 16   # columns per block: temporaries stay small, every column's arithmetic is unchanged
 _CHUNK_CUDA = 1 << 22
@@ -170,19 +171,18 @@ def trimmed_mean(grads, trim=1):
 
 # ----------------------------------------------------------------------------- the rule classes
 
-class GradientRule:
-    """Per-task gradient rows [T, P] -> the shared update [P]. Subclasses hold their hyper-parameters
-    (defaults in __init__'s signature), their state, and one flag per hyper-parameter."""
-    name = None
-    rule_kind = "aggregator"        # run records store kind, name and version (common/versions.py)
-    version = 1
+class GradientRule(Aggregator):
+    """Per-task gradient rows [T, P] -> the shared update [P]: an aggregator (selected with --aggregator, same
+    kind in the run's record, same do-nothing defaults of state and flags) that needs the rows themselves.
+    Subclasses hold their hyper-parameters (defaults in __init__'s signature), their state, and one flag
+    per hyper-parameter."""
     needs_task_grad_matrix = True   # MultiTaskUpdate hands it the rows (see the module docstring)
     transforms_terms = False
     weights_heads = False
     supports_representation = True
 
     def __init__(self):
-        self.report = {}          # what the last call noticed (numbers, summed over the run)
+        super().__init__()        # self.report: what the last call noticed (numbers, summed over the run)
         self.last_weights = None  # [T] weights of the last call for the log, or None
         self.head_weights = None  # weights_heads rules: [T] after each call
 
@@ -192,20 +192,6 @@ class GradientRule:
     def _rows(self, grads, active):
         """The active tasks' rows (a copy only when a scheduler switched tasks off)."""
         return grads if bool(active.all()) else grads[active.to(grads.device)]
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
-
-    @classmethod
-    def add_args(cls, group):
-        pass
-
-    @classmethod
-    def from_args(cls, args):
-        return cls()
 
 
 class GradDrop(GradientRule):
