@@ -60,6 +60,7 @@ from common.versions import data_fingerprint, record_stale, repo_relative  # noq
 # set by --max-hours or a SIGINT/SIGTERM of make compare: the running scripts checkpoint and stop
 # (status "interrupted", resumed by the next make compare), nothing new starts, finished runs are kept
 STOP = threading.Event()
+RUNNING = set()  # the scripts running now (Popen), for checkpoint_running_scripts
 
 # extra rows for scripts whose flags change the strategy; every script also runs with its defaults
 # unless its default is listed here under another name.
@@ -277,7 +278,11 @@ def execute(key, cmd_tail, root, settings, threads, index, log_dir, fingerprint=
     with open(log, "w") as f:
         # its own session: a Ctrl-C of make compare reaches the scripts only through STOP (one SIGTERM each)
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
-        returncode, cpu_seconds = wait_with_cpu(proc)
+        RUNNING.add(proc)
+        try:
+            returncode, cpu_seconds = wait_with_cpu(proc)
+        finally:
+            RUNNING.discard(proc)
     lines = [x for x in log.read_text().splitlines() if x.strip()]
     # every script ends by printing "summary: <path>" (Run.finish)
     written = [x.split("summary: ", 1)[1] for x in lines if x.startswith("summary: ")]
@@ -321,13 +326,31 @@ def save_index(index, path):
     tmp.replace(path)
 
 
+def checkpoint_running_scripts(timeout=300):
+    """From a signal handler (a Slurm job's USR2, common/launch.py): set STOP, send each running script one
+    SIGTERM (it checkpoints after its current step and exits) and wait for them, so that a requeued job
+    resumes where this one stopped."""
+    STOP.set()
+    for proc in list(RUNNING):
+        proc.send_signal(signal.SIGTERM)
+    deadline = time.time() + timeout
+    for proc in list(RUNNING):
+        try:
+            proc.wait(timeout=max(deadline - time.time(), 0.1))
+        except subprocess.TimeoutExpired:
+            print(f"[compare] pid {proc.pid} did not stop within {timeout} s of SIGTERM", flush=True)
+
+
 def wait_with_cpu(proc):
     """Wait for a script (sending it one SIGTERM once STOP is set: it checkpoints after its step and exits);
     returns its exit code and the CPU seconds it used, its threads included (os.wait4: this child alone,
     even with other runs going on in parallel)."""
     signalled = False
     while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        try:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        except ChildProcessError:  # reaped by checkpoint_running_scripts (a signal handler)
+            return proc.returncode, 0.0
         if pid:
             proc.returncode = os.waitstatus_to_exitcode(status)
             return proc.returncode, usage.ru_utime + usage.ru_stime

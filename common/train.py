@@ -150,8 +150,9 @@ def build_parser(description=None):
                    help="autocast of the forward (bf16, or fp16 with a gradient scaler); losses, per-task "
                         "gradients, the Gram matrix and the aggregators' solve stay fp32 or better")
     p.add_argument("--deterministic", action="store_true",
-                   help="deterministic kernels (torch.use_deterministic_algorithms, no cuDNN autotuning): "
-                        "exact resumes on a GPU, at some cost in speed")
+                   help="deterministic kernels (torch.use_deterministic_algorithms with a warning naming any op "
+                        "that has none, no cuDNN autotuning, the math attention backend instead of the fused "
+                        "ones): meant for repeatable GPU runs, at some cost in speed (not yet measured on a GPU)")
     # test-only: the 1-process vs torchrun equality tests switch dropout off (each rank draws the dropout
     # masks of its own clips, so with dropout the two runs differ by construction)
     p.add_argument("--zero-dropout", action="store_true", help=argparse.SUPPRESS)
@@ -352,6 +353,11 @@ class Run:
             torch.use_deterministic_algorithms(True, warn_only=True)   # a warning names any op without one
             torch.backends.cudnn.benchmark = False
             torch.backends.cudnn.deterministic = True
+            # the fused attention backends (flash, memory-efficient: the one masked attention takes) have
+            # non-deterministic backward passes on CUDA and warn_only lets them through: the math backend only
+            torch.backends.cuda.enable_flash_sdp(False)
+            torch.backends.cuda.enable_mem_efficient_sdp(False)
+            torch.backends.cuda.enable_cudnn_sdp(False)
         if args.precision == "fp16" and self.device.type == "cpu":
             raise SystemExit("--precision fp16 on CPU: oneDNN has no fp16 LSTM kernel; use bf16 or fp32 on CPU "
                              "(fp16 with its gradient scaler is for CUDA)")
@@ -450,7 +456,9 @@ class Run:
         return self
 
     def _request_stop(self, signum, _frame):
-        if self._stop_requested:  # second Ctrl-C: leave at once
+        # a second Ctrl-C leaves at once; a second SIGTERM does not (Slurm signals every process of a job, and
+        # make compare forwards one more: the checkpoint must still be written)
+        if self._stop_requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self._stop_requested = True
         print(f"\n[{self.strategy}] signal {signum}: checkpointing after this step", file=sys.stderr, flush=True)
@@ -801,20 +809,25 @@ class Run:
         if self._t_start is not None:
             self.progress["train_seconds"] += now - self._t_start
             self._t_start = now
+        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+        if torch.cuda.is_initialized():  # CUDA in use: its generators too (a CPU run never initialises CUDA here)
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        strategy = {k: v.state_dict() for k, v in self.stateful.items()}
+        ranks = None
+        if distributed.is_distributed():  # RNGs and rule state per rank, gathered on rank 0 alone
+            ranks = distributed.gather_to_main(_to_cpu({"rng": rng, "strategy": strategy}))
+        if not distributed.is_main():     # model and optimizer are rank 0's (identical): rank 0 alone builds the file
+            self._last_checkpoint = time.perf_counter()
+            return
         state = {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "progress": dict(self.progress),
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
-            "strategy": {k: v.state_dict() for k, v in self.stateful.items()},
-            "active_modalities": self._active_modalities,
+            "rng": rng, "strategy": strategy, "active_modalities": self._active_modalities,
         }
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
-        if torch.cuda.is_available():
-            state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
-        if distributed.is_distributed():  # model and optimizer are rank 0's (identical); RNGs and rule state per rank
-            state["world_size"] = distributed.world_size()
-            state["ranks"] = distributed.gather_objects(_to_cpu({"rng": state["rng"], "strategy": state["strategy"]}))
+        if ranks is not None:
+            state["world_size"], state["ranks"] = distributed.world_size(), ranks
         atomic_save(state, self.dir / "checkpoint.pt")
         self._last_checkpoint = time.perf_counter()
 
@@ -857,7 +870,7 @@ class Run:
         torch.set_rng_state(state["rng"]["torch"].cpu())  # map_location may have moved it to the GPU
         np.random.set_state(state["rng"]["numpy"])
         random.setstate(state["rng"]["python"])
-        if "cuda" in state["rng"] and torch.cuda.is_available():
+        if "cuda" in state["rng"] and torch.cuda.is_initialized():  # a CPU resume of a GPU run leaves CUDA alone
             torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
         self._active_modalities = state.get("active_modalities")
         missing = set(self.stateful) - set(state["strategy"])
@@ -1081,6 +1094,8 @@ def atomic_save(obj, path):
     """torch.save to a temporary file, then rename: a crash never leaves a half-written checkpoint. The object
     goes through common.checkpoints.to_safe first: numpy values become plain data and anything the restricted
     loader would refuse is an error here, so that every checkpoint we write loads with weights_only=True."""
+    if not distributed.is_main():  # torchrun: rank 0 alone writes files, so it alone serialises them
+        return
     from common.checkpoints import to_safe
     path = Path(path)
     obj = to_safe(obj, path.name)
