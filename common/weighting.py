@@ -93,12 +93,13 @@ class Constant(Weighting):
     name = "constant"
     version = 1
 
-    def __init__(self, num_tasks, weights=None):
+    def __init__(self, num_tasks, constant_weights=None):
         super().__init__(num_tasks)
+        self.constant_weights = constant_weights
         try:
-            values = [1.0] * num_tasks if weights is None else [float(w) for w in weights]
+            values = [1.0] * num_tasks if constant_weights is None else [float(w) for w in constant_weights]
         except ValueError as exc:
-            raise ValueError(f"constant weighting: --constant-weights must be numbers, got {weights}") from exc
+            raise ValueError(f"constant weighting: --constant-weights must be numbers, got {constant_weights}") from exc
         if len(values) != num_tasks:
             raise ValueError(f"constant weighting: --constant-weights needs {num_tasks} values (one per task), "
                              f"got {len(values)}: {values}")
