@@ -60,6 +60,7 @@ from common.versions import data_fingerprint, record_stale, repo_relative  # noq
 # set by --max-hours or a SIGINT/SIGTERM of make compare: the running scripts checkpoint and stop
 # (status "interrupted", resumed by the next make compare), nothing new starts, finished runs are kept
 STOP = threading.Event()
+RUNNING = set()  # the scripts running now (Popen), for checkpoint_running_scripts
 
 # extra rows for scripts whose flags change the strategy; every script also runs with its defaults
 # unless its default is listed here under another name.
@@ -131,6 +132,44 @@ RULE_NOTES = {
                 "as the official code does when its solver fails; counted as nash_no_solution.",
     "upgrad": "reg_eps 0 (the paper's exact projection) where TorchJD adds 1e-4 I; --upgrad-reg-eps 1e-4 gives "
               "TorchJD's.",
+    "dualproj": "reg_eps 0 (the exact projection) where TorchJD adds 1e-4 I, as upgrad; --dualproj-reg-eps 1e-4 gives "
+                "TorchJD's.",
+    "config_agg": "ConFIG's pseudo-inverse read from the cosine matrix (unit gradients count as dependent below 1e-6 "
+                  "of the largest singular value, TorchJD's pinv below ~1e-14); d = 0 where the preferred direction "
+                  "vanishes (TorchJD: rounding noise / 1e-12).",
+    "gradvac": "TorchJD's rule with the random order from the aggregator's own (checkpointed) generator; the EMA "
+               "targets restart when the number of active tasks changes (TorchJD: when m changes).",
+    "fairgrad": "G w = w^(-1/alpha) solved exactly (damped Newton) where TorchJD and the official code stop "
+                "least_squares at 1e-8 tolerances (far off at norm spreads of 1e6); alpha 1.0 (official default, "
+                "TorchJD has none); no solution (0 in the hull of the gradients): d = 0, counted; no norm clip by "
+                "default (official: 1.0, --fairgrad-max-norm 1).",
+    "krum": "n_byzantine 1 (TorchJD has no default; the largest Krum allows for 5 tasks); fewer active tasks than "
+            "n_byzantine + 3: the mean, counted (TorchJD raises).",
+    "pcd": "the primary objective is the first task of --tasks (the first active one on a step that rests it); the "
+           "norm EMA restarts when the number of active tasks changes.",
+    "modo": "G from the step's single batch (the paper and TorchJD's examples: two independent batches, J1 J2^T).",
+    "sdmgrad": "G from the step's single batch (the paper and TorchJD's examples: two independent batches, J1 J2^T).",
+    "crmogm": "smooths --crmogm-base (mgda by default: CR-MGDA; TorchJD wraps a weighting given in code) with alpha "
+              "0.9; restarts from the base's weights when the number of active tasks changes (TorchJD raises).",
+    "graddrop": "torchjd 0.18's coordinate-wise GradDrop on the shared parameters' gradients (one purity and one draw "
+                "per parameter coordinate, one --graddrop-leak for all tasks); LibMTL's GradDrop is another, "
+                "representation-only variant (purity of sign(z) * dz summed over the batch, one mask per feature). "
+                "Draws from the rule's own CPU generator (seeded by --seed, checkpointed), not the global RNG.",
+    "trimmed_mean": "torchjd's TrimmedMean with trim 1 (torchjd has no default); with fewer than 2 trim + 1 active "
+                    "tasks the trim shrinks to (A - 1) // 2 for the step (trimmed_mean_short_steps).",
+    "moco": "LibMTL's MoCo with Y Y^T summed in fp64 blocks and lambda in fp64 (LibMTL: one fp32 matmul); a task "
+            "switched off by a scheduler keeps its y and lambda, the active lambdas keep their mass.",
+    "db_mtl": "LibMTL's DB-MTL; with a scheduler the max norm and the sum run over the active tasks, a rested task "
+              "keeps its EMA row. With a weighting other than equal the log is taken of the weighted terms.",
+    "excess_mtl": "the official code / LibMTL (weights start at 1 and sum to T, the first step only sets the "
+                  "baseline, heads weighted too), updated in log space (no overflow); torchjd 0.18's ExcessMTL "
+                  "starts at 1/T, moves the weights with the raw excess on its first call and divides by "
+                  "baseline + 1e-7. A task's baseline is its first positive excess risk (scheduler convention).",
+    "gls": "LibMTL's geometric mean of the losses, as constant weights L / (T L_t) times L_t (same value and "
+           "gradient); the logged weights are these dL/dL_t, not LibMTL's printed losses / (T prod L).",
+    "stch": "LibMTL's STCH (log-loss warm-up for --stch-warmup-epoch epochs, nadir = mean loss of the last warm-up "
+            "epoch); in a profile of at most warmup + 1 epochs it only ever trains sum_t log L_t. With a "
+            "scheduler the softmax runs over the active tasks.",
     "*_representation": "per-task gradients of the fused representation instead of the shared parameters (MGDA-UB "
                         "precedent): a cheaper variant, not the published PCGrad / MGDA.",
 }
@@ -162,6 +201,19 @@ def planned_rows(names):
 
 def row_key(script, variant):
     return " ".join([script, *variant])
+
+
+def row_label(script, variant):
+    """The row's label, its run-folder name as the scripts form it from the variant's values
+    (curriculum --order easy -> curriculum_easy, pcgrad --grad-space representation -> pcgrad_representation)."""
+    return "_".join([script, *variant[1::2]])
+
+
+def primary_rows(rows):
+    """The rows the verdict needs (the primary family, the baseline and the reference), in their order:
+    make compare runs them to the end before the exploratory rows."""
+    wanted = set(PRIMARY) | {BASELINE, REFERENCE}
+    return [r for r in rows if row_label(*r) in wanted]
 
 
 def grid_for(script, model_size, grid="lr", lrs=None):
@@ -226,7 +278,11 @@ def execute(key, cmd_tail, root, settings, threads, index, log_dir, fingerprint=
     with open(log, "w") as f:
         # its own session: a Ctrl-C of make compare reaches the scripts only through STOP (one SIGTERM each)
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
-        returncode, cpu_seconds = wait_with_cpu(proc)
+        RUNNING.add(proc)
+        try:
+            returncode, cpu_seconds = wait_with_cpu(proc)
+        finally:
+            RUNNING.discard(proc)
     lines = [x for x in log.read_text().splitlines() if x.strip()]
     # every script ends by printing "summary: <path>" (Run.finish)
     written = [x.split("summary: ", 1)[1] for x in lines if x.startswith("summary: ")]
@@ -270,13 +326,31 @@ def save_index(index, path):
     tmp.replace(path)
 
 
+def checkpoint_running_scripts(timeout=300):
+    """From a signal handler (a Slurm job's USR2, common/launch.py): set STOP, send each running script one
+    SIGTERM (it checkpoints after its current step and exits) and wait for them, so that a requeued job
+    resumes where this one stopped."""
+    STOP.set()
+    for proc in list(RUNNING):
+        proc.send_signal(signal.SIGTERM)
+    deadline = time.time() + timeout
+    for proc in list(RUNNING):
+        try:
+            proc.wait(timeout=max(deadline - time.time(), 0.1))
+        except subprocess.TimeoutExpired:
+            print(f"[compare] pid {proc.pid} did not stop within {timeout} s of SIGTERM", flush=True)
+
+
 def wait_with_cpu(proc):
     """Wait for a script (sending it one SIGTERM once STOP is set: it checkpoints after its step and exits);
     returns its exit code and the CPU seconds it used, its threads included (os.wait4: this child alone,
     even with other runs going on in parallel)."""
     signalled = False
     while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        try:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        except ChildProcessError:  # reaped by checkpoint_running_scripts (a signal handler)
+            return proc.returncode, 0.0
         if pid:
             proc.returncode = os.waitstatus_to_exitcode(status)
             return proc.returncode, usage.ru_utime + usage.ru_stime
@@ -912,6 +986,11 @@ def _main(args, profile, seeds, tune):
     select_metric = flag_value(extra, "--select-metric") or flag_value(extra, "--metric", "ap")
     rows = planned_rows(discover([x for x in args.only.split(",") if x]))
     tasks = list(TASKS)
+    first = primary_rows(rows)
+    if not args.only and not args.plot_only and not models and len(first) < len(rows):
+        # the verdict needs only these: they finish (tuning and final runs) before any exploratory row starts
+        print(f"[compare] the primary family first: {len(first)} of {len(rows)} rows", flush=True)
+        compare_one(args, first, seeds, tune, extra, out / "runs" / args.profile, model_size, select_metric)
     if not models:  # the profile's model (hca unless --extra says --trunk): the table has no model column
         result = compare_one(args, rows, seeds, tune, extra, out / "runs" / args.profile, model_size, select_metric)
         figures = draw_figures(result["by_label"], tasks, out)

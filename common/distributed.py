@@ -264,6 +264,16 @@ def gather_objects(obj):
     return out
 
 
+def gather_to_main(obj):
+    """[object of rank 0, object of rank 1, ...] on rank 0, None on the other ranks ([obj] in one process):
+    what only rank 0 writes (a checkpoint's per-rank RNG and rule state) travels to rank 0 alone."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * world_size() if is_main() else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
 def copyable(obj):
     """A deep copy through pickle (state dicts gathered from other ranks share no storage with live objects)."""
     return pickle.loads(pickle.dumps(obj))

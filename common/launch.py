@@ -12,10 +12,12 @@ can write its index at once: an interrupted `make compare` then resumes the runs
 
 Slurm: the runs not finished yet go out as one job array; each job is a checkpointable callable (GridJob).
 When Slurm preempts it or its time is nearly up, Slurm sends USR2 (sbatch --signal, set by submitit);
-submitit calls GridJob.checkpoint, which resubmits the same run marked as started, and requeues the job:
-the new attempt runs the script with --resume, from the run's last checkpoint (written every
---checkpoint-every steps and at each validation; the trainer is stopped when the job is, so the steps
-since that checkpoint are trained again, identically). The table is written when the last job has ended;
+submitit calls GridJob.checkpoint, which has the script checkpoint after its current step (one SIGTERM),
+resubmits the same run marked as started, and requeues the job: the new attempt runs the script with
+--resume from that checkpoint. Without --signal (scancel, a preemption or time limit that sends SIGTERM,
+which submitit itself only logs), GridJob forwards the SIGTERM to the script, which checkpoints, and then
+requeues through the same path. Slurm's own requeue (a node failure: SLURM_RESTART_COUNT > 0) reruns the first
+submission, which then resumes too. The table is written when the last job has ended;
 finished runs are reused, so running `make compare` again only collects. Without a cluster, cluster="local"
 runs the same jobs through submitit's local executor (tests/test_launch.py).
 """
@@ -23,6 +25,7 @@ import dataclasses
 import multiprocessing
 import os
 import re
+import signal
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from pathlib import Path
@@ -148,10 +151,30 @@ class GridJob(submitit.helpers.Checkpointable):
         if resume or int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0:
             run = run.started()
         print(f"[launch] {run.key}: pid {os.getpid()}" + (", resuming" if run.entry else ""), flush=True)
-        return execute_run(run, self.threads, self.device)
+        from common.compare import STOP  # the flag on which execute sends the script one SIGTERM
+        terminated = []
+
+        def on_sigterm(signum, _frame):  # submitit itself only logs a SIGTERM ("Bypassing signal SIGTERM")
+            terminated.append(signum)
+            STOP.set()
+        previous = signal.signal(signal.SIGTERM, on_sigterm)
+        try:
+            entry = execute_run(run, self.threads, self.device)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        if terminated and entry.get("status") == "interrupted":
+            # scancel, or a preemption or time limit without --signal: Slurm sent SIGTERM; the script has
+            # checkpointed. Requeue exactly as submitit does on its own signal (USR2): it calls checkpoint()
+            # below, counts the timeouts and exits; the next attempt resumes from that checkpoint.
+            print(f"[launch] {run.key}: SIGTERM; the script checkpointed; requeueing", flush=True)
+            signal.raise_signal(submitit.JobEnvironment()._usr_sig())
+        return entry
 
     def checkpoint(self, run, resume=False):
-        # called by submitit on USR2 while the script runs; the script's checkpoint.pt is the state
+        # called by submitit on USR2 while the script runs: the script checkpoints now (one SIGTERM, after its
+        # current step) so that the requeued attempt resumes from there and loses no step
+        from common.compare import checkpoint_running_scripts
+        checkpoint_running_scripts()
         return submitit.helpers.DelayedSubmission(self, run, resume=True)
 
 

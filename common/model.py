@@ -520,7 +520,9 @@ def load_original_checkpoint(model: MultiTaskModel, path_or_state_dict, verbose:
     counted as missing and listed in the report. Returns (missing, unexpected) lists of key names
     (missing: ours, not loaded; unexpected: theirs after renaming, not used)."""
     if isinstance(path_or_state_dict, (str, Path)):
-        state = torch.load(path_or_state_dict, map_location="cpu", weights_only=False)
+        # the restricted unpickler (common.checkpoints): a file that carries code stops here, its code unrun
+        from common.checkpoints import load_checkpoint
+        state = load_checkpoint(path_or_state_dict, map_location="cpu")
         source = str(path_or_state_dict)
     else:
         state, source = path_or_state_dict, "state dict"

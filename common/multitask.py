@@ -2,8 +2,10 @@
 any loss weighting and any gradient aggregation (--weighting, --aggregator, --grad-space).
 
 CONTRACT READY: a weighting is an object of common.weighting (WEIGHTINGS), an aggregator one of
-common.aggregators (AGGREGATORS) or None for the plain sum; MultiTaskUpdate asks them about their
-capabilities (needs_grad_norms, needs_loss_after_step), never about their names.
+common.aggregators (AGGREGATORS, Gram matrix -> weights), one of common.gradient_rules (GRADIENT_RULES,
+T x P rows -> update), or None for the plain sum; MultiTaskUpdate asks them about their capabilities
+(needs_grad_norms, needs_loss_after_step; needs_task_grad_matrix, transforms_terms, weights_heads,
+supports_representation), never about their names.
 
 A scheduler only decides which tasks (or which samples of which tasks) count on this step; the update
 turns that into gradients:
@@ -14,6 +16,11 @@ turns that into gradients:
     aggregator    : per-task gradients of the shared part -> Gram matrix G (common/gradagg.py, the csrc/
                     kernel) -> aggregator(G) = T weights -> one combination into .grad; each head gets
                     the plain gradient of its own term.
+    gradient rule : (needs_task_grad_matrix) the same per-task gradients; the rule gets the T x P rows
+                    themselves and returns the update d, copied into .grad (GradDrop, TrimmedMean, MoCo,
+                    DB-MTL, ExcessMTL); G is still formed for the conflict count. transforms_terms: the
+                    rule's transform_terms(terms) replaces the terms first (DB-MTL's log-losses);
+                    weights_heads: the heads get the gradient of sum_t rule.head_weights_t * term_t.
 
 Gradient space (for aggregators, and for GradNorm's gradient norms):
   params          (default) per-task gradients of the shared parameters: the published methods. For an
@@ -39,20 +46,25 @@ import torch
 
 from common import distributed, gradagg
 from common.aggregators import AGGREGATORS
+from common.gradient_rules import GRADIENT_RULES
 from common.train import Run, build_parser
 from common.weighting import WEIGHTINGS
+
+if set(AGGREGATORS) & set(GRADIENT_RULES):  # one --aggregator namespace: a name may not mean two rules
+    raise ImportError(f"common.multitask: {sorted(set(AGGREGATORS) & set(GRADIENT_RULES))} are both Gram "
+                      "aggregators and gradient rules")
 
 
 def add_update_args(parser, weighting="equal", aggregator="sum", grad_space="params"):
     """--weighting, --aggregator, --grad-space and every method's own hyper-parameter flags."""
     g = parser.add_argument_group("loss weighting and gradient aggregation")
     g.add_argument("--weighting", choices=tuple(WEIGHTINGS), default=weighting)
-    g.add_argument("--aggregator", choices=("sum",) + tuple(AGGREGATORS), default=aggregator)
+    g.add_argument("--aggregator", choices=("sum",) + tuple(AGGREGATORS) + tuple(GRADIENT_RULES), default=aggregator)
     g.add_argument("--grad-space", choices=("params", "representation"), default=grad_space,
                    help="where per-task gradients are taken (aggregators; GradNorm's norms)")
     g.add_argument("--weights-lr", type=float, default=None,
                    help="lr of weights trained by the run's optimizer (learned, uncertainty; default --lr)")
-    for cls in list(WEIGHTINGS.values()) + list(AGGREGATORS.values()):
+    for cls in list(WEIGHTINGS.values()) + list(AGGREGATORS.values()) + list(GRADIENT_RULES.values()):
         cls.add_args(g)
     return parser
 
@@ -60,7 +72,10 @@ def add_update_args(parser, weighting="equal", aggregator="sum", grad_space="par
 def make_update(run, args):
     """The update that --weighting, --aggregator and --grad-space ask for."""
     weighting = WEIGHTINGS[args.weighting].from_args(len(run.tasks), args)
-    aggregator = None if args.aggregator == "sum" else AGGREGATORS[args.aggregator].from_args(args)
+    if args.aggregator == "sum":
+        aggregator = None
+    else:
+        aggregator = (AGGREGATORS.get(args.aggregator) or GRADIENT_RULES[args.aggregator]).from_args(args)
     return MultiTaskUpdate(run, weighting, aggregator, args.grad_space, weights_lr=args.weights_lr)
 
 
@@ -73,6 +88,11 @@ class MultiTaskUpdate:
         self.run = run
         self.T = len(run.tasks)
         self.weighting, self.aggregator, self.grad_space = weighting, aggregator, grad_space
+        # a gradient rule (common/gradient_rules.py) takes the T x P rows, not the Gram matrix
+        self.rule_rows = aggregator is not None and getattr(aggregator, "needs_task_grad_matrix", False)
+        if self.rule_rows and grad_space == "representation" and not aggregator.supports_representation:
+            raise ValueError(f"{aggregator.name}: keeps state on the per-task parameter gradients [T, P], so it "
+                             "needs --grad-space params (representation gradients change size with the batch)")
         run.add_parameters(weighting.to(run.device).parameters(), lr=weights_lr)
         self.shared = run.model.shared_parameters()
         self.own_params = run.head_parameters() + list(weighting.parameters())
@@ -107,6 +127,8 @@ class MultiTaskUpdate:
         # the step's loss uses the weights the step starts with, w(t); GradNorm's update (below, from the
         # gradient norms of this batch at w(t)) gives w(t+1) for the next step (paper, LibMTL, TAG code)
         terms = self.weighting.terms(losses, active)
+        if self.rule_rows and self.aggregator.transforms_terms:  # e.g. DB-MTL: log(term + 1e-8)
+            terms = self.aggregator.transform_terms(terms, active)
         if self.weighting.needs_grad_norms:
             _, G = self._task_gradients(scaled(losses), active, fused, scale)
             if G is None:  # fp16 overflow: this step is the scaler's to skip; the weights wait for the next
@@ -193,11 +215,15 @@ class MultiTaskUpdate:
         return grads, G / scale ** 2 if scale != 1.0 else G
 
     def _aggregate_backward(self, terms, active, fused, scale=1.0):
+        if self.rule_rows:
+            return self._rule_backward(terms, active, fused, scale)
         grads, G = self._task_gradients(terms, active, fused, scale)
         idx = active.nonzero().flatten().cpu()
         coeffs = torch.zeros(self.T, dtype=torch.float64)
         if G is None:  # fp16 overflow: the aggregator is not asked; an inf update makes run.step's scaler skip
             coeffs[idx] = 1.0
+        elif idx.numel() == 0:  # no task has a clip in this batch: nothing to aggregate, a zero update
+            pass
         else:
             # the aggregator sees only the active tasks' Gram matrix (a scheduler may have switched some off)
             G_active = G[idx][:, idx].cpu()
@@ -219,6 +245,51 @@ class MultiTaskUpdate:
             combined = gradagg.combine(grads, coeffs.to(grads.dtype))
             if G is None:
                 combined.fill_(float("inf"))
+            fused.backward(combined.view_as(fused))
+        for p, g in zip(own, head_grads):
+            p.grad = g
+
+    def _rule_backward(self, terms, active, fused, scale=1.0):
+        """A gradient rule (needs_task_grad_matrix): the T x P rows (params: all-reduced) -> the rule -> d,
+        written into the shared parameters' .grad (params) or backpropagated from z (representation).
+        fp16: the rows come from terms x scale; the rule sees rows / scale and term values / scale (its state
+        must not depend on the loss scale) and d is scaled back for the scaler's unscale_."""
+        rule = self.aggregator
+        try:
+            grads, G = self._task_gradients(terms, active, fused, scale)
+        except FloatingPointError as exc:
+            raise FloatingPointError(f"{rule.name}: the per-task gradients are not finite ({exc})") from exc
+        idx = active.nonzero().flatten().cpu()
+        if G is None:  # fp16 overflow: the rule is not asked (its state stays); an inf update makes the scaler skip
+            combined = torch.full((grads.shape[1],), float("inf"), dtype=grads.dtype, device=grads.device)
+        elif idx.numel() == 0:
+            combined = torch.zeros(grads.shape[1], dtype=grads.dtype, device=grads.device)
+        else:
+            G_active = G[idx][:, idx].cpu()
+            self.last["conflicts"] = int((G_active < 0).sum().item() // 2)
+            self.conflicts_total += self.last["conflicts"]
+            if scale != 1.0:
+                grads.div_(scale)  # the buffer's rows are not read again this step
+            values = terms.detach() / scale
+            combined = rule(grads, losses=values, active=active.cpu())
+            if scale != 1.0:
+                combined = combined * scale
+            self.last.update(rule.report)
+            for k, v in rule.report.items():
+                self.report_totals[k] = self.report_totals.get(k, 0) + v
+            if rule.last_weights is not None:
+                self.last["aggregator_weights"] = rule.last_weights.detach().float().cpu()
+        # heads and rule parameters: the plain gradient of the summed terms, or of the rule's head weighting
+        own = [p for p in self.own_params if p.requires_grad]
+        head_terms = terms
+        if rule.weights_heads and rule.head_weights is not None and G is not None and idx.numel():
+            head_terms = terms * rule.head_weights.to(device=terms.device, dtype=terms.dtype)
+        head_grads = torch.autograd.grad(head_terms.sum(), own, retain_graph=True, allow_unused=True)
+        if self.grad_space == "params":
+            self.task_grads.attach_grads()
+            with torch.no_grad():
+                self.task_grads.flat_grad.copy_(combined)
+        else:
             fused.backward(combined.view_as(fused))
         for p, g in zip(own, head_grads):
             p.grad = g
@@ -280,5 +351,5 @@ def run_every_task(strategy, doc, argv=None, **defaults):
         run.log_step(losses, **update.decisions())          # weights, aggregator weights, conflicts
         if run.at_eval():
             run.validate(weights=update.weighting.weights())
-            run.save_checkpoint()
+            run.eval_checkpoint()
     return run.finish(decisions=update.summary())

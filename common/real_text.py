@@ -13,8 +13,8 @@ ones resumed), the same budget rule (a fixed epoch budget with early stopping on
 the same tables, statistics, Delta_m over single_task, and figures. One learning rate for every strategy
 (no tuning: a grid would multiply the cost); it is printed in the results file. Writes
 results/real_text.md, results/real_text.csv and the figures in results/real_text/; the runs go to
-results/runs/real_text/. A finished run's checkpoint.pt and best.pt (about 370 MB with MiniLM) are
-deleted (--keep-checkpoints keeps them): the tables read only summary.json and metrics.jsonl.
+results/runs/real_text/. A finished run's checkpoint.pt, best.pt (together about 370 MB with MiniLM) and model.safetensors
+are deleted (--keep-checkpoints keeps them): the tables read only summary.json and metrics.jsonl.
 """
 import argparse
 import json
@@ -103,9 +103,9 @@ def drop_checkpoints(entry):
     if entry.get("status") != "ok":
         return
     top = Path(entry["summary"]).parent
-    for path in list(top.glob("checkpoint.pt")) + list(top.glob("best.pt")) + list(top.glob("*/checkpoint.pt")) \
-            + list(top.glob("*/best.pt")):
-        path.unlink(missing_ok=True)
+    for name in ("checkpoint.pt", "best.pt", "model.safetensors"):  # the weights, three times over
+        for path in list(top.glob(name)) + list(top.glob(f"*/{name}")):
+            path.unlink(missing_ok=True)
 
 
 def write_results(by_label, failed, out, info, wall_seconds, n_runs):

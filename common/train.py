@@ -12,12 +12,14 @@ A typical script reads:
         run.log_step(losses, weights=...)          # what the rule decided
         if run.at_eval():
             run.validate()                         # val metrics, LR schedule, best model
-            run.save_checkpoint()
+            run.eval_checkpoint()                  # at a new best, or when the cadence is due
     run.finish()                                   # test metrics of the best model, summary.json
 
 Resuming is exact on CPU: the data order is a function of (seed, epoch), the checkpoint holds the model,
 optimizer, scheduler, every RNG and the position inside the epoch, and metrics.jsonl is cut back to
-the checkpoint's step.
+the checkpoint's step. A run checkpoints after an evaluation that made a new best model, every
+--checkpoint-minutes of wall time (and every --checkpoint-every steps where set), on SIGINT/SIGTERM, and
+where a script asks (run.save_checkpoint()).
 
 What a strategy script may use of a Run (its public surface; everything else is internal):
   read      run.args, run.tasks, run.model, run.device, run.dir, run.objective, run.optimizer,
@@ -32,6 +34,7 @@ What a strategy script may use of a Run (its public surface; everything else is 
   evaluate  run.at_eval(), run.validate(**extra), run.evaluate(dataset, model, modalities),
             run.predict(dataset, model, modalities), run.loader(plan, dataset)
   record    run.log_step(losses, **decisions), run.log(record), run.say(text), run.save_checkpoint(),
+            run.eval_checkpoint() (after validate() and the rule's reaction: saves when due),
             run.finish(decisions), run.write_summary(summary)
 What the run trains on is its objective (FinetuneObjective: the Comic Mischief tasks;
 common.pretrain.PretrainObjective with --stage pretrain): the objective turns a batch into per-item
@@ -54,6 +57,7 @@ import torch
 import torch.nn.functional as F
 
 from common import distributed
+from common.checkpoints import MODEL_CONFIG_FILE, MODEL_FILE
 from common.data import TASKS, H5Dataset, collate, feature_stats
 from common.evaluate import evaluate_predictions
 from common.model import MODEL_SIZES, TRUNK_NAMES, cpu_bf16_lstm_problem, model_config, model_from_args
@@ -100,8 +104,10 @@ def build_parser(description=None):
                    help="recompute the text encoder's activations in the backward pass (less memory, same gradients)")
     # -- end models
     p.add_argument("--init", default=None,
-                   help="start from a checkpoint: ours (results/.../best.pt, a pretraining checkpoint) or the "
-                        "original code's (its names are mapped); missing and unexpected keys are reported")
+                   help="start from a checkpoint: ours (results/.../best.pt, a pretraining checkpoint, a run's "
+                        "model.safetensors) or the original code's (its names are mapped); missing and unexpected "
+                        "keys are reported. Read with the restricted unpickler: a file that would run code stops "
+                        "the run (data_prep/trust_checkpoint.py converts a file you trust)")
     p.add_argument("--feature-norm", choices=("train", "none"), default="train",
                    help="standardise video/audio per dimension with the training split's mean and std "
                         "(none: raw features, e.g. to fine-tune the original code's checkpoints)")
@@ -121,7 +127,12 @@ def build_parser(description=None):
     p.add_argument("--eval-every", type=int, default=0, help="validate every N steps (0: --evals-per-epoch)")
     p.add_argument("--evals-per-epoch", type=int, default=1,
                    help="where --eval-every is 0: validate this many times per epoch, evenly spaced")
-    p.add_argument("--checkpoint-every", type=int, default=100, help="also checkpoint every N steps")
+    p.add_argument("--checkpoint-minutes", type=float, default=10.0,
+                   help="checkpoint at the first step after N minutes of wall time since the last checkpoint "
+                        "(0 = off); a run also checkpoints after a validation that made a new best model and "
+                        "on SIGINT/SIGTERM")
+    p.add_argument("--checkpoint-every", type=int, default=0,
+                   help="also checkpoint every N steps (0 = off: the wall-time cadence decides)")
     p.add_argument("--log-every", type=int, default=20, help="write a train line to metrics.jsonl every N steps")
     p.add_argument("--max-steps", type=int, default=0,
                    help="cap on optimizer steps: the budget is min(epochs x steps per epoch, N) (0 = no cap)")
@@ -139,8 +150,9 @@ def build_parser(description=None):
                    help="autocast of the forward (bf16, or fp16 with a gradient scaler); losses, per-task "
                         "gradients, the Gram matrix and the aggregators' solve stay fp32 or better")
     p.add_argument("--deterministic", action="store_true",
-                   help="deterministic kernels (torch.use_deterministic_algorithms, no cuDNN autotuning): "
-                        "exact resumes on a GPU, at some cost in speed")
+                   help="deterministic kernels (torch.use_deterministic_algorithms with a warning naming any op "
+                        "that has none, no cuDNN autotuning, the math attention backend instead of the fused "
+                        "ones): meant for repeatable GPU runs, at some cost in speed (not yet measured on a GPU)")
     # test-only: the 1-process vs torchrun equality tests switch dropout off (each rank draws the dropout
     # masks of its own clips, so with dropout the two runs differ by construction)
     p.add_argument("--zero-dropout", action="store_true", help=argparse.SUPPRESS)
@@ -341,6 +353,11 @@ class Run:
             torch.use_deterministic_algorithms(True, warn_only=True)   # a warning names any op without one
             torch.backends.cudnn.benchmark = False
             torch.backends.cudnn.deterministic = True
+            # the fused attention backends (flash, memory-efficient: the one masked attention takes) have
+            # non-deterministic backward passes on CUDA and warn_only lets them through: the math backend only
+            torch.backends.cuda.enable_flash_sdp(False)
+            torch.backends.cuda.enable_mem_efficient_sdp(False)
+            torch.backends.cuda.enable_cudnn_sdp(False)
         if args.precision == "fp16" and self.device.type == "cpu":
             raise SystemExit("--precision fp16 on CPU: oneDNN has no fp16 LSTM kernel; use bf16 or fp32 on CPU "
                              "(fp16 with its gradient scaler is for CUDA)")
@@ -400,6 +417,8 @@ class Run:
         self._hold_early_stop = False
         self._pending = []  # train lines not yet written
         self._stop_requested = False
+        self._last_improved = False                # did the last validate() make a new best model
+        self._last_checkpoint = time.perf_counter()  # the wall-time cadence counts from here
         self._last_val = None
         self._t_start = None
 
@@ -425,7 +444,8 @@ class Run:
             if ckpt_path.exists():
                 print(f"[{self.strategy}] starting fresh in {self.dir} (use --resume to continue it)", flush=True)
             distributed.barrier()  # every rank has seen whether a checkpoint exists before rank 0 removes it
-            for f in ("checkpoint.pt", "best.pt", "metrics.jsonl", "summary.json", "test_scores.npy"):
+            for f in ("checkpoint.pt", "best.pt", "metrics.jsonl", "summary.json", "test_scores.npy", MODEL_FILE,
+                      MODEL_CONFIG_FILE):
                 if distributed.is_main():
                     (self.dir / f).unlink(missing_ok=True)
             self.log({"event": "start", "strategy": self.strategy, "tasks": self.tasks, "args": recorded_args(self.args),
@@ -436,7 +456,9 @@ class Run:
         return self
 
     def _request_stop(self, signum, _frame):
-        if self._stop_requested:  # second Ctrl-C: leave at once
+        # a second Ctrl-C leaves at once; a second SIGTERM does not (Slurm signals every process of a job, and
+        # make compare forwards one more: the checkpoint must still be written)
+        if self._stop_requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self._stop_requested = True
         print(f"\n[{self.strategy}] signal {signum}: checkpointing after this step", file=sys.stderr, flush=True)
@@ -480,7 +502,7 @@ class Run:
                     print(f"[{self.strategy}] stopped at step {self.progress['step']}; rerun with --resume",
                           flush=True)
                     sys.exit(130)
-                if self.progress["step"] % self.args.checkpoint_every == 0 and not self.at_eval():
+                if not self.at_eval() and self._checkpoint_due():  # at an evaluation the script decides
                     self.save_checkpoint()
             else:
                 self.progress["epoch"] += 1
@@ -699,6 +721,7 @@ class Run:
         self.lr_dropped = self.optimizer.param_groups[0]["lr"] < lr_before
         self.progress["evals"] += 1
         improved = score > self.progress["best_val"]  # a nan score is never a new best
+        self._last_improved = improved
         if improved:
             self.progress["best_val"] = score
             self.progress["best_step"] = self.progress["step"]
@@ -786,24 +809,51 @@ class Run:
         if self._t_start is not None:
             self.progress["train_seconds"] += now - self._t_start
             self._t_start = now
+        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+        if torch.cuda.is_initialized():  # CUDA in use: its generators too (a CPU run never initialises CUDA here)
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        strategy = {k: v.state_dict() for k, v in self.stateful.items()}
+        ranks = None
+        if distributed.is_distributed():  # RNGs and rule state per rank, gathered on rank 0 alone
+            ranks = distributed.gather_to_main(_to_cpu({"rng": rng, "strategy": strategy}))
+        if not distributed.is_main():     # model and optimizer are rank 0's (identical): rank 0 alone builds the file
+            self._last_checkpoint = time.perf_counter()
+            return
         state = {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "progress": dict(self.progress),
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
-            "strategy": {k: v.state_dict() for k, v in self.stateful.items()},
-            "active_modalities": self._active_modalities,
+            "rng": rng, "strategy": strategy, "active_modalities": self._active_modalities,
         }
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
-        if torch.cuda.is_available():
-            state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
-        if distributed.is_distributed():  # model and optimizer are rank 0's (identical); RNGs and rule state per rank
-            state["world_size"] = distributed.world_size()
-            state["ranks"] = distributed.gather_objects(_to_cpu({"rng": state["rng"], "strategy": state["strategy"]}))
+        if ranks is not None:
+            state["world_size"], state["ranks"] = distributed.world_size(), ranks
         atomic_save(state, self.dir / "checkpoint.pt")
+        self._last_checkpoint = time.perf_counter()
+
+    def eval_checkpoint(self):
+        """After validate() and the rule's own reaction to it: checkpoint when that validation made a new best
+        model (best.pt and the checkpoint then describe the same point) or when the cadence is due."""
+        if self._last_improved or self._checkpoint_due():
+            self.save_checkpoint()
+
+    def _checkpoint_due(self):
+        """--checkpoint-every steps, or --checkpoint-minutes of wall time since the last checkpoint (under
+        torchrun: decided alike on every rank, as save_checkpoint gathers from all of them; the clocks are
+        compared every 10 steps, one all-reduce of a flag)."""
+        every, minutes = self.args.checkpoint_every, getattr(self.args, "checkpoint_minutes", 0)
+        if every > 0 and self.progress["step"] % every == 0:
+            return True
+        if minutes <= 0:
+            return False
+        if distributed.is_distributed() and self.progress["step"] % 10 != 0:
+            return False
+        due = time.perf_counter() - self._last_checkpoint >= minutes * 60
+        return distributed.any_true(due) if distributed.is_distributed() else due
 
     def _load_checkpoint(self, path):
-        state = torch.load(path, map_location=self.device, weights_only=False)
+        from common.checkpoints import load_checkpoint  # restricted unpickler: a tampered file runs nothing
+        state = load_checkpoint(path, map_location=self.device)
         saved_world = state.get("world_size", 1)
         if saved_world != distributed.world_size():
             raise SystemExit(f"{path}: written by a run of {saved_world} process(es), resumed with "
@@ -820,7 +870,7 @@ class Run:
         torch.set_rng_state(state["rng"]["torch"].cpu())  # map_location may have moved it to the GPU
         np.random.set_state(state["rng"]["numpy"])
         random.setstate(state["rng"]["python"])
-        if "cuda" in state["rng"] and torch.cuda.is_available():
+        if "cuda" in state["rng"] and torch.cuda.is_initialized():  # a CPU resume of a GPU run leaves CUDA alone
             torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
         self._active_modalities = state.get("active_modalities")
         missing = set(self.stateful) - set(state["strategy"])
@@ -846,10 +896,16 @@ class Run:
         distributed.barrier()  # torchrun: rank 0 has written best.pt
         best = self.dir / "best.pt"
         if best.exists():
-            state = torch.load(best, map_location=self.device, weights_only=False)
+            from common.checkpoints import load_checkpoint
+            state = load_checkpoint(best, map_location=self.device)
             self.model.load_state_dict(state["model"])
             if "objective" in state:
                 self.objective.load_state_dict(state["objective"])
+        if distributed.is_main():  # the evaluated model without a pickle: model.safetensors + model_config.json
+            from common.checkpoints import write_model_files
+            write_model_files(self.model, self.dir, stage=self.args.stage, strategy=self.strategy,
+                              feature_norm=getattr(self.args, "feature_norm", None),
+                              best_step=self.progress["best_step"], source="best.pt" if best.exists() else "last step")
         val = self.evaluate(self.val_set)
         # F1 at a tuned threshold: each task's threshold is chosen on validation, then applied to test
         thresholds = ({t: m["threshold"] for t, m in val["per_task"].items()}
@@ -907,7 +963,7 @@ def train_sum_of_losses(run):
         run.log_step(losses)
         if run.at_eval():
             run.validate()
-            run.save_checkpoint()
+            run.eval_checkpoint()
     return run.finish()
 
 
@@ -968,9 +1024,20 @@ def single_task_references(out, seed, tasks, metric):
 
 def load_init(model, path):
     """Load a checkpoint into the model non-strictly and report what did not match. Our checkpoints hold
-    {"model": state_dict}; the original code's hold {"model_state": ...} with its own parameter names."""
+    {"model": state_dict}; the original code's hold {"model_state": ...} with its own parameter names; a
+    .safetensors file (a finished run's model.safetensors) holds the state dict, and its configuration
+    (model_config.json) must match the model's. Every file is read without running code from it
+    (common.checkpoints: the restricted unpickler; a file holding anything else stops the run, unrun)."""
+    from common.checkpoints import check_model_config, load_checkpoint, load_safetensors
     from common.model import load_original_checkpoint
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    if str(path).endswith(".safetensors"):  # no pickle; its configuration (header or model_config.json) must match
+        tensors, config = load_safetensors(path)
+        if config is not None:
+            check_model_config(model, config, path)
+        original = any(k.startswith("features.") for k in tensors) and not any(k.startswith("heads.") for k in tensors)
+        state = tensors if original else {"model": tensors}
+    else:  # restricted unpickler: a file holding anything but tensors and plain data stops here, unrun
+        state = load_checkpoint(path, map_location="cpu")
     if isinstance(state, dict) and "model" in state:
         result = model.load_state_dict(state["model"], strict=False)
         missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
@@ -1024,8 +1091,14 @@ def format_metrics(metrics, tasks, title=""):
 
 # ---------------------------------------------------------------- files
 def atomic_save(obj, path):
-    """torch.save to a temporary file, then rename: a crash never leaves a half-written checkpoint."""
+    """torch.save to a temporary file, then rename: a crash never leaves a half-written checkpoint. The object
+    goes through common.checkpoints.to_safe first: numpy values become plain data and anything the restricted
+    loader would refuse is an error here, so that every checkpoint we write loads with weights_only=True."""
+    if not distributed.is_main():  # torchrun: rank 0 alone writes files, so it alone serialises them
+        return
+    from common.checkpoints import to_safe
     path = Path(path)
+    obj = to_safe(obj, path.name)
     buf = io.BytesIO()
     torch.save(obj, buf)
     atomic_write_bytes(path, buf.getvalue())

@@ -51,10 +51,12 @@ def rule_versions_of(objects):
 def current_rule_version(key):
     """The version the code has now of a rule key ("weighting:dwa", "aggregator:pcgrad", "scheduler:...")."""
     from common.aggregators import AGGREGATORS
+    from common.gradient_rules import GRADIENT_RULES
     from common.schedulers import SCHEDULERS
     from common.weighting import WEIGHTINGS
     kind, _, name = key.partition(":")
-    registry = {"weighting": WEIGHTINGS, "aggregator": AGGREGATORS, "scheduler": SCHEDULERS}.get(kind, {})
+    registry = {"weighting": WEIGHTINGS, "aggregator": {**AGGREGATORS, **GRADIENT_RULES},
+                "scheduler": SCHEDULERS}.get(kind, {})
     cls = registry.get(name)
     return getattr(cls, "version", None) if cls is not None else None
 

@@ -23,6 +23,7 @@ Every class declares `version` (an int, the version of its rule, stored in run r
 class whose rule changes what a run computes.
 """
 import inspect
+import math
 
 import torch
 from torch import nn
@@ -84,6 +85,40 @@ class Weighting:
 
 
 Equal = Weighting
+
+
+class Constant(Weighting):
+    """Fixed weights given by the user: L = sum_t c_t L_t (TorchJD's Constant aggregator; with all c_t = 1 it
+    is `equal`, TorchJD's Sum; TorchJD's Mean is c_t = 1/T, the same direction at 1/T of the size)."""
+    name = "constant"
+    version = 1
+
+    def __init__(self, num_tasks, constant_weights=None):
+        super().__init__(num_tasks)
+        self.constant_weights = constant_weights
+        try:
+            values = [1.0] * num_tasks if constant_weights is None else [float(w) for w in constant_weights]
+        except ValueError as exc:
+            raise ValueError(f"constant weighting: --constant-weights must be numbers, got {constant_weights}") from exc
+        if len(values) != num_tasks:
+            raise ValueError(f"constant weighting: --constant-weights needs {num_tasks} values (one per task), "
+                             f"got {len(values)}: {values}")
+        if not all(math.isfinite(w) and w >= 0 for w in values):
+            raise ValueError(f"constant weighting: --constant-weights must be finite and >= 0, got {values}")
+        self.constant = torch.tensor(values)
+
+    def weights(self):
+        return self.constant.clone()
+
+    @classmethod
+    def add_args(cls, group):
+        group.add_argument("--constant-weights", default=None,
+                           help="constant weighting: one weight per task, comma-separated (default all 1)")
+
+    @classmethod
+    def from_args(cls, num_tasks, args):
+        text = args.constant_weights
+        return cls(num_tasks, None if text is None else [x for x in text.split(",") if x.strip()])
 
 
 class _LearnedParameter(Weighting):
@@ -406,4 +441,151 @@ class FAMO(Weighting):
         return cls(num_tasks, lr=args.famo_lr, gamma=args.famo_gamma)
 
 
-WEIGHTINGS = {cls.name: cls for cls in (Equal, Learned, Uncertainty, GradNorm, DWA, RLW, FAMO)}
+def _check_losses(method, losses, num_tasks, active, positive=False):
+    """losses must be a tensor [T] whose active entries are finite (and > 0 where positive)."""
+    if not isinstance(losses, torch.Tensor) or losses.shape != (num_tasks,):
+        shape = tuple(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+        raise ValueError(f"{method}: losses must be a tensor of shape ({num_tasks},) (one per task), got {shape}")
+    act = torch.ones(num_tasks, dtype=torch.bool) if active is None else torch.as_tensor(active).bool().cpu()
+    if act.shape != (num_tasks,):
+        raise ValueError(f"{method}: active must be a bool mask of shape ({num_tasks},), got {tuple(act.shape)}")
+    values = losses.detach().cpu()[act]
+    if not torch.isfinite(values).all():
+        raise FloatingPointError(f"{method}: the task losses are not finite: {losses.detach().cpu().tolist()}")
+    if positive and (values <= 0).any():
+        raise ValueError(f"{method}: the task losses must be positive, got {losses.detach().cpu().tolist()}")
+    return act
+
+
+class GLS(Weighting):
+    """Geometric Loss Strategy (Chennupati et al., CVPR 2019 workshops, "MultiNet++"), as LibMTL
+    (LibMTL/weighting/GLS.py): the loss is the geometric mean of the task losses,
+
+        L = (prod_t L_t) ^ (1/T),     dL/dL_t = L / (T L_t)
+
+    Written as terms w_t L_t with w_t = L / (T L_t) taken as constants: their sum is L and their gradient
+    is exactly dL (so an aggregator still sees one term per task). L is computed as exp(mean log L_t) in
+    float64 (LibMTL: pow(prod, 1/T), which under- or overflows for many tasks; the same number otherwise).
+    weights() reports these effective weights dL/dL_t (LibMTL's returned batch_weight, L_t / (T prod_s L_s),
+    is only a log value). With a scheduler the mean runs over the active tasks. A loss <= 0 has no geometric
+    mean (an infinite gradient): an error."""
+    name = "gls"
+    version = 1
+
+    def __init__(self, num_tasks):
+        super().__init__(num_tasks)
+        self.current = torch.ones(num_tasks)
+
+    def weights(self):
+        return self.current.clone()
+
+    def terms(self, losses, active=None):
+        act = _check_losses("GLS", losses, self.num_tasks, active, positive=True)
+        if not act.any():
+            return torch.zeros_like(losses)
+        with torch.no_grad():
+            logs = losses.detach().double().cpu()[act].log()
+            w = torch.zeros(self.num_tasks, dtype=torch.float64)
+            w[act] = logs.mean().exp() / (act.sum() * logs.exp())
+        self.current = w.float()
+        return _masked(w.to(losses) * losses, act)
+
+    def state_dict(self):
+        return {"current": self.current.clone()}
+
+    def load_state_dict(self, state):
+        self.current = state["current"].clone()
+
+
+class STCH(Weighting):
+    """Smooth Tchebycheff scalarisation (Lin et al., ICML 2024, "Smooth Tchebycheff Scalarization for
+    Multi-Objective Optimization"), as LibMTL (LibMTL/weighting/STCH.py, modified from Xi-L/STCH):
+
+        epoch <  warmup_epoch:  L = sum_t log(L_t + 1e-20)
+        epoch == warmup_epoch:  the same, and the losses are averaged over the epoch's steps (per step)
+        epoch >  warmup_epoch:  nadir n = that average (fixed at the first step after), l_t = log(L_t / n_t + 1e-20),
+                                L = T mu log sum_t exp((l_t - max_s l_s) / mu)
+
+    mu = 1 and warmup_epoch = 4 (LibMTL's defaults); epochs count from 0 as LibMTL's trainer. The STCH loss
+    is written as terms T p_t l_t plus a constant share (p = softmax(l / mu), taken as constants): their
+    sum is LibMTL's value and their gradient exactly its gradient (so an aggregator sees one term per task).
+    weights() reports the effective weights dL/dL_t of the last terms() call. Scheduler convention (LibMTL
+    has every task every step): the average, the max and the softmax run over the active tasks, and a task
+    with no loss in the warmup epoch takes its first loss after it as its nadir."""
+    name = "stch"
+    version = 1
+    log_eps = 1e-20
+
+    def __init__(self, num_tasks, mu=1.0, warmup_epoch=4):
+        super().__init__(num_tasks)
+        if not mu > 0:
+            raise ValueError(f"STCH: mu must be positive, got {mu}")
+        self.mu, self.warmup_epoch = mu, warmup_epoch
+        self.epoch = 0
+        self.loss_sum = torch.zeros(num_tasks, dtype=torch.float64)
+        self.loss_count = torch.zeros(num_tasks, dtype=torch.float64)
+        self.nadir = torch.full((num_tasks,), float("nan"), dtype=torch.float64)
+        self.nadir_set = False
+        self.current = torch.ones(num_tasks)
+
+    def observe(self, losses, active, epoch, counts=None):
+        self.epoch = int(epoch)
+        if self.epoch == self.warmup_epoch:
+            act = _check_losses("STCH", losses, self.num_tasks, active)
+            self.loss_sum[act] += losses.detach().double().cpu()[act]
+            self.loss_count[act] += 1
+
+    def weights(self):
+        return self.current.clone()
+
+    def terms(self, losses, active=None):
+        act = _check_losses("STCH", losses, self.num_tasks, active)
+        act_d = act.to(losses.device)
+        safe = torch.where(act_d, losses, torch.ones_like(losses))
+        if self.epoch <= self.warmup_epoch:
+            self.current = torch.where(act, 1 / (safe.detach().cpu() + self.log_eps), torch.zeros(()))
+            return _masked(torch.log(safe + self.log_eps), act_d)
+        if not self.nadir_set:
+            seen = self.loss_count > 0
+            self.nadir[seen] = self.loss_sum[seen] / self.loss_count[seen]
+            self.nadir_set = True
+        first = act & torch.isnan(self.nadir)
+        self.nadir[first] = losses.detach().double().cpu()[first]   # no loss in the warmup epoch
+        if not act.any():
+            return torch.zeros_like(losses)
+        nadir = self.nadir.to(device=losses.device, dtype=losses.dtype)
+        nadir = torch.where(act_d, nadir, torch.ones_like(nadir))
+        logs = torch.log(safe / nadir + self.log_eps)
+        T = self.num_tasks
+        with torch.no_grad():   # p = softmax over the active tasks; LibMTL's value of the loss
+            la = logs.detach()[act_d]
+            reg = la - la.max()
+            p = torch.zeros_like(logs)
+            p[act_d] = torch.softmax(reg / self.mu, dim=0)
+            value = self.mu * torch.log(torch.exp(reg / self.mu).sum()) * T
+            const = (value - T * (p[act_d] * la).sum()) / la.numel()
+            self.current = (T * p / nadir / (safe.detach() / nadir + self.log_eps)).cpu()
+        return _masked(T * p * logs + const, act_d)
+
+    def state_dict(self):
+        return {"epoch": self.epoch, "loss_sum": self.loss_sum.clone(), "loss_count": self.loss_count.clone(),
+                "nadir": self.nadir.clone(), "nadir_set": int(self.nadir_set), "current": self.current.clone()}
+
+    def load_state_dict(self, state):
+        self.epoch = int(state["epoch"])
+        self.loss_sum, self.loss_count = state["loss_sum"].clone().double(), state["loss_count"].clone().double()
+        self.nadir, self.nadir_set = state["nadir"].clone().double(), bool(state["nadir_set"])
+        self.current = state["current"].clone()
+
+    @classmethod
+    def add_args(cls, group):
+        group.add_argument("--stch-mu", type=float, default=_default(cls, "mu"), help="STCH's smoothing mu")
+        group.add_argument("--stch-warmup-epoch", type=int, default=_default(cls, "warmup_epoch"),
+                           help="STCH: epochs of log-loss warm-up; the nadir is the mean loss of this epoch")
+
+    @classmethod
+    def from_args(cls, num_tasks, args):
+        return cls(num_tasks, mu=args.stch_mu, warmup_epoch=args.stch_warmup_epoch)
+
+
+WEIGHTINGS = {cls.name: cls for cls in (Equal, Constant, Learned, Uncertainty, GradNorm, DWA, RLW, FAMO, GLS, STCH)}

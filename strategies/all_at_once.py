@@ -41,7 +41,7 @@ def main(argv=None):
         run.log_step(losses, weights=weighting.weights())
         if run.at_eval():
             run.validate(weights=weighting.weights())
-            run.save_checkpoint()
+            run.eval_checkpoint()
 
     final = dict(zip(run.tasks, weighting.weights().tolist()))
     return run.finish(decisions={"final_weights": final})

@@ -135,7 +135,7 @@ def main(argv=None):
             if run.lr_dropped:  # as in 12-in-1 (strategies/stop_and_go.py): every task back to go
                 rule.reset()
                 run.log({"event": "reset", "step": run.step_count, "why": "learning-rate drop"})
-            run.save_checkpoint()
+            run.eval_checkpoint()
 
     summary = run.finish(decisions={"order": plan.order, "difficulty": plan.difficulty, "entry_every": entry_every,
                                     "final_states": rule.states()})

@@ -200,7 +200,7 @@ def main(argv=None):
                      "difficulty": dict(zip(run.tasks, d)), "probs": dict(zip(run.tasks, sampler.probs.tolist())),
                      **({"carried": carried} if mode == "loss_share" else {})})
         if validated:
-            run.save_checkpoint()
+            run.eval_checkpoint()
 
     return run.finish(decisions={"difficulty": mode, "difficulty_source": why, "apply": args.apply,
                                  "final_probs": dict(zip(run.tasks, sampler.probs.tolist()))})

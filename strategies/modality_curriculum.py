@@ -86,7 +86,7 @@ def main(argv=None):
             if args.mode == "dropout":
                 run.set_active_modalities(None)  # dropout is a training-time device: validate on all
             run.validate(modalities=list(run.active_modalities or MODALITIES))
-            run.save_checkpoint()
+            run.eval_checkpoint()
 
     run.set_active_modalities(None)  # the final model is judged with every modality
     summary = run.finish(decisions={"phase_steps": phase_steps if args.mode == "curriculum" else None})

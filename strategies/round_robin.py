@@ -40,7 +40,7 @@ def main(argv=None):
         run.log_step(losses, task=run.tasks[int(active.nonzero())], **update.decisions())
         if run.at_eval():
             run.validate()
-            run.save_checkpoint()
+            run.eval_checkpoint()
 
     return run.finish(decisions={"updates_per_task": run.step_count / len(run.tasks)})
 

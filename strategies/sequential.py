@@ -96,7 +96,7 @@ def main(argv=None):
                 run.say(f"step {run.step_count}: {phases.task} done (val score {scores[phases.task]:.3f})")
                 run.log({"event": "phase_end", "step": run.step_count, "task": phases.task, "scores": scores})
                 phases.next(scores, run.step_count)
-            run.save_checkpoint()
+            run.eval_checkpoint()
 
     while phases.task is not None:  # the step budget ran out first: close the open phases as they are
         scores = {t: m["score"] for t, m in run.evaluate(run.val_set)["per_task"].items()}

@@ -79,7 +79,7 @@ def main(argv=None):
             if args.lr_reset and run.lr_dropped:
                 reset(run, rule, "learning-rate drop")
             run.log({"event": "states", "step": run.step_count, "states": rule.states()})
-            run.save_checkpoint()
+            run.eval_checkpoint()
 
     timeline = print_timeline(run.dir / "metrics.jsonl", run.tasks)
     stopped_fraction = {t: sum(row[t] == "stop" for row in timeline) / max(len(timeline), 1) for t in run.tasks}

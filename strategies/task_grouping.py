@@ -265,7 +265,7 @@ def measure_affinity(args):
         run.log_step(losses)
         if run.at_eval():
             run.validate()
-            run.save_checkpoint()
+            run.eval_checkpoint()
     run.save_checkpoint()
     account = {"budget": budget, "joint_budget": n, "lookahead_budget": T * math.ceil(n / args.affinity_every),
                "joint_steps": run.step_count, "lookahead_steps": T * affinity.count}

@@ -25,6 +25,8 @@ the other sections give medians over repeats.
    (inference_mode, batch 128, clips in order of text length).
 7. Aggregation alone (T = 5): tests/bench_gradagg.py.
 8. Trunks (--trunk): samples/s of a training step of each at the small size (tests/bench_trunks.py).
+10. Checkpoint cost: Run.save_checkpoint and the restricted (weights_only) load of it at tiny, small and
+   full size after one Adam step, and the checkpoint's size (issue 31: why the cadence is in wall time).
 9. GPU, only where CUDA is present (tests/bench_gpu.py): small and full model at fp32 and bf16, peak
    memory (max_memory_allocated), the CUDA kernel's gram + combine against the copy bandwidth and
    torch.mm. Without CUDA it prints the one line "GPU section: skipped (no CUDA)".
@@ -170,18 +172,25 @@ def update_configs():
     weighting with the plain sum, each aggregator in both gradient spaces (parameter space one backward
     per task, the default), and PCGrad and MGDA also with the batched backward. Targets: issue 17."""
     from common.aggregators import AGGREGATORS
+    from common.gradient_rules import GRADIENT_RULES
     configs = [("equal weights (sum)", "equal", "sum", "-", False, ""),
                ("gradnorm (last shared layer)", "gradnorm", "sum", "params", False, "<= 1.1"),
                ("famo (incl. its no-grad forward on the same batch)", "famo", "sum", "-", False, ""),
                ("dwa", "dwa", "sum", "-", False, ""),
                ("rlw", "rlw", "sum", "-", False, ""),
-               ("uncertainty", "uncertainty", "sum", "-", False, "")]
+               ("uncertainty", "uncertainty", "sum", "-", False, ""),
+               ("gls", "gls", "sum", "-", False, ""),
+               ("stch", "stch", "sum", "-", False, "")]
     for name in AGGREGATORS:
         target = "<= 1.5" if name in ("pcgrad", "mgda") else ""
         configs.append((name, "equal", name, "params", False, target))
         if name in ("pcgrad", "mgda"):
             configs.append((name + ", batched backward", "equal", name, "params", True, target))
         configs.append((name, "equal", name, "representation", False, ""))
+    for name, cls in GRADIENT_RULES.items():  # they need the T x P rows themselves (needs_task_grad_matrix)
+        configs.append((name + " (T x P rows)", "equal", name, "params", False, ""))
+        if cls.supports_representation:
+            configs.append((name + " (T x P rows)", "equal", name, "representation", False, ""))
     return configs
 
 
@@ -474,11 +483,46 @@ def evaluation(run, val, repeats):
     print(tabulate(rows, headers=[f"evaluation of {n} clips, small model", "clips/s"], floatfmt=".1f"))
 
 
+# ---------------------------------------------------------------- 10. checkpoint cost
+def checkpoint_cost(data, sizes, repeats):
+    """Run.save_checkpoint (model, Adam state, RNGs, progress: what --resume needs) and the restricted load of
+    it, at each model size after one optimizer step (so that Adam's moments exist); the file's size."""
+    rows = []
+    for size in sizes:
+        out = tempfile.mkdtemp(prefix="bench_ckpt_")
+        args = build_parser().parse_args(["--data", str(data), "--model-size", size, "--batch-size", "8",
+                                          "--out", out, "--quiet"])
+        run = Run(args, strategy="bench_checkpoint")
+        run.start()
+        batch = next(iter(run.batches()))
+        losses = run.task_losses(batch)
+        run.step(losses.sum(), losses, batch)
+        path = run.dir / "checkpoint.pt"
+        saves, loads = [], []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            run.save_checkpoint()
+            saves.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            run._load_checkpoint(path)
+            loads.append(time.perf_counter() - t0)
+        n_params = sum(p.numel() for p in run.model.parameters())
+        rows.append([size, n_params / 1e6, path.stat().st_size / 1e6, statistics.median(saves),
+                     statistics.median(loads)])
+        del run
+        release_memory()
+        subprocess.run(["rm", "-rf", out], check=False)
+    print(f"median of {repeats}; the checkpoint of --resume (model + Adam moments + RNGs + progress); written "
+          f"atomically (temporary file, then rename) to {tempfile.gettempdir()}")
+    print(tabulate(rows, headers=["model size", "parameters (M)", "checkpoint (MB)", "save (s)",
+                                  "restricted load (s)"], floatfmt=".3f"))
+
+
 # ---------------------------------------------------------------- main
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer repeats; full size at batch 16 only")
-    p.add_argument("--only", default="1,2,3,4,5,6,7,8,9", help="comma-separated sections to run")
+    p.add_argument("--only", default="1,2,3,4,5,6,7,8,9,10", help="comma-separated sections to run")
     p.add_argument("--skip-full", action="store_true", help="no full-size model (sections 1, 3, 4)")
     p.add_argument("--gradagg-sizes", default=None)
     p.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
@@ -537,6 +581,9 @@ def main():
             n_batches, repeats = (2, 2) if quick else (4, 3)
             print(f"{n_batches} batches per repeat, median of {repeats} interleaved repeats")
             print(tabulate(trunk_bench(data, "small", 16, n_batches, repeats), headers=HEADERS))
+    if 10 in only:
+        with section(10, "checkpoint cost (save and restricted load at each model size)"):
+            checkpoint_cost(data, ("tiny",) + sizes, 2 if quick else 3)
     if 9 in only:
         if torch.cuda.is_available():
             with section(9, "GPU"):

@@ -215,3 +215,18 @@ def test_models_add_a_model_column(tiny_data, tmp_path):
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert float(cells[4].split()[0]) == pytest.approx(summary["test"]["mean"]["ap"], abs=5e-4)  # mean AP
     assert (tmp_path / "compare_late_fusion_ap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_primary_family_names_planned_rows_and_runs_first():
+    """Every label of PRIMARY (and the baseline and reference) is exactly one planned row, so that make compare
+    can finish the rows of the verdict before the exploratory ones; a misspelt label would silently leave
+    its row for later."""
+    from common.compare import BASELINE, PRIMARY, REFERENCE, discover, planned_rows, primary_rows, row_label
+    rows = planned_rows(discover())
+    first = primary_rows(rows)
+    labels = [row_label(*r) for r in first]
+    assert sorted(labels) == sorted(set(PRIMARY) | {BASELINE, REFERENCE})
+    assert row_label("curriculum", ["--order", "easy"]) == "curriculum_easy"
+    assert ("pcgrad", ["--grad-space", "representation"]) in rows and row_label(
+        "pcgrad", ["--grad-space", "representation"]) not in labels
+    assert first == [r for r in rows if r in first]   # the planned order kept (the reference first)

@@ -12,7 +12,7 @@ import pytest
 from common import launch
 
 GRID = ["--only", "round_robin,dwa", "--seeds", "2",
-        "--extra", "--model-size tiny --epochs 1 --batch-size 8 --checkpoint-every 1"]
+        "--extra", "--model-size tiny --epochs 1 --batch-size 8 --eval-every 2 --checkpoint-minutes 0"]
 SLURM = ["--launcher", "slurm", "--slurm-cluster", "local", "--slurm-gpus-per-job", "0", "--slurm-cpus-per-job", "1",
          "--slurm-time", "10"]
 TIMING = ("train_seconds", "seconds_per_step")  # wall-clock: differs from run to run
@@ -49,9 +49,11 @@ def find_script(script, out, seed):
     return None
 
 
-def preempt_when_checkpointed(out, script, seed, deadline):
+def preempt_when_checkpointed(out, script, seed, deadline, sig=signal.SIGUSR2):
     """Wait until the run's script has written a checkpoint; freeze the script (so that it cannot finish
-    meanwhile) and send the preemption signal (USR2) to its submitit job, as Slurm does."""
+    meanwhile), send the preemption signal to its submitit job, as Slurm does (USR2 with --signal, SIGTERM
+    without), then let the script go on: the job has it checkpoint and requeues. Returns the step of the
+    checkpoint before the signal."""
     while time.time() < deadline:
         pid = find_script(script, out, seed)
         if pid and (out / script / f"seed{seed}" / "checkpoint.pt").exists():
@@ -63,19 +65,35 @@ def preempt_when_checkpointed(out, script, seed, deadline):
                 time.sleep(0.01)
             assert state == "T", f"the run ended before it could be preempted (state {state})"
             assert "submitit.core._submit" in proc_cmdline(job)
-            os.kill(job, signal.SIGUSR2)
-            return
+            import torch
+            before = torch.load(out / script / f"seed{seed}" / "checkpoint.pt", weights_only=True)["progress"]["step"]
+            os.kill(job, sig)
+            time.sleep(1.0)  # the job's handler runs (and sends the script its SIGTERM) while the script is frozen
+            os.kill(pid, signal.SIGCONT)
+            return before
         time.sleep(0.01)
     raise AssertionError(f"no checkpoint of {script} seed {seed} appeared in {out} in time")
 
 
+@pytest.fixture(scope="module")
+def local_grid(tiny_data, tmp_path_factory):
+    """The table of the local launcher, which every Slurm variant must give."""
+    from common import compare
+    local_out = tmp_path_factory.mktemp("local")
+    # --jobs = the core count: one thread per run, as the Slurm jobs here (--slurm-cpus-per-job 1)
+    compare.main(GRID + ["--data", str(tiny_data), "--out", str(local_out), "--jobs", str(os.cpu_count() or 1)])
+    compare.STOP.clear()
+    return table(local_out)
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the job's processes through /proc")
-def test_slurm_grid_with_a_requeued_job_equals_the_local_grid(tiny_data, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGUSR2, signal.SIGTERM], ids=["USR2", "TERM"])
+def test_slurm_grid_with_a_requeued_job_equals_the_local_grid(sig, local_grid, tiny_data, tmp_path):
+    """Preempted with --signal (USR2) or without it (SIGTERM, also scancel): the script checkpoints at the
+    signal, the job is requeued, the next attempt resumes from that checkpoint, and the table is the local one."""
     from common import compare
     data = ["--data", str(tiny_data)]
-    local_out, slurm_out = tmp_path / "local", tmp_path / "slurm"
-    # --jobs = the core count: one thread per run, as the Slurm jobs here (--slurm-cpus-per-job 1)
-    compare.main(GRID + data + ["--out", str(local_out), "--jobs", str(os.cpu_count() or 1)])
+    slurm_out = tmp_path / "slurm"
 
     errors = []
 
@@ -87,7 +105,7 @@ def test_slurm_grid_with_a_requeued_job_equals_the_local_grid(tiny_data, tmp_pat
     grid = threading.Thread(target=submit)
     grid.start()
     try:
-        preempt_when_checkpointed(slurm_out / "runs/quick", "round_robin", 1, time.time() + 120)
+        before = preempt_when_checkpointed(slurm_out / "runs/quick", "round_robin", 1, time.time() + 120, sig)
     finally:
         grid.join(300)
     assert not grid.is_alive() and not errors, errors
@@ -102,8 +120,11 @@ def test_slurm_grid_with_a_requeued_job_equals_the_local_grid(tiny_data, tmp_pat
     run_log = next((slurm_out / "runs/quick/logs").glob("*round_robin_seed1*.log")).read_text()
     resumed = [x for x in run_log.splitlines() if "resumed from" in x]
     assert resumed and 0 < int(resumed[0].rsplit("at step ", 1)[1]) < 8, run_log  # 8 steps in all
+    # checkpoints come only after a new best (validation every 2 steps): the run resumed from a later step
+    # than the last of those, so the script checkpointed at the signal, after the step it was frozen in
+    assert int(resumed[0].rsplit("at step ", 1)[1]) > before, (before, run_log)
 
-    assert table(slurm_out) == table(local_out)
+    assert table(slurm_out) == local_grid
 
     # make compare again only collects: nothing is submitted, no run is touched
     before = {p: p.stat().st_mtime for p in (slurm_out / "runs/quick/slurm").iterdir()}  # submitit's folder

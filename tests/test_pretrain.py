@@ -93,7 +93,7 @@ def test_pretrain_then_finetune_loads_every_trunk_parameter(tiny_data, tmp_path,
         run.step(losses.sum(), losses, batch)
         if run.at_eval():
             run.validate()
-            run.save_checkpoint()
+            run.eval_checkpoint()
     summary = run.finish()
     assert set(summary["test"]["per_task"]) == {"vtm", "vam", "atm", "contrastive", "mfm_video", "mfm_audio", "mlm"}
     best = tmp_path / "all_at_once_pretrain" / "seed0" / "best.pt"

@@ -115,3 +115,20 @@ def test_real_text_rows_filter_keeps_only_the_named_rows(tmp_path):
     assert len(jobs) == 2
     with pytest.raises(SystemExit, match="not rows"):
         plan_jobs(["all_at_once"], [0], tmp_path, settings, tmp_path / "runs", keep_rows=["pcgrad"])
+
+
+def test_drop_checkpoints_removes_every_copy_of_the_weights(tmp_path):
+    """A finished real-text run keeps only its records: checkpoint.pt, best.pt and model.safetensors go (also
+    those of each sub-model), summary.json and metrics.jsonl stay; a run not finished keeps everything."""
+    from common.real_text import drop_checkpoints
+    weights = ("checkpoint.pt", "best.pt", "model.safetensors")
+    for folder in (tmp_path, tmp_path / "gory"):
+        folder.mkdir(exist_ok=True)
+        for name in weights + ("summary.json", "metrics.jsonl"):
+            (folder / name).write_text("x")
+    drop_checkpoints({"status": "running", "summary": str(tmp_path / "summary.json")})
+    assert (tmp_path / "best.pt").exists()
+    drop_checkpoints({"status": "ok", "summary": str(tmp_path / "summary.json")})
+    for folder in (tmp_path, tmp_path / "gory"):
+        assert not any((folder / name).exists() for name in weights)
+        assert (folder / "summary.json").exists() and (folder / "metrics.jsonl").exists()

@@ -56,14 +56,23 @@ def golden_numbers(summary):
 
 
 def check_golden(script, summary):
+    from common import gradagg
     pins = json.loads(GOLDEN.read_text()) if GOLDEN.exists() else {}
-    now = {"versions": summary["versions"], "numbers": golden_numbers(summary)}
+    # the Gram matrix's summation order differs between the C++ kernel and the PyTorch fallback, and a
+    # sensitive rule (sdmgrad: 20 momentum steps at lr 10) moves by more than 1e-6 in 6 steps: the pins are
+    # made with the kernel `make build` builds, and compared only where that kernel is in use
+    now = {"versions": summary["versions"], "numbers": golden_numbers(summary), "gram_backend": gradagg.BACKEND}
     if os.environ.get("UPDATE_GOLDEN"):
         pins[script] = now
         GOLDEN.write_text(json.dumps(dict(sorted(pins.items())), indent=1) + "\n")
         return
     assert script in pins, f"no golden numbers for {script}: run with UPDATE_GOLDEN=1 once"
     pinned = pins[script]
+    if pinned.get("gram_backend") != now["gram_backend"]:
+        assert pinned["versions"] == now["versions"], (
+            f"{script}: versions {pinned['versions']} -> {now['versions']}: refresh the pins with UPDATE_GOLDEN=1")
+        pytest.skip(f"golden numbers of {script} were made with the {pinned.get('gram_backend')} Gram kernel, "
+                    f"this run has {now['gram_backend']} (make build)")
     moved = {k: (v, now["numbers"][k]) for k, v in pinned["numbers"].items()
              if not math.isclose(v, now["numbers"][k], rel_tol=1e-6, abs_tol=1e-9)}
     if moved and pinned["versions"] == now["versions"]:

@@ -76,6 +76,18 @@ def test_interrupted_run_resumes_to_identical_metrics(tiny_data, tmp_path):
     assert vals(full) == vals(part)
 
 
+def test_checkpoint_cadence_in_wall_time_and_at_a_new_best(tiny_data, tmp_path):
+    """Without a step cadence: a checkpoint after a validation that made a new best (the first one always does),
+    none between evaluations while --checkpoint-minutes has not passed, and one at every step once it has."""
+    def last_checkpoint_step(out, *extra):
+        crashed = run_script(tiny_data, out, "--checkpoint-every", "0", "--crash-after-step", "7", *extra, check=False)
+        assert crashed.returncode == 3, crashed.stderr
+        return torch.load(out / "all_at_once" / "seed0" / "checkpoint.pt", weights_only=True)["progress"]["step"]
+    assert last_checkpoint_step(tmp_path / "slow", "--checkpoint-minutes", "60") == 5      # the eval at step 5
+    assert last_checkpoint_step(tmp_path / "due", "--checkpoint-minutes", "1e-9") == 6     # every step is due
+    assert last_checkpoint_step(tmp_path / "off", "--checkpoint-minutes", "0") == 5
+
+
 def test_sigterm_checkpoints_and_resume_finishes(tiny_data, tmp_path):
     import signal
     import time
@@ -126,3 +138,49 @@ def test_all_finite_is_one_fused_check_that_misses_nothing():
         assert not all_finite(g)
     big = [torch.full((4,), 3e38)]   # finite, though its 2-norm overflows: not flagged
     assert all_finite(big)
+
+
+def test_a_cpu_run_checkpoints_without_touching_cuda(tiny_data, tmp_path, monkeypatch):
+    """On a GPU machine a CPU run must not initialise CUDA to save its RNGs (issue 28): only a run that has
+    CUDA initialised stores the CUDA generators."""
+    run = Run(args_for(tiny_data, tmp_path), strategy="cpu_on_gpu_machine")
+    run.start()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+    def no_cuda(*_a, **_k):
+        raise AssertionError("CUDA touched by a CPU run's checkpoint")
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", no_cuda)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", no_cuda)
+    run.save_checkpoint()
+    run._load_checkpoint(run.dir / "checkpoint.pt")
+    assert "cuda" not in torch.load(run.dir / "checkpoint.pt", weights_only=True)["rng"]
+
+
+def test_only_rank_0_serialises_a_file(tmp_path, monkeypatch):
+    """Under torchrun the ranks above 0 neither build nor serialise the files rank 0 writes (issue 28)."""
+    from common import distributed
+    from common.train import atomic_save
+    monkeypatch.setattr(distributed, "is_main", lambda: False)
+
+    def no_save(*_a, **_k):
+        raise AssertionError("a rank above 0 serialised a checkpoint")
+    monkeypatch.setattr(torch, "save", no_save)
+    atomic_save({"w": torch.zeros(3)}, tmp_path / "checkpoint.pt")
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_deterministic_switches_off_the_fused_attention_backends(tiny_data, tmp_path):
+    """--deterministic on CUDA: the flash / memory-efficient / cuDNN attention backward passes are not
+    deterministic and use_deterministic_algorithms(warn_only=True) lets them run, so the run selects the math
+    backend (issue 28). The flags are global; they are restored here."""
+    saved = (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled(),
+             torch.backends.cuda.cudnn_sdp_enabled(), torch.are_deterministic_algorithms_enabled())
+    try:
+        Run(args_for(tiny_data, tmp_path, "--deterministic"), strategy="deterministic_probe")
+        assert not torch.backends.cuda.flash_sdp_enabled() and not torch.backends.cuda.mem_efficient_sdp_enabled()
+        assert not torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cuda.math_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_flash_sdp(saved[0])
+        torch.backends.cuda.enable_mem_efficient_sdp(saved[1])
+        torch.backends.cuda.enable_cudnn_sdp(saved[2])
+        torch.use_deterministic_algorithms(saved[3])

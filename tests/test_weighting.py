@@ -323,3 +323,19 @@ def test_every_weighting_class_declares_rule_version_1():
     assert W.Weighting in classes and len(classes) >= len(WEIGHTINGS)
     for cls in classes:
         assert vars(cls).get("version") == 1, cls.__name__
+
+
+def test_constant_weighting_is_the_fixed_weighted_sum():
+    from types import SimpleNamespace
+
+    from common.weighting import WEIGHTINGS
+    losses = torch.tensor([0.5, 1.0, 2.0, 0.1, 0.3])
+    w = WEIGHTINGS["constant"].from_args(5, SimpleNamespace(constant_weights="1,0,2,1,0.5"))
+    assert torch.allclose(w.terms(losses), torch.tensor([0.5, 0.0, 4.0, 0.1, 0.15]))
+    active = torch.tensor([True, True, False, True, True])
+    assert w.terms(losses, active)[2] == 0                      # a resting task adds nothing
+    default = WEIGHTINGS["constant"].from_args(5, SimpleNamespace(constant_weights=None))
+    assert torch.equal(default.terms(losses), WEIGHTINGS["equal"](5).terms(losses))
+    for bad, why in (("1,2", "needs 5 values"), ("1,1,1,1,-1", ">= 0"), ("1,1,x,1,1", "must be numbers")):
+        with pytest.raises(ValueError, match=why):
+            WEIGHTINGS["constant"].from_args(5, SimpleNamespace(constant_weights=bad))
