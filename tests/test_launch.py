@@ -166,3 +166,17 @@ def test_slurm_time_formats_and_bad_options(tmp_path):
         launch.SlurmLauncher(tmp_path, gpus_per_job=2, cluster="local")
     with pytest.raises(SystemExit, match="--gpus"):
         launch.LocalLauncher(gpus="cuda:0")
+
+
+def test_a_job_slurm_requeued_itself_resumes_its_run(monkeypatch):
+    """Slurm's own requeue (a node failure: SLURM_RESTART_COUNT > 0) reruns the first submission; the job then
+    continues the run (--resume) instead of starting it afresh over its checkpoint."""
+    seen = []
+    monkeypatch.setattr(launch, "execute_run", lambda run, threads, device: seen.append(run.entry) or {"status": "ok"})
+    job = launch.GridJob(threads=1)
+    run = launch.Run("final: x seed0", ["x"], "/nonexistent", ["--lr", "1"], "/nonexistent")
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    job(run)
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    job(run)
+    assert seen == [None, {"status": "running", "settings": ["--lr", "1"]}]
