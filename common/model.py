@@ -228,14 +228,11 @@ def run_bilstm(lstm: nn.LSTM, x, mask):
     direction; the backward direction instead reads each sequence reversed within its length, so that its
     padding also comes last. Each layer then runs two one-direction calls of the fast padded kernel with
     the nn.LSTM's own weights (same parameter names as nn.LSTM, so original checkpoints load)."""
+    if x.device.type != "cpu":  # cuDNN runs packed sequences efficiently
+        return packed_bilstm(lstm, x, mask)
     B, S, _ = x.shape
     lengths = mask.sum(dim=1)
     keep = mask[..., None].to(x.dtype)
-    if x.device.type != "cpu":  # cuDNN runs packed sequences efficiently
-        # pack needs lengths >= 1: an absent modality runs on one zero segment, then is zeroed below
-        packed = pack_padded_sequence(x, lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False)
-        out, _ = pad_packed_sequence(lstm(packed)[0], batch_first=True, total_length=S)
-        return out * keep
     if lstm.dropout or not (lstm.bidirectional and lstm.batch_first and lstm.bias) or lstm.proj_size:
         raise ValueError("run_bilstm expects a batch_first bidirectional nn.LSTM with biases, no dropout, no projection")
     h0 = x.new_zeros(1, B, lstm.hidden_size)
@@ -250,6 +247,16 @@ def run_bilstm(lstm: nn.LSTM, x, mask):
             outs.append(out if not suffix else reverse_within_length(out, lengths))
         x = torch.cat(outs, dim=-1)
     return x * keep
+
+
+def packed_bilstm(lstm: nn.LSTM, x, mask):
+    """run_bilstm's path off the CPU: the nn.LSTM on packed sequences (cuDNN), outputs at padding zeroed.
+    It runs on CPU too, where tests/test_model.py holds it equal to the padded path and to each sequence alone."""
+    lengths = mask.sum(dim=1)
+    # pack needs lengths >= 1: an absent modality runs on one zero segment, then is zeroed below
+    packed = pack_padded_sequence(x, lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False)
+    out, _ = pad_packed_sequence(lstm(packed)[0], batch_first=True, total_length=x.shape[1])
+    return out * mask[..., None].to(x.dtype)
 
 
 _CPU_BF16_LSTM = {}  # cached probe result: None where it works, else the error

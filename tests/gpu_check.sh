@@ -5,7 +5,8 @@
 # step (so that one run shows every problem) and exits non-zero at the end if any failed.
 #  1. CUDA present and torch a CUDA build (else stop at once); the requirements installed WITHOUT torch (the
 #     installed CUDA torch is pinned as a constraint: requirements.txt's CPU pin must not replace it)
-#  2. the extension built, and common.gradagg's backend asserted to be "cuda"; the CUDA kernel tests
+#  2. the extension built, and common.gradagg's backend asserted to be "cuda"; the CUDA kernel tests and the
+#     packed-LSTM branch on CUDA (tests/test_model.py)
 #  3. --deterministic twice: metrics.jsonl identical (every number, timing fields aside)
 #  4. kill and resume on the GPU: a --deterministic run killed after step 12 and resumed ends with the
 #     uninterrupted run's numbers (identical)
@@ -58,7 +59,7 @@ import sys; sys.path.insert(0, '.')
 from common import gradagg
 print('gradagg backend:', gradagg.BACKEND)
 sys.exit(0 if gradagg.BACKEND == 'cuda' else 1)"
-step cuda_tests 300 python3 -m pytest -q -rs tests/test_gradagg.py tests/test_csrc_build.py
+step cuda_tests 300 python3 -m pytest -q -rs tests/test_gradagg.py tests/test_csrc_build.py tests/test_model.py
 
 # 3. --deterministic twice
 for r in a b; do

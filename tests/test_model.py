@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common.data import MODALITIES, TASKS  # noqa: E402
 from common.dropout import attention, dropout, stock_dropout  # noqa: E402
 from common.model import (MODEL_SIZES, ORIGINAL_NAME_MAP, CrossAttention, HCAModel,  # noqa: E402
-                          load_original_checkpoint, masked_softmax, run_bilstm)
+                          load_original_checkpoint, masked_softmax, packed_bilstm, run_bilstm)
 
 TINY = MODEL_SIZES["tiny"]
 H = TINY.hidden
@@ -257,6 +257,37 @@ def test_bilstm_equals_packed_sequences():
     ours = run_bilstm(lstm, x, mask)
     assert torch.allclose(ours[mask], ref[mask], atol=1e-6)
     assert torch.equal(ours[~mask], torch.zeros(int((~mask).sum()), 10))
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_packed_branch_is_padding_exact(device):
+    """The branch run_bilstm takes off the CPU (packed sequences: cuDNN on a GPU) gives each sequence what it
+    gives alone, zeros at padding and for an absent modality (length 0), and the padded CPU path's outputs
+    and gradients (issue 28: no test ran that branch). On CPU the same code runs PyTorch's packed kernel."""
+    torch.manual_seed(1)
+    lstm = torch.nn.LSTM(6, 5, num_layers=2, bidirectional=True, batch_first=True)
+    x = torch.randn(4, 7, 6)
+    lengths = torch.tensor([7, 3, 1, 0])
+    mask = torch.arange(7)[None, :] < lengths[:, None]
+    lstm_d = torch.nn.LSTM(6, 5, num_layers=2, bidirectional=True, batch_first=True).to(device)
+    lstm_d.load_state_dict(lstm.state_dict())
+    xd = x.clone().to(device).requires_grad_()
+    out = packed_bilstm(lstm_d, xd, mask.to(device))
+    for b in range(4):
+        n = int(lengths[b])
+        alone = lstm(x[b:b + 1, :n])[0][0] if n else torch.zeros(0, 10)
+        assert torch.allclose(out[b, :n].cpu(), alone, atol=1e-5), b
+        assert torch.equal(out[b, n:].detach().cpu(), torch.zeros(7 - n, 10)), b
+    xc = x.clone().requires_grad_()
+    padded = run_bilstm(lstm, xc, mask)
+    assert torch.allclose(out.detach().cpu(), padded.detach(), atol=1e-5)
+    (out.pow(2).sum()).backward()
+    padded.pow(2).sum().backward()
+    assert torch.allclose(xd.grad.cpu(), xc.grad, atol=1e-5)
+    assert torch.equal(xd.grad[3].cpu(), torch.zeros(7, 6))   # an absent modality's input gets no gradient
 
 
 def test_segment_mask_must_be_a_prefix():
