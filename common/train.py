@@ -684,19 +684,25 @@ class Run:
         model = model or self.model
         modalities = self.active_modalities if modalities == "current" else modalities
         model.eval()
-        scores, labels = [], []
         size = self.args.eval_batch_size
         # clips in order of text length, so that a batch pads little (padding changes no score: tested);
         # the rows come back in the dataset's order
         order = (np.argsort(dataset.text_lengths(), kind="stable") if hasattr(dataset, "text_lengths")
                  else np.arange(len(dataset)))
         plan = [order[i:i + size].tolist() for i in range(0, len(dataset), size)]
-        for batch in self.loader(plan, dataset):
+        # torchrun: each rank predicts every world_size-th batch of the same plan and the ranks exchange them,
+        # so that every batch (and hence every score) is the one a single process computes
+        mine = list(range(distributed.rank(), len(plan), distributed.world_size()))
+        parts = []
+        for k, batch in zip(mine, self.loader([plan[k] for k in mine], dataset)):
             batch = device_batch(batch, self.device)
             logits = model(batch, active_modalities=modalities)
-            scores.append(torch.softmax(logits.float(), dim=-1)[..., 1].cpu())
-            labels.append(self.objective.labels(batch).cpu())
+            parts.append((k, torch.softmax(logits.float(), dim=-1)[..., 1].cpu(), self.objective.labels(batch).cpu()))
         model.train()
+        if distributed.is_distributed():
+            parts = sorted((p for rank_parts in distributed.gather_objects(parts) for p in rank_parts),
+                           key=lambda p: p[0])
+        scores, labels = [p[1] for p in parts], [p[2] for p in parts]
         rows = torch.from_numpy(np.argsort(order, kind="stable"))  # position of each clip in `order`
         return torch.cat(scores)[rows].numpy(), torch.cat(labels)[rows].numpy()
 

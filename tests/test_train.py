@@ -184,3 +184,32 @@ def test_deterministic_switches_off_the_fused_attention_backends(tiny_data, tmp_
         torch.backends.cuda.enable_mem_efficient_sdp(saved[1])
         torch.backends.cuda.enable_cudnn_sdp(saved[2])
         torch.use_deterministic_algorithms(saved[3])
+
+
+def test_evaluation_is_sharded_across_ranks_and_gives_the_single_process_scores(tiny_data, tmp_path, monkeypatch):
+    """Under torchrun each rank predicts every world_size-th batch of the same plan and the ranks exchange
+    them (issue 28: every rank evaluated the whole split): the scores equal one process's exactly."""
+    from common import distributed
+    run = Run(args_for(tiny_data, tmp_path, "--eval-batch-size", "4"), strategy="sharded_eval")
+    one_scores, one_labels = run.predict(run.val_set)
+    shares = {}
+
+    class Captured(Exception):
+        pass
+
+    def capture(parts):
+        shares[distributed.rank()] = parts
+        raise Captured
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "gather_objects", capture)
+    for r in (0, 1):
+        monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+        with pytest.raises(Captured):
+            run.predict(run.val_set)
+    n_batches = -(-len(run.val_set) // 4)
+    assert [k for k, _, _ in shares[0]] == list(range(0, n_batches, 2))
+    assert [k for k, _, _ in shares[1]] == list(range(1, n_batches, 2))
+    monkeypatch.setattr(distributed, "gather_objects", lambda parts: [shares[0], shares[1]])
+    scores, labels = run.predict(run.val_set)
+    assert (scores == one_scores).all() and (labels == one_labels).all()
