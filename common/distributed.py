@@ -29,6 +29,8 @@ A global batch with fewer clips than ranks: a rank without clips gets the batch'
 (shard() says so); its rows are masked out of every loss, so it contributes zeros but still takes part in
 every collective.
 """
+import datetime
+import functools
 import os
 import pickle
 from dataclasses import dataclass
@@ -48,7 +50,7 @@ class Context:
 _CTX = Context()
 
 
-def setup(device="cpu"):
+def setup(device="cpu", collective_timeout=600.0):
     """Initialise the process group once when launched by torchrun (WORLD_SIZE > 1); returns (context,
     device). A CUDA device becomes cuda:<LOCAL_RANK> under torchrun. Backend: nccl for CUDA, gloo for CPU."""
     global _CTX
@@ -66,7 +68,9 @@ def setup(device="cpu"):
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            # a collective waits at most collective_timeout seconds for a rank that died or hangs
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                    timeout=datetime.timedelta(seconds=collective_timeout))
         _CTX = Context(dist.get_rank(), dist.get_world_size(), local_rank, dist.get_backend())
     elif device.type == "cuda":
         torch.cuda.set_device(device if device.index is not None else torch.device("cuda", 0))
@@ -94,6 +98,55 @@ def is_main():
     return _CTX.rank == 0
 
 
+# ---------------------------------------------------------------- a rank lost
+_ENTERED = "mtl_collectives_entered/"
+_entered = 0  # collectives this rank has entered
+
+
+def _store():
+    """The process group's key-value store (under torchrun hosted by the agent, so it outlives a dead rank)."""
+    return dist.distributed_c10d._get_default_store()
+
+
+def lost_rank_report(exc):
+    """Why a collective failed, in words: how many collectives each rank entered (the store's counters), the
+    rank(s) that never entered this one named."""
+    counts = {}
+    try:
+        store = _store()
+        for r in range(world_size()):
+            key = f"{_ENTERED}{r}"
+            counts[r] = int(store.get(key)) if store.check([key]) else 0
+        behind = [r for r, n in counts.items() if n < _entered]
+        lost = (f"rank {', '.join(map(str, behind))} never entered it (dead or hung)" if behind
+                else "every rank entered it")
+    except Exception as err:  # noqa: BLE001 -- the store itself may be gone: say so, keep the first error
+        lost = f"the store is unreachable too ({str(err).splitlines()[0][:120]})"
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    return (f"rank {rank()}: collective #{_entered} with the other ranks failed: {first}. Collectives entered per "
+            f"rank: {counts}: {lost}. Rerun with --resume and the same torchrun --nproc_per_node {world_size()} "
+            f"(the last checkpoint holds every rank's state).")
+
+
+def _names_a_lost_rank(fn):
+    """Each collective first counts itself in the store; one that fails (a peer died, or a hang past
+    --collective-timeout) ends this rank with a report naming the rank that never entered it, instead of a
+    bare backend error or a wait without end."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        global _entered
+        if not is_distributed():
+            return fn(*args, **kwargs)
+        _entered += 1
+        _store().set(f"{_ENTERED}{rank()}", str(_entered))
+        try:
+            return fn(*args, **kwargs)
+        except RuntimeError as exc:  # gloo and NCCL errors (DistBackendError included) are RuntimeErrors
+            raise SystemExit(lost_rank_report(exc)) from exc
+    return wrapper
+
+
+@_names_a_lost_rank
 def barrier():
     if is_distributed():
         dist.barrier()
@@ -129,6 +182,7 @@ def shard_start(n, r=None, world=None):
 
 
 # ---------------------------------------------------------------- reductions
+@_names_a_lost_rank
 def all_reduce_sum_(tensor):
     """In-place sum over ranks (identity in one process)."""
     if is_distributed():
@@ -246,6 +300,7 @@ def _collective_device():
     return torch.device("cuda", torch.cuda.current_device()) if _CTX.backend == "nccl" else torch.device("cpu")
 
 
+@_names_a_lost_rank
 def broadcast_object(obj, src=0):
     """Rank src's object on every rank (e.g. validation metrics, so that every rank's rule decides alike)."""
     if not is_distributed():
@@ -255,6 +310,7 @@ def broadcast_object(obj, src=0):
     return box[0]
 
 
+@_names_a_lost_rank
 def gather_objects(obj):
     """[object of rank 0, object of rank 1, ...] on every rank ([obj] in one process)."""
     if not is_distributed():
@@ -264,6 +320,7 @@ def gather_objects(obj):
     return out
 
 
+@_names_a_lost_rank
 def gather_to_main(obj):
     """[object of rank 0, object of rank 1, ...] on rank 0, None on the other ranks ([obj] in one process):
     what only rank 0 writes (a checkpoint's per-rank RNG and rule state) travels to rank 0 alone."""

@@ -149,6 +149,9 @@ def build_parser(description=None):
     p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
                    help="autocast of the forward (bf16, or fp16 with a gradient scaler); losses, per-task "
                         "gradients, the Gram matrix and the aggregators' solve stay fp32 or better")
+    p.add_argument("--collective-timeout", type=float, default=600.0,
+                   help="torchrun: seconds a collective waits for the other ranks before the run stops with a "
+                        "report naming the rank that stopped first (a dead or hung rank)")
     p.add_argument("--deterministic", action="store_true",
                    help="deterministic kernels (torch.use_deterministic_algorithms with a warning naming any op "
                         "that has none, no cuDNN autotuning, the math attention backend instead of the fused "
@@ -345,7 +348,7 @@ class Run:
         self.tasks = list(objective.tasks)
         self.strategy = strategy + objective.strategy_suffix
         # -- devices and precision: torchrun ranks (common/distributed.py), autocast, deterministic kernels
-        self.dist, self.device = distributed.setup(args.device)
+        self.dist, self.device = distributed.setup(args.device, getattr(args, "collective_timeout", 600.0))
         if not distributed.is_main():  # rank 0 alone prints (errors still reach stderr)
             sys.stdout = open(os.devnull, "w")
         if args.deterministic:
