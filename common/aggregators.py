@@ -586,6 +586,7 @@ class Aggregator:
     name = None
     rule_kind = "aggregator"  # run records store kind, name and version (common/versions.py)
     version = 1               # bump in the subclass whose results change
+    needs_task_grad_matrix = False  # True: a gradient rule (common/gradient_rules.py) that takes the T x P rows
 
     def __init__(self):
         self.report = {}  # what the last call noticed, for the run's decisions

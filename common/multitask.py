@@ -89,7 +89,7 @@ class MultiTaskUpdate:
         self.T = len(run.tasks)
         self.weighting, self.aggregator, self.grad_space = weighting, aggregator, grad_space
         # a gradient rule (common/gradient_rules.py) takes the T x P rows, not the Gram matrix
-        self.rule_rows = aggregator is not None and getattr(aggregator, "needs_task_grad_matrix", False)
+        self.rule_rows = aggregator is not None and aggregator.needs_task_grad_matrix
         if self.rule_rows and grad_space == "representation" and not aggregator.supports_representation:
             raise ValueError(f"{aggregator.name}: keeps state on the per-task parameter gradients [T, P], so it "
                              "needs --grad-space params (representation gradients change size with the batch)")

@@ -57,7 +57,8 @@ import torch
 import torch.nn.functional as F
 
 from common import distributed
-from common.checkpoints import MODEL_CONFIG_FILE, MODEL_FILE
+from common.checkpoints import (MODEL_CONFIG_FILE, MODEL_FILE, check_model_config, load_checkpoint, load_safetensors,
+                                to_safe, write_model_files)
 from common.data import TASKS, H5Dataset, collate, feature_stats
 from common.evaluate import evaluate_predictions
 from common.model import MODEL_SIZES, TRUNK_NAMES, cpu_bf16_lstm_problem, model_config, model_from_args
@@ -861,8 +862,7 @@ class Run:
         return distributed.any_true(due) if distributed.is_distributed() else due
 
     def _load_checkpoint(self, path):
-        from common.checkpoints import load_checkpoint  # restricted unpickler: a tampered file runs nothing
-        state = load_checkpoint(path, map_location=self.device)
+        state = load_checkpoint(path, map_location=self.device)  # restricted unpickler: runs nothing
         saved_world = state.get("world_size", 1)
         if saved_world != distributed.world_size():
             raise SystemExit(f"{path}: written by a run of {saved_world} process(es), resumed with "
@@ -905,13 +905,11 @@ class Run:
         distributed.barrier()  # torchrun: rank 0 has written best.pt
         best = self.dir / "best.pt"
         if best.exists():
-            from common.checkpoints import load_checkpoint
             state = load_checkpoint(best, map_location=self.device)
             self.model.load_state_dict(state["model"])
             if "objective" in state:
                 self.objective.load_state_dict(state["objective"])
         if distributed.is_main():  # the evaluated model without a pickle: model.safetensors + model_config.json
-            from common.checkpoints import write_model_files
             write_model_files(self.model, self.dir, stage=self.args.stage, strategy=self.strategy,
                               feature_norm=getattr(self.args, "feature_norm", None),
                               best_step=self.progress["best_step"], source="best.pt" if best.exists() else "last step")
@@ -1037,7 +1035,6 @@ def load_init(model, path):
     .safetensors file (a finished run's model.safetensors) holds the state dict, and its configuration
     (model_config.json) must match the model's. Every file is read without running code from it
     (common.checkpoints: the restricted unpickler; a file holding anything else stops the run, unrun)."""
-    from common.checkpoints import check_model_config, load_checkpoint, load_safetensors
     from common.model import load_original_checkpoint
     if str(path).endswith(".safetensors"):  # no pickle; its configuration (header or model_config.json) must match
         tensors, config = load_safetensors(path)
@@ -1105,7 +1102,6 @@ def atomic_save(obj, path):
     loader would refuse is an error here, so that every checkpoint we write loads with weights_only=True."""
     if not distributed.is_main():  # torchrun: rank 0 alone writes files, so it alone serialises them
         return
-    from common.checkpoints import to_safe
     path = Path(path)
     obj = to_safe(obj, path.name)
     buf = io.BytesIO()
