@@ -32,7 +32,6 @@ every collective.
 import datetime
 import functools
 import os
-import pickle
 from dataclasses import dataclass
 
 import torch
@@ -181,6 +180,78 @@ def shard_start(n, r=None, world=None):
     return r * base + min(r, extra)
 
 
+def shard_sizes(n, world=None):
+    """How many of a global batch's n clips each rank holds (0 for a rank that holds a ghost)."""
+    world = world_size() if world is None else world
+    base, extra = divmod(n, world)
+    return [base + (1 if r < extra else 0) for r in range(world)]
+
+
+# ---------------------------------------------------------------- the global batch, where a rule draws for all of it
+BATCH_TENSORS = ("text_ids", "text_mask", "video", "video_mask", "audio", "audio_mask", "present", "labels", "index")
+PADDED = {"text_ids": 0, "text_mask": 0, "video": 1, "video_mask": 1, "audio": 2, "audio_mask": 2}  # length slot
+
+
+def gather_global_batch(batch):
+    """torchrun: the global batch from this rank's shard, identical on every rank and equal to the one that
+    one process collates (every clip in global order, padded with zeros to the longest): what pretraining
+    corrupts, so that it draws one process's swaps and masks. One process: the batch itself. clip_ids stay
+    this rank's own."""
+    if not is_distributed():
+        return batch
+    sizes = shard_sizes(batch["global_batch_size"])
+    mine = sizes[rank()]  # 0 on a ghost rank: it sends no rows
+    lengths = torch.tensor([batch[k].shape[1] if mine else 1 for k in ("text_ids", "video", "audio")],
+                           device=_collective_device())
+    _all_reduce_max_(lengths)
+    lengths = lengths.tolist()
+    out = dict(batch)
+    for key in BATCH_TENSORS:
+        local = batch[key][:mine]
+        shape = list(local.shape)
+        shape[0] = max(sizes)
+        if key in PADDED:
+            shape[1] = lengths[PADDED[key]]
+        # bool travels as uint8 (gloo has no bool); padding is zeros, as collate's
+        send = torch.zeros(shape, dtype=torch.uint8 if local.dtype == torch.bool else local.dtype, device=local.device)
+        send[tuple(slice(0, n) for n in local.shape)] = local
+        parts = _all_gather(send)
+        out[key] = torch.cat([part[:n] for part, n in zip(parts, sizes)]).to(local.dtype)
+    return out
+
+
+class _GatheredRows(torch.autograd.Function):
+    """Forward: every rank's rows in rank order, on every rank. Backward: this rank's rows get the sum over
+    ranks of their gradients (each rank's loss may use every row), so that with global_task_losses' W
+    scaling the mean over ranks in average_gradients is the gradient of the global loss."""
+
+    @staticmethod
+    def forward(ctx, rows, sizes):
+        ctx.sizes = sizes
+        send = rows.new_zeros((max(sizes), *rows.shape[1:]))
+        send[:rows.shape[0]] = rows
+        return torch.cat([part[:n] for part, n in zip(_all_gather(send), sizes)])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        all_reduce_sum_(grad)
+        start = sum(ctx.sizes[:rank()])
+        return grad[start:start + ctx.sizes[rank()]], None
+
+
+def gather_rows(rows, sizes):
+    """[sum(sizes), ...]: the rows of every rank (rank r holds sizes[r] of them), differentiable; every rank
+    must call it, a rank with no rows too (e.g. the contrastive negatives of the global batch). One process:
+    rows."""
+    if not is_distributed():
+        return rows
+    if rows.shape[0] != sizes[rank()]:
+        raise ValueError(f"gather_rows: rank {rank()} holds {rows.shape[0]} rows, sizes say {sizes[rank()]}")
+    return _GatheredRows.apply(rows, list(sizes))
+
+
 # ---------------------------------------------------------------- reductions
 @_names_a_lost_rank
 def all_reduce_sum_(tensor):
@@ -223,13 +294,18 @@ def global_task_losses(per_item, mask):
     return _GlobalMean.apply(local_sum, global_sum, global_count, world_size()), global_count
 
 
-def all_reduce_task_losses(losses):
-    """Mean over ranks of [T] values that are each rank's share (e.g. logged numbers); identity alone."""
-    if not is_distributed():
-        return losses
-    out = losses.detach().clone().to(torch.float64)
-    all_reduce_sum_(out)
-    return (out / world_size()).to(losses.dtype)
+@_names_a_lost_rank
+def _all_reduce_max_(tensor):
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
+@_names_a_lost_rank
+def _all_gather(tensor):
+    """[rank 0's tensor, rank 1's, ...]: same shape and dtype on every rank."""
+    parts = [torch.empty_like(tensor) for _ in range(world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return parts
 
 
 def all_reduce_task_grads(grads):
@@ -329,8 +405,3 @@ def gather_to_main(obj):
     out = [None] * world_size() if is_main() else None
     dist.gather_object(obj, out, dst=0)
     return out
-
-
-def copyable(obj):
-    """A deep copy through pickle (state dicts gathered from other ranks share no storage with live objects)."""
-    return pickle.loads(pickle.dumps(obj))

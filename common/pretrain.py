@@ -17,6 +17,7 @@ marked invalid for that task, so that means are over the scored clips only.
 import torch
 import torch.nn.functional as F
 from torch import nn
+from common import distributed
 from common.data import TASKS
 
 PRETRAIN_TASKS = ("vtm", "vam", "atm", "contrastive", "mfm_video", "mfm_audio", "mlm")
@@ -71,8 +72,26 @@ def corrupt(batch, generator, swap_prob=0.5, mask_prob=0.15):
 
 def info_nce(a, b, temperature):
     """Per-row InfoNCE of matched rows a[i] <-> b[i] against the other rows: [N] losses."""
-    logits = F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T / temperature
-    return F.cross_entropy(logits, torch.arange(a.shape[0], device=a.device), reduction="none")
+    return _nce(F.normalize(a, dim=-1), F.normalize(b, dim=-1), temperature,
+                torch.arange(a.shape[0], device=a.device))
+
+
+def _nce(queries, keys, temperature, target):
+    """Cross-entropy of unit queries [n, D] against unit keys [N, D]; query i's match is keys[target[i]]."""
+    return F.cross_entropy(queries @ keys.T / temperature, target, reduction="none")
+
+
+def own_rows(corrupted, targets, batch):
+    """torchrun: this rank's rows of the corrupted global batch and of its targets (a ghost rank keeps the
+    first clip, masked out later). The targets keep the global swaps and this rank's place in the global
+    batch, for the contrastive negatives of the whole batch."""
+    sizes = distributed.shard_sizes(batch["global_batch_size"])
+    n, start = sizes[distributed.rank()], batch["shard_start"]
+    rows = slice(start, start + n) if n else slice(0, 1)
+    out = {k: (v[rows] if k in distributed.BATCH_TENSORS else v) for k, v in corrupted.items()}
+    mine = {k: v[rows] for k, v in targets.items() if k != "partner"}  # partner holds global row numbers
+    mine.update(global_swap=targets["swap"], shard_sizes=sizes)
+    return out, mine
 
 
 class PretrainHeads(nn.Module):
@@ -103,11 +122,8 @@ class PretrainHeads(nn.Module):
                 losses[:, k] = F.cross_entropy(self.match[task](fused), matched.long(), reduction="none")
                 valid[:, k] = True
             elif task == "contrastive":
-                intact = (swap == SWAP_NONE).nonzero().flatten()
-                if intact.numel() >= 2:
-                    parts = fused[intact].view(-1, 3, H)
-                    t, v, a = (parts[:, self.slot[m]] for m in ("text", "video", "audio"))
-                    row = (info_nce(t, v, self.temperature) + info_nce(t, a, self.temperature)) / 2
+                intact, row = self.contrastive(fused, swap, targets)
+                if row is not None:
                     losses[intact, k] = row
                     valid[intact, k] = True
             elif task == "mlm":
@@ -122,6 +138,33 @@ class PretrainHeads(nn.Module):
                 per_seg = F.mse_loss(pred, targets[f"mfm_{m}_features"][pos], reduction="none").mean(-1)
                 losses[:, k], valid[:, k] = _per_clip_mean(per_seg, pos)
         return losses, valid
+
+    def contrastive(self, fused, swap, targets):
+        """(intact clips, their InfoNCE losses or None): each intact clip's text against the video (and the
+        audio) of every intact clip of the batch. torchrun: of the global batch, the other ranks' video and
+        audio vectors gathered (gradients flow back to their ranks), as one process computes it."""
+        H = fused.shape[1] // 3
+        if "global_swap" not in targets:
+            intact = (swap == SWAP_NONE).nonzero().flatten()
+            if intact.numel() < 2:
+                return intact, None
+            parts = fused[intact].view(-1, 3, H)
+            t, v, a = (parts[:, self.slot[m]] for m in ("text", "video", "audio"))
+            return intact, (info_nce(t, v, self.temperature) + info_nce(t, a, self.temperature)) / 2
+        sizes = targets["shard_sizes"]
+        r = distributed.rank()
+        intact = (swap[:sizes[r]] == SWAP_NONE).nonzero().flatten()  # a ghost rank (no rows of its own) has none
+        global_intact = (targets["global_swap"] == SWAP_NONE).long()
+        if int(global_intact.sum()) < 2:  # the same answer on every rank: all skip the gathers
+            return intact, None
+        counts = [int(part.sum()) for part in global_intact.split(sizes)]
+        parts = fused[intact].view(-1, 3, H)
+        t, v, a = (parts[:, self.slot[m]] for m in ("text", "video", "audio"))
+        first = sum(counts[:r])
+        target = torch.arange(first, first + intact.numel(), device=fused.device)
+        t = F.normalize(t, dim=-1)
+        keys = [distributed.gather_rows(F.normalize(x, dim=-1), counts) for x in (v, a)]
+        return intact, (_nce(t, keys[0], self.temperature, target) + _nce(t, keys[1], self.temperature, target)) / 2
 
 
 def _per_clip_mean(values, positions):
@@ -142,6 +185,9 @@ class PretrainObjective(nn.Module):
         self.generator = torch.Generator().manual_seed(seed + 2718281)
 
     strategy_suffix = "_pretrain"
+    # recorded in a run's versions (common/versions.py); 2: the heads initialised from --seed, torchrun corrupts
+    # the global batch and gathers the contrastive negatives of every rank
+    rule_kind, name, version = "objective", "pretrain", 2
     model_tasks = TASKS  # the model keeps every fine-tuning head, so that its checkpoint is a whole model
 
     @property
@@ -149,7 +195,12 @@ class PretrainObjective(nn.Module):
         return list(self.heads.tasks)
 
     def forward(self, model, batch, active_modalities=None, generator=None):
-        corrupted, targets = corrupt(batch, generator or self.generator)
+        # torchrun: a training batch is this rank's shard; corrupt the global batch, as one process does (the
+        # same generator state on every rank), then score this rank's rows of it
+        whole = distributed.gather_global_batch(batch) if "shard_start" in batch else batch
+        corrupted, targets = corrupt(whole, generator or self.generator)
+        if whole is not batch:
+            corrupted, targets = own_rows(corrupted, targets, batch)
         fused, sequences = model.trunk(corrupted, active_modalities=active_modalities, return_sequences=True)
         losses, valid = self.heads(fused, sequences, targets)
         return fused, losses, valid

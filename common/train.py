@@ -338,6 +338,8 @@ class Run:
         config = model_config(args.model_size, args.text_encoder)  # the width follows --text-encoder
         if args.zero_dropout:  # test-only (see build_parser)
             config = replace(config, **{f.name: 0.0 for f in fields(config) if f.name.endswith("dropout")})
+        # seeded first: the pretraining heads are initialised here (fine-tuning draws nothing before the model)
+        set_seed(args.seed)
         if objective is None:
             if args.stage == "pretrain":
                 pre_tasks = tasks or parse_tasks(args.pretrain_tasks, PRETRAIN_TASKS, "--pretrain-tasks")
@@ -380,7 +382,6 @@ class Run:
         self.dir.mkdir(parents=True, exist_ok=True)
         if args.threads:
             torch.set_num_threads(args.threads)
-        set_seed(args.seed)
         data = ensure_data(args.data)
         # video/audio standardised with the training split's statistics (see common.data.feature_stats)
         stats = feature_stats(data / "train.h5") if args.feature_norm == "train" else None

@@ -55,8 +55,9 @@ def current_rule_version(key):
     from common.schedulers import SCHEDULERS
     from common.weighting import WEIGHTINGS
     kind, _, name = key.partition(":")
+    from common.pretrain import PretrainObjective
     registry = {"weighting": WEIGHTINGS, "aggregator": {**AGGREGATORS, **GRADIENT_RULES},
-                "scheduler": SCHEDULERS}.get(kind, {})
+                "scheduler": SCHEDULERS, "objective": {"pretrain": PretrainObjective}}.get(kind, {})
     cls = registry.get(name)
     return getattr(cls, "version", None) if cls is not None else None
 

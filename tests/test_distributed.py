@@ -36,6 +36,10 @@ CONFIGS = [
     ("stop_and_go", "strategies/stop_and_go.py", ["--eval-every", "3", "--patience", "1"]),
     # clips composed for the global batch (each rank takes its rows), probabilities from the global losses
     ("dynamic_clips", "strategies/dynamic_sampling.py", ["--apply", "clips", "--difficulty", "loss", "--interval", "3"]),
+    # pretraining: the global batch's corruption and contrastive negatives (gathered from the other ranks);
+    # per-task backward passes through the gather in both spaces
+    ("pretrain_pcgrad_params", "strategies/pcgrad.py", ["--stage", "pretrain", "--grad-space", "params"]),
+    ("pretrain_pcgrad_repr", "strategies/pcgrad.py", ["--stage", "pretrain", "--grad-space", "representation"]),
 ]
 # killed on rank 1 after step 7 (checkpoint at step 4), resumed: learned weights, so rule parameters too
 CRASH = ("seed0", "strategies/all_at_once.py", ["--weights", "learned"])
@@ -64,7 +68,8 @@ def runs(tiny_data, tmp_path_factory):
     through the script's own command line, then the strategies of common/multitask.py."""
     root = tmp_path_factory.mktemp("dist")
     ref, dist2 = root / "ref", root / "dist"
-    gram = lambda out: [["@gram", [str(out / "gram.pt"), *common_args(tiny_data, out, "gram")]]]
+    gram = lambda out: [["@gram", [str(out / "gram.pt"), *common_args(tiny_data, out, "gram")]],
+                        ["@gram", [str(out / "gram_pretrain.pt"), *common_args(tiny_data, out, "gram"), "--stage", "pretrain"]]]
     configs = lambda out, which: [[script, [*common_args(tiny_data, out, name), *extra]] for name, script, extra in which]
     crash = lambda out, *flags: [[CRASH[1], [*common_args(tiny_data, out), *CRASH[2], *flags]]]
     multitask = CONFIGS[1:]
@@ -119,28 +124,38 @@ def compare_runs(ref, dist2, strategy, name):
 @pytest.mark.parametrize("name,script,extra", CONFIGS, ids=[c[0] for c in CONFIGS])
 def test_two_processes_equal_one(runs, name, script, extra):
     folder = Path(script).stem + ("_representation" if "representation" in extra else "")  # run_every_task's suffix
+    folder += "_pretrain" if "pretrain" in extra else ""                                       # the objective's
     compare_runs(runs["ref"], runs["dist"], folder, name)
 
 
-def test_aggregated_gram_equals_one_process(runs):
-    a = torch.load(runs["ref"] / "gram.pt")
-    b = torch.load(runs["dist"] / "gram.pt")
-    assert torch.equal(a["counts"], b["counts"]) and a["counts"].min() == 7
+@pytest.mark.parametrize("stage", ["finetune", "pretrain"])
+def test_aggregated_gram_equals_one_process(runs, stage):
+    """The first global batch's losses, clip counts and Gram matrices in both spaces. Pretraining: the corruption
+    of the global batch (swaps, masked positions: the counts) and the contrastive negatives of all ranks."""
+    name = "gram.pt" if stage == "finetune" else "gram_pretrain.pt"
+    a = torch.load(runs["ref"] / name)
+    b = torch.load(runs["dist"] / name)
+    assert torch.equal(a["counts"], b["counts"]) and a["counts"].min() >= 2
+    if stage == "finetune":
+        assert a["counts"].min() == 7
     torch.testing.assert_close(b["losses"], a["losses"], rtol=1e-6, atol=1e-7)
     for key in ("G_repr", "G_params"):
-        scale = a[key].diagonal().sqrt()
-        assert ((a[key] - b[key]).abs() / (scale[:, None] * scale[None, :])).max() < 1e-5, key
+        scale = a[key].diagonal().sqrt()  # pretraining, representation space: mfm and mlm have zero rows
+        assert ((a[key] - b[key]).abs() / (scale[:, None] * scale[None, :]).clamp(min=1e-30)).max() < 1e-5, key
     assert a["grads"].keys() == b["grads"].keys()
     for n in a["grads"]:
         torch.testing.assert_close(b["grads"][n], a["grads"][n], rtol=1e-4, atol=1e-7, msg=n)
 
 
-def test_tag_affinity_is_one_processes_on_every_rank(runs):
+@pytest.mark.parametrize("stage", ["finetune", "pretrain"])
+def test_tag_affinity_is_one_processes_on_every_rank(runs, stage):
     """TAG's lookahead (strategies/task_grouping.py): the all-reduced per-task gradients give every rank the
-    same Adam lookahead step, hence one process's Z (a rank-local gradient would change the step's signs)."""
-    a = torch.load(runs["ref"] / "gram.pt")["Z"]
-    b = torch.load(runs["dist"] / "gram.pt")["Z"]
-    other = torch.load(runs["dist"] / "gram.rank1.pt")["Z"]
+    same Adam lookahead step, hence one process's Z (a rank-local gradient would change the step's signs).
+    Pretraining: every lookahead forward corrupts the global batch alike (one process's draws)."""
+    name = "gram.pt" if stage == "finetune" else "gram_pretrain.pt"
+    a = torch.load(runs["ref"] / name)["Z"]
+    b = torch.load(runs["dist"] / name)["Z"]
+    other = torch.load(runs["dist"] / name.replace(".pt", ".rank1.pt"))["Z"]
     assert a.abs().max() > 0
     assert torch.equal(b, other)
     torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-3 * a.abs().max().item())
@@ -185,6 +200,21 @@ def test_single_process_reductions_are_the_plain_formulas():
     assert distributed.all_reduce_gram(G) is G
     assert distributed.any_true(True) and not distributed.any_true(False)
     assert distributed.broadcast_object({"a": 1}) == {"a": 1} and distributed.gather_objects(3) == [3]
+    batch = {"text_ids": torch.ones(2, 3), "global_batch_size": 2, "shard_start": 0}
+    assert distributed.gather_global_batch(batch) is batch
+    rows = torch.rand(4, 2)
+    assert distributed.gather_rows(rows, [4]) is rows
+
+
+def test_shard_sizes_match_the_shards():
+    for n in range(1, 12):
+        for world in (1, 2, 3, 5):
+            sizes = distributed.shard_sizes(n, world)
+            assert sum(sizes) == n
+            for r in range(world):
+                part, ghost = distributed.shard(list(range(n)), r, world)
+                assert (0 if ghost else len(part)) == sizes[r]
+                assert distributed.shard_start(n, r, world) == sum(sizes[:r]) or ghost
 
 
 # ---------------------------------------------------------------- fp16 loss scaling of the multi-task update
