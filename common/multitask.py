@@ -93,6 +93,11 @@ class MultiTaskUpdate:
         if self.rule_rows and grad_space == "representation" and not aggregator.supports_representation:
             raise ValueError(f"{aggregator.name}: keeps state on the per-task parameter gradients [T, P], so it "
                              "needs --grad-space params (representation gradients change size with the batch)")
+        past_z = [t for t in run.tasks if t in run.objective.tasks_past_representation]
+        if past_z and grad_space == "representation" and (aggregator is not None or weighting.needs_grad_norms):
+            # their gradient with respect to z is zero: the rule would see zero rows and the trunk learn nothing from them
+            raise ValueError(f"--grad-space representation: the losses of {', '.join(past_z)} do not pass through the "
+                             "fused representation z (they read the branch sequences); use --grad-space params")
         run.add_parameters(weighting.to(run.device).parameters(), lr=weights_lr)
         self.shared = run.model.shared_parameters()
         self.own_params = run.head_parameters() + list(weighting.parameters())

@@ -188,6 +188,8 @@ class PretrainObjective(nn.Module):
     # recorded in a run's versions (common/versions.py); 2: the heads initialised from --seed, torchrun corrupts
     # the global batch and gathers the contrastive negatives of every rank
     rule_kind, name, version = "objective", "pretrain", 2
+    # losses read from the branch sequences, not from the fused representation z (no representation-space rule)
+    tasks_past_representation = ("mfm_video", "mfm_audio", "mlm")
     model_tasks = TASKS  # the model keeps every fine-tuning head, so that its checkpoint is a whole model
 
     @property

@@ -269,6 +269,7 @@ class FinetuneObjective:
     tasks, model_tasks, strategy_suffix, per_item_losses, labels, task_parameters, evaluate, parameters,
     to, state_dict, load_state_dict."""
     strategy_suffix = ""
+    tasks_past_representation = ()  # every task's loss is a function of the fused representation z
 
     def __init__(self, tasks, metric="ap", select_metric=None):
         self.tasks = list(tasks)

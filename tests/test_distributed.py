@@ -39,7 +39,8 @@ CONFIGS = [
     # pretraining: the global batch's corruption and contrastive negatives (gathered from the other ranks);
     # per-task backward passes through the gather in both spaces
     ("pretrain_pcgrad_params", "strategies/pcgrad.py", ["--stage", "pretrain", "--grad-space", "params"]),
-    ("pretrain_pcgrad_repr", "strategies/pcgrad.py", ["--stage", "pretrain", "--grad-space", "representation"]),
+    ("pretrain_pcgrad_repr", "strategies/pcgrad.py", ["--stage", "pretrain", "--grad-space", "representation",
+                                                      "--pretrain-tasks", "vtm,vam,atm,contrastive"]),
 ]
 # killed on rank 1 after step 7 (checkpoint at step 4), resumed: learned weights, so rule parameters too
 CRASH = ("seed0", "strategies/all_at_once.py", ["--weights", "learned"])

@@ -104,3 +104,29 @@ def test_pretrain_then_finetune_loads_every_trunk_parameter(tiny_data, tmp_path,
     for name, p in ft.model.named_parameters():
         assert torch.equal(p.detach(), pretrained[name]), name
     assert "0 missing keys" in capsys.readouterr().out
+
+
+def test_the_pretraining_heads_follow_the_seed_not_what_ran_before(tiny_data, tmp_path):
+    """Two runs of the same --seed in one process (compare, task_grouping, the tests) start from the same
+    heads, whatever the process drew before; another seed starts from other heads."""
+    argv = lambda seed: build_parser().parse_args(["--data", str(tiny_data), "--out", str(tmp_path), "--model-size",
+                                                   "tiny", "--stage", "pretrain", "--seed", str(seed), "--quiet"])
+    heads = lambda run: torch.cat([p.detach().reshape(-1) for p in run.objective.heads.parameters()])
+    first = heads(Run(argv(0), strategy="a"))
+    torch.rand(1000)  # the process draws something in between
+    assert torch.equal(heads(Run(argv(0), strategy="b")), first)
+    assert not torch.equal(heads(Run(argv(1), strategy="c")), first)
+
+
+def test_representation_space_refuses_tasks_that_bypass_z(tiny_data, tmp_path):
+    """mfm and mlm read the branch sequences: their gradient with respect to z is zero, so a representation-space
+    rule would weigh zero rows and the trunk would learn nothing from them."""
+    import pytest
+    from common.multitask import add_update_args, make_update
+    base = ["--data", str(tiny_data), "--out", str(tmp_path), "--model-size", "tiny", "--stage", "pretrain", "--quiet",
+            "--aggregator", "pcgrad", "--grad-space", "representation"]
+    run = Run(add_update_args(build_parser()).parse_args(base), strategy="repr")
+    with pytest.raises(ValueError, match="mfm_video, mfm_audio, mlm do not pass through the fused representation"):
+        make_update(run, run.args)
+    ok = Run(add_update_args(build_parser()).parse_args(base + ["--pretrain-tasks", "vtm,contrastive"]), strategy="ok")
+    make_update(ok, ok.args)  # the matching and contrastive losses read z
