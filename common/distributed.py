@@ -97,6 +97,16 @@ def is_main():
     return _CTX.rank == 0
 
 
+# ---------------------------------------------------------------- traffic
+# bytes each rank sends, per kind of collective, counted as the ring algorithms send them (all-reduce
+# 2 (W-1)/W n, reduce-scatter (W-1)/W n of its input, all-gather (W-1)/W n of its output); make bench prints it
+TRAFFIC = {}
+
+
+def _count(kind, nbytes, factor):
+    TRAFFIC[kind] = TRAFFIC.get(kind, 0) + int(nbytes * factor * (world_size() - 1) / world_size())
+
+
 # ---------------------------------------------------------------- a rank lost
 _ENTERED = "mtl_collectives_entered/"
 _entered = 0  # collectives this rank has entered
@@ -257,6 +267,7 @@ def gather_rows(rows, sizes):
 def all_reduce_sum_(tensor):
     """In-place sum over ranks (identity in one process)."""
     if is_distributed():
+        _count("all_reduce", tensor.numel() * tensor.element_size(), 2)
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
@@ -304,6 +315,7 @@ def _all_reduce_max_(tensor):
 def _all_gather(tensor):
     """[rank 0's tensor, rank 1's, ...]: same shape and dtype on every rank."""
     parts = [torch.empty_like(tensor) for _ in range(world_size())]
+    _count("all_gather", tensor.numel() * tensor.element_size() * world_size(), 1)
     dist.all_gather(parts, tensor.contiguous())
     return parts
 
@@ -319,6 +331,38 @@ def all_reduce_task_grads(grads):
     if flat is not grads:
         grads.copy_(flat)
     return grads
+
+
+@_names_a_lost_rank
+def reduce_scatter_task_grads(grads):
+    """Parameter space, sharded (--task-grad-sync reduce-scatter): this rank's block of columns of the global
+    T x P matrix (the mean over ranks), [T, ceil(P / W)], the last block padded with zero columns. The sum of
+    the blocks' Gram matrices is the global Gram matrix (its inner products add over columns), so each rank
+    sends (W-1)/W of T x P instead of the all-reduce's 2 (W-1)/W. One process: grads itself."""
+    if not is_distributed():
+        return grads
+    W, (T, P) = world_size(), grads.shape
+    width = -(-P // W)
+    send = grads.new_zeros(W * T, width)  # rank r's block: rows r T .. (r + 1) T (gloo splits the first dim)
+    for r in range(W):
+        cols = grads[:, r * width:(r + 1) * width]
+        send[r * T:(r + 1) * T, :cols.shape[1]] = cols
+    block = grads.new_empty(T, width)
+    _count("reduce_scatter", send.numel() * send.element_size(), 1)
+    dist.reduce_scatter_tensor(block, send, op=dist.ReduceOp.SUM)
+    return block.div_(W)
+
+
+@_names_a_lost_rank
+def all_gather_columns(part, out):
+    """The inverse of reduce_scatter_task_grads for one combined row: every rank's [ceil(P / W)] part
+    gathered into out [P] (the padding dropped). One process: out.copy_(part)."""
+    if not is_distributed():
+        return out.copy_(part)
+    full = part.new_empty(world_size() * part.numel())
+    _count("all_gather", full.numel() * full.element_size(), 1)
+    dist.all_gather_into_tensor(full, part.contiguous())
+    return out.copy_(full[:out.numel()])
 
 
 def all_reduce_gram(G):

@@ -126,15 +126,16 @@ def _check_buffer(buf, fn):
                          f"(stride(1) == 1), got strides {buf.stride()}")
 
 
-def gram(buf, backend=None):
-    """Gram matrix G[i, j] = <g_i, g_j> of the rows of buf [T, P], as float64 [T, T] on buf.device."""
+def gram(buf, backend=None, check=True):
+    """Gram matrix G[i, j] = <g_i, g_j> of the rows of buf [T, P], as float64 [T, T] on buf.device.
+    check=False: a non-finite G is returned, not raised (a block of columns whose sum over ranks is checked)."""
     _check_buffer(buf, "gram")
     ext = _pick(buf, backend)
     if ext is not None:
         G = ext.gram(buf)
     else:
         G = _gram_torch(buf)
-    if not torch.isfinite(G).all():
+    if check and not torch.isfinite(G).all():
         raise FloatingPointError("gradagg.gram: the Gram matrix is not finite "
                                  "(a task gradient holds NaN or inf)")
     return G

@@ -27,6 +27,10 @@ the other sections give medians over repeats.
 8. Trunks (--trunk): samples/s of a training step of each at the small size (tests/bench_trunks.py).
 10. Checkpoint cost: Run.save_checkpoint and the restricted (weights_only) load of it at tiny, small and
    full size after one Adam step, and the checkpoint's size (issue 31: why the cadence is in wall time).
+11. torchrun traffic of parameter-space aggregation (issue 28): the bytes each rank sends per step with
+   --task-grad-sync all-reduce and reduce-scatter (counted by common/distributed.py as ring collectives
+   send them), measured on a 2-process gloo run of pcgrad (tiny model), and the same arithmetic for the
+   full-size model's shared parameters at 2, 4 and 8 ranks.
 9. GPU, only where CUDA is present (tests/bench_gpu.py): small and full model at fp32 and bf16, peak
    memory (max_memory_allocated), the CUDA kernel's gram + combine against the copy bandwidth and
    torch.mm. Without CUDA it prints the one line "GPU section: skipped (no CUDA)".
@@ -519,10 +523,46 @@ def checkpoint_cost(data, sizes, repeats):
 
 
 # ---------------------------------------------------------------- main
+def task_grad_traffic(data, steps):
+    """Section 11: measured bytes per step on 2 gloo ranks (tiny model) for both --task-grad-sync modes, then
+    the ring arithmetic for the full-size model's shared parameters at T = 5."""
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in ("all-reduce", "reduce-scatter"):
+            out = Path(tmp) / f"{mode}.json"
+            argv = ["--data", str(data), "--out", tmp, "--model-size", "tiny", "--batch-size", "16", "--max-steps",
+                    str(steps), "--eval-every", "1000", "--quiet", "--aggregator", "pcgrad", "--task-grad-sync", mode]
+            (Path(tmp) / "runs.json").write_text(json.dumps([["@traffic", [str(out), *argv]]]))
+            subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            str(REPO / "tests" / "dist_worker.py"), str(Path(tmp) / "runs.json")], check=True,
+                           cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True)
+            r = json.loads(out.read_text())
+            sent = r["sent_last_step"]
+            rows.append([mode, r["T"], r["P"], *(f"{sent.get(k, 0) / 1e6:.2f}" for k in ("all_reduce", "reduce_scatter",
+                         "all_gather")), f"{sum(sent.values()) / 1e6:.2f}", f"{median_ms(r['times'][1:] or r['times']):.0f}"])
+    print("measured, 2 gloo processes on this machine, tiny model, pcgrad (the last step; MB each rank sends):")
+    print(tabulate(rows, headers=["--task-grad-sync", "T", "P shared", "all-reduce MB", "reduce-scatter MB",
+                                  "all-gather MB", "total MB", "step ms (median)"]))
+    ratio = float(rows[1][-2]) / float(rows[0][-2])
+    print(f"reduce-scatter / all-reduce: {ratio:.2f} (the rest of the step's all-reduces, losses and heads, included)")
+    model = build_model(MODEL_SIZES["full"])
+    P = sum(p.numel() for p in model.shared_parameters())
+    del model
+    full = []
+    for W in (2, 4, 8):
+        ring = (W - 1) / W
+        allreduce = 2 * ring * TASK_COUNT * P * 4
+        scatter = ring * TASK_COUNT * P * 4 + ring * P * 4 + 2 * ring * TASK_COUNT ** 2 * 8
+        full.append([W, f"{allreduce / 1e9:.2f}", f"{scatter / 1e9:.2f}", f"{scatter / allreduce:.2f}"])
+    print(f"\nthe arithmetic at full size (T = {TASK_COUNT}, P = {P / 1e6:.1f} M shared parameters, fp32; per-task "
+          "rows only):")
+    print(tabulate(full, headers=["ranks", "all-reduce GB/step", "reduce-scatter + all-gather GB/step", "ratio"]))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer repeats; full size at batch 16 only")
-    p.add_argument("--only", default="1,2,3,4,5,6,7,8,9,10", help="comma-separated sections to run")
+    p.add_argument("--only", default="1,2,3,4,5,6,7,8,9,10,11", help="comma-separated sections to run")
     p.add_argument("--skip-full", action="store_true", help="no full-size model (sections 1, 3, 4)")
     p.add_argument("--gradagg-sizes", default=None)
     p.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
@@ -584,6 +624,9 @@ def main():
     if 10 in only:
         with section(10, "checkpoint cost (save and restricted load at each model size)"):
             checkpoint_cost(data, ("tiny",) + sizes, 2 if quick else 3)
+    if 11 in only:
+        with section(11, "torchrun traffic of parameter-space aggregation (bytes each rank sends per step)"):
+            task_grad_traffic(data, 2 if quick else 4)
     if 9 in only:
         if torch.cuda.is_available():
             with section(9, "GPU"):

@@ -27,8 +27,8 @@ def main():
 def run_all(runs):
     saved = sys.argv
     for script, argv in runs:
-        if script == "@gram":
-            gram_check(argv[0], argv[1:])
+        if script in ("@gram", "@traffic"):
+            {"@gram": gram_check, "@traffic": traffic_check}[script](argv[0], argv[1:])
             continue
         sys.argv = [str(REPO / script), *argv]
         runpy.run_path(str(REPO / script), run_name="__main__")
@@ -71,6 +71,27 @@ def gram_check(out, argv):
                     "grads": grads, "Z": Z}, out)
     else:  # the other ranks' Z, for the test: every rank must have measured the same
         torch.save({"Z": Z}, out.replace(".pt", f".rank{distributed.rank()}.pt"))
+
+
+def traffic_check(out, argv):
+    """For make bench: the bytes each rank sends per step of a multi-task update (common.distributed.TRAFFIC,
+    by collective) and the step times; rank 0 writes them as JSON to out."""
+    import time
+    from common import distributed
+    from common.multitask import add_update_args, make_update
+    from common.train import Run, build_parser
+    run = Run(add_update_args(build_parser()).parse_args(argv), strategy="traffic")
+    update = make_update(run, run.args)
+    run.start(update=update)
+    times, sent = [], {}
+    for batch in run.batches():
+        before, t0 = dict(distributed.TRAFFIC), time.perf_counter()
+        update.step(batch)
+        times.append(time.perf_counter() - t0)
+        sent = {k: v - before.get(k, 0) for k, v in distributed.TRAFFIC.items()}
+    if distributed.is_main():
+        Path(out).write_text(json.dumps({"T": update.T, "P": update.task_grads.num_params, "times": times,
+                                         "sent_last_step": sent}))
 
 
 if __name__ == "__main__":

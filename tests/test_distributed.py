@@ -36,6 +36,9 @@ CONFIGS = [
     ("stop_and_go", "strategies/stop_and_go.py", ["--eval-every", "3", "--patience", "1"]),
     # clips composed for the global batch (each rank takes its rows), probabilities from the global losses
     ("dynamic_clips", "strategies/dynamic_sampling.py", ["--apply", "clips", "--difficulty", "loss", "--interval", "3"]),
+    # --task-grad-sync reduce-scatter: each rank a block of columns, the Gram matrix summed from the blocks
+    ("pcgrad_rs", "strategies/pcgrad.py", ["--grad-space", "params", "--task-grad-sync", "reduce-scatter"]),
+    ("gradnorm_rs", "strategies/gradnorm.py", ["--task-grad-sync", "reduce-scatter"]),
     # pretraining: the global batch's corruption and contrastive negatives (gathered from the other ranks);
     # per-task backward passes through the gather in both spaces
     ("pretrain_pcgrad_params", "strategies/pcgrad.py", ["--stage", "pretrain", "--grad-space", "params"]),
@@ -216,6 +219,30 @@ def test_shard_sizes_match_the_shards():
                 part, ghost = distributed.shard(list(range(n)), r, world)
                 assert (0 if ghost else len(part)) == sizes[r]
                 assert distributed.shard_start(n, r, world) == sum(sizes[:r]) or ghost
+
+
+def test_reduce_scatter_is_refused_where_the_rule_reads_the_rows(tiny_data, tmp_path):
+    from common.multitask import add_update_args, make_update
+    from common.train import Run, build_parser
+    base = ["--data", str(tiny_data), "--out", str(tmp_path), "--model-size", "tiny", "--quiet",
+            "--task-grad-sync", "reduce-scatter"]
+    for flags, why in ((["--aggregator", "graddrop"], "graddrop reads the whole T x P rows"),
+                       (["--aggregator", "pcgrad", "--grad-space", "representation"], "--grad-space representation")):
+        run = Run(add_update_args(build_parser()).parse_args(base + flags), strategy="rs")
+        with pytest.raises(ValueError, match=why):
+            make_update(run, run.args)
+
+
+def test_reduce_scatter_blocks_rebuild_the_rows_and_their_gram():
+    """The arithmetic of the sharded path without a process group: the column blocks (padded) of W ranks hold
+    the rows, and their Gram matrices add up to the whole one."""
+    from common import gradagg
+    grads = torch.randn(5, 23, dtype=torch.float32)
+    for W in (2, 3, 4):
+        width = -(-23 // W)
+        blocks = [grads[:, r * width:(r + 1) * width] for r in range(W)]
+        G = sum(gradagg.gram(b.contiguous(), check=False) for b in blocks)
+        torch.testing.assert_close(G, gradagg.gram(grads), rtol=1e-12, atol=1e-6)
 
 
 # ---------------------------------------------------------------- fp16 loss scaling of the multi-task update
