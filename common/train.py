@@ -160,8 +160,10 @@ def build_parser(description=None):
     # test-only: the 1-process vs torchrun equality tests switch dropout off (each rank draws the dropout
     # masks of its own clips, so with dropout the two runs differ by construction)
     p.add_argument("--zero-dropout", action="store_true", help=argparse.SUPPRESS)
-    # test-only: with --crash-after-step, only this rank exits (-1: every rank)
+    # test-only: with --crash-after-step, only this rank exits (-1: every rank); --hang: it hangs instead (until
+    # torchrun's SIGTERM), so that the others' collective times out
     p.add_argument("--crash-rank", type=int, default=-1, help=argparse.SUPPRESS)
+    p.add_argument("--hang", action="store_true", help=argparse.SUPPRESS)
     # -- end devices and precision
     # -- performance (issue 17; measured in `make bench`)
     p.add_argument("--eval-batch-size", type=int, default=128,
@@ -500,6 +502,8 @@ class Run:
                 self._show_progress()
                 if self.args.crash_after_step and self.progress["step"] >= self.args.crash_after_step \
                         and self.args.crash_rank in (-1, distributed.rank()):
+                    while self.args.hang and not self._stop_requested:
+                        time.sleep(0.1)
                     os._exit(3)
                 if distributed.is_distributed():  # a signal may reach the ranks at different steps: stop together
                     self._stop_requested = distributed.any_true(self._stop_requested)

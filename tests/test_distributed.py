@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -176,6 +177,19 @@ def test_a_run_killed_on_one_rank_resumes_to_the_same_end(runs):
     assert_close(sa["decisions"], sb["decisions"], 1e-5, "learned weights")
     # the last checkpoint before the kill: step 5 (validation; --checkpoint-every 4 wrote step 4 before it)
     assert "all_at_once_learned] resumed from" in runs["resumed"].stdout and "at step 5" in runs["resumed"].stdout
+
+
+def test_a_hung_rank_stops_the_others_after_the_collective_timeout(tiny_data, tmp_path):
+    """Rank 1 hangs after step 3 (it never enters the next collective); rank 0 waits --collective-timeout
+    seconds, then stops with a report naming rank 1 instead of waiting for ever."""
+    argv = [*common_args(tiny_data, tmp_path), "--crash-after-step", "3", "--crash-rank", "1", "--hang",
+            "--collective-timeout", "5"]
+    t0 = time.perf_counter()
+    proc = torchrun(2, REPO / "strategies" / "all_at_once.py", *argv, check=False)
+    assert proc.returncode != 0
+    assert "rank 1 never entered it (dead or hung)" in proc.stderr, proc.stderr[-3000:]
+    assert "Rerun with --resume and the same torchrun --nproc_per_node 2" in proc.stderr
+    assert time.perf_counter() - t0 < 120
 
 
 def test_resume_with_another_world_size_is_refused(runs, tiny_data):
