@@ -239,10 +239,6 @@ class TaskGradBuffer:
         """Task t's flattened gradient, a [P] view of the buffer."""
         return self.grads[t]
 
-    def row_views(self, t):
-        """Task t's gradient as one view per shared parameter (shaped like the parameters)."""
-        return self._row_views[t]
-
     def fill_from_losses(self, losses, retain_graph=True, batched=None):
         """Row t = d losses[t] / d shared params (zeros where a param gets none, and for an inactive task:
         None, or a loss that does not require grad). batched: None = self.batched (see the class).

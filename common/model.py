@@ -38,7 +38,7 @@ Deviations from the original code (GitHub RiTUAL-UH/Comic-Mischief-Prediction), 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -556,15 +556,3 @@ def load_original_checkpoint(model: MultiTaskModel, path_or_state_dict, verbose:
         for k in mismatched:
             print(f"  shape mismatch, not loaded: {k}: checkpoint {tuple(renamed[k].shape)}, ours {tuple(ours[k].shape)}")
     return missing, unexpected
-
-
-def config_from_dict(d: dict) -> HCAConfig:
-    """HCAConfig from a (saved) dict; unknown keys are an error. `branches` lists are turned back into tuples."""
-    names = {f.name for f in fields(HCAConfig)}
-    unknown = set(d) - names
-    if unknown:
-        raise ValueError(f"unknown HCAConfig fields: {sorted(unknown)}")
-    d = dict(d)
-    if "branches" in d:
-        d["branches"] = tuple(tuple(b) for b in d["branches"])
-    return replace(HCAConfig(), **d)

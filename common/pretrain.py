@@ -112,7 +112,7 @@ class PretrainHeads(nn.Module):
     def forward(self, fused, sequences, targets):
         """fused [B, 3H], sequences {modality: [B, L, H]} (branch outputs before pooling).
         Returns per-clip losses [B, T] and which of them are scored (bool [B, T])."""
-        B, H = fused.shape[0], fused.shape[1] // 3
+        B = fused.shape[0]
         swap = targets["swap"].to(fused.device)
         losses = torch.zeros(B, len(self.tasks), device=fused.device)
         valid = torch.zeros(B, len(self.tasks), dtype=torch.bool, device=fused.device)

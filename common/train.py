@@ -377,7 +377,6 @@ class Run:
         # fp16 gradients overflow and underflow: a scaler multiplies the loss, skips a step whose
         # gradients overflowed and lowers the scale (not an error); bf16 has fp32's range and needs none
         self.scaler = torch.amp.GradScaler(self.device.type) if args.precision == "fp16" else None
-        self.scaler_skips = 0
         # -- end devices and precision
         if self.device.type == "cpu":  # -- performance (issue 17): process-wide, see --flush-denormal
             torch.set_flush_denormal(args.flush_denormal)

@@ -50,7 +50,6 @@ from common.data import AUDIO_DIM, TASKS, VIDEO_DIM  # noqa: E402
 # test positives, so that the comparison measures training and not the sampling noise of a small test set
 SPLIT_SIZES = {"train": 2900, "val": 864, "test": 3200}
 SPLIT_NUMBER = {"train": 1, "val": 2, "test": 3}   # seeds the split's own random streams
-SUBTYPES = ("mature", "gory", "slapstick", "sarcasm")
 # (mature, gory, slapstick, sarcasm) -> clips in the public val split; binary = any subtype
 LABEL_PATTERNS = {
     (0, 0, 0, 0): 199, (1, 0, 0, 0): 73, (0, 0, 0, 1): 50, (0, 0, 1, 0): 48, (0, 1, 0, 0): 15,
