@@ -8,7 +8,7 @@ holds anything else stops the run (UnsafeCheckpointError) with the file's name, 
 (the pickle globals, e.g. `builtins.exec`, `argparse.Namespace`) and what to do; none of its code runs.
 
     state = load_checkpoint(path)                        # our checkpoints, best.pt, the original code's
-    atomic_save(state, path)   (common/train.py)         # writes through to_safe(): only what loads back
+    atomic_save(state, path)   (common/files.py)         # writes through to_safe(): only what loads back
 
 Our own checkpoints hold only what that loader accepts. NumPy values (numpy's RNG state, a rule's numpy
 float) are stored as small tagged dicts {"__numpy__": ..., "dtype": ..., "shape": ..., "data": bytes}
@@ -364,3 +364,33 @@ def config_fields_checked():
     """The HCAConfig fields check_model_config compares (for documentation and tests)."""
     from common.model import HCAConfig
     return [f.name for f in fields(HCAConfig) if f.name not in _UNCHECKED_CONFIG]
+
+
+def load_init(model, path):
+    """Load a checkpoint into the model non-strictly and report what did not match. Our checkpoints hold
+    {"model": state_dict}; the original code's hold {"model_state": ...} with its own parameter names; a
+    .safetensors file (a finished run's model.safetensors) holds the state dict, and its configuration
+    (model_config.json) must match the model's. Every file is read without running code from it
+    (common.checkpoints: the restricted unpickler; a file holding anything else stops the run, unrun)."""
+    from common.model import load_original_checkpoint
+    if str(path).endswith(".safetensors"):  # no pickle; its configuration (header or model_config.json) must match
+        tensors, config = load_safetensors(path)
+        if config is not None:
+            check_model_config(model, config, path)
+        original = any(k.startswith("features.") for k in tensors) and not any(k.startswith("heads.") for k in tensors)
+        state = tensors if original else {"model": tensors}
+    else:  # restricted unpickler: a file holding anything but tensors and plain data stops here, unrun
+        state = load_checkpoint(path, map_location="cpu")
+    if isinstance(state, dict) and "model" in state:
+        result = model.load_state_dict(state["model"], strict=False)
+        missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
+    else:
+        missing, unexpected = load_original_checkpoint(model, state)
+    trunk_missing = [k for k in missing if not k.startswith("heads.")]
+    print(f"[init] {path}: {len(missing)} missing keys ({len(trunk_missing)} in the trunk), "
+          f"{len(unexpected)} unexpected keys", flush=True)
+    for k in trunk_missing[:10]:
+        print(f"[init]   missing: {k}")
+    for k in unexpected[:10]:
+        print(f"[init]   unexpected: {k}")
+    return {"missing": missing, "unexpected": unexpected}

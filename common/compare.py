@@ -54,7 +54,7 @@ from common.data import TASKS  # noqa: E402
 from common.launch import LocalLauncher, Run, SlurmLauncher  # noqa: E402
 from common.evaluate import delta_m  # noqa: E402
 from common.stats import holm, mean_interval, mean_ranks, paired_tests  # noqa: E402
-from common.train import DEFAULT_DATA  # noqa: E402
+from common.data import DEFAULT_DATA  # noqa: E402
 from common.versions import data_fingerprint, record_stale, repo_relative  # noqa: E402
 
 # set by --max-hours or a SIGINT/SIGTERM of make compare: the running scripts checkpoint and stop
@@ -1192,7 +1192,7 @@ def current_data(extra):
     """The data the scripts will read (made if missing): its fingerprint (common/versions.py) and its test
     labels [N, T] (TASKS order), from one opening of the splits."""
     from common.data import H5Dataset
-    from common.train import ensure_data
+    from data_prep.synthesize import ensure_data
     data = ensure_data(flag_value(extra, "--data", str(DEFAULT_DATA)))
     splits = [H5Dataset(data / f"{split}.h5") for split in ("train", "val", "test")]
     return data_fingerprint(splits), splits[2].labels

@@ -6,7 +6,7 @@ item, and every padded position is False in its mask, so padding never reaches a
 if it were data. A modality that a clip lacks has length 0 and `present` False.
 
     ds = H5Dataset("data_prep/synthetic/train.h5", feature_stats("data_prep/synthetic/train.h5"))
-    plan = common.train.epoch_batches(len(ds), 16, seed=0, epoch=0, lengths=ds.text_lengths())
+    plan = epoch_batches(len(ds), 16, seed=0, epoch=0, lengths=ds.text_lengths())
     loader = DataLoader(ds, batch_sampler=plan, collate_fn=collate)   # what Run.loader does
     for batch in loader: ...   # keys: see collate()
 """
@@ -18,6 +18,8 @@ import numpy as np
 import torch
 
 TASKS = ("binary", "mature", "gory", "slapstick", "sarcasm")   # label column order everywhere
+# the default data: synthetic, in the real format (data_prep/synthesize.py), made on first use (ensure_data)
+DEFAULT_DATA = Path(__file__).resolve().parents[1] / "data_prep" / "synthetic"
 MODALITIES = ("text", "video", "audio")
 VIDEO_DIM = 1024   # I3D rgb + flow (summed)
 AUDIO_DIM = 128    # VGGish
@@ -198,3 +200,26 @@ def collate(items, pad_text_to=None):
         index=torch.tensor([it["index"] for it in items], dtype=torch.long),
         clip_ids=[it["clip_id"] for it in items],
     )
+
+
+def epoch_batches(n, batch_size, seed, epoch, lengths=None):
+    """The batches (lists of indices) of one epoch: a function of (seed, epoch) only, so that a
+    resumed run sees exactly the batches it would have seen. With lengths, batches hold clips of
+    similar length (less padding) and are then shuffled."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    order = torch.randperm(n, generator=g).tolist()
+    if lengths is None:
+        return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    chunk = batch_size * 50  # sort inside large random chunks: similar lengths, still shuffled
+    batches = []
+    for i in range(0, n, chunk):
+        part = sorted(order[i:i + chunk], key=lambda j: lengths[j])
+        batches += [part[k:k + batch_size] for k in range(0, len(part), batch_size)]
+    perm = torch.randperm(len(batches), generator=g).tolist()
+    return [batches[k] for k in perm]
+
+
+def device_batch(batch, device):
+    """The batch's tensors on the device; non_blocking overlaps the copy with compute when the loader
+    pinned the memory (CUDA); a no-op copy on CPU."""
+    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}

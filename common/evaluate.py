@@ -127,3 +127,14 @@ def majority_baseline(train_labels, eval_labels, tasks):
     majority = (train_labels.mean(axis=0) > 0.5).astype(np.float64)
     scores = np.broadcast_to(majority, eval_labels.shape)
     return evaluate_predictions(eval_labels, scores, tasks)
+
+
+def format_metrics(metrics, tasks, title=""):
+    from tabulate import tabulate
+    if "f1_pos" not in metrics["mean"]:  # pretraining: losses
+        rows = [[t, metrics["per_task"][t]["loss"]] for t in tasks] + [["mean", metrics["mean"]["loss"]]]
+        return (title + "\n" if title else "") + tabulate(rows, headers=["task", "loss"], floatfmt=".4f")
+    rows = [[t] + [metrics["per_task"][t][m] for m in ("f1_pos", "f1_macro", "accuracy", "ap")] for t in tasks]
+    rows.append(["mean"] + [metrics["mean"][m] for m in ("f1_pos", "f1_macro", "accuracy", "ap")])
+    table = tabulate(rows, headers=["task", "F1 pos", "F1 macro", "accuracy", "AP"], floatfmt=".3f")
+    return (title + "\n" if title else "") + table

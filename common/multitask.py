@@ -47,7 +47,8 @@ import torch
 from common import distributed, gradagg
 from common.aggregators import AGGREGATORS
 from common.gradient_rules import GRADIENT_RULES
-from common.train import Run, build_parser
+from common.arguments import build_parser
+from common.train import Run
 from common.weighting import WEIGHTINGS
 
 if set(AGGREGATORS) & set(GRADIENT_RULES):  # one --aggregator namespace: a name may not mean two rules

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from common import distributed
-from common.data import TASKS
+from common.data import TASKS, device_batch
 
 PRETRAIN_TASKS = ("vtm", "vam", "atm", "contrastive", "mfm_video", "mfm_audio", "mlm")
 MASK_ID, CLS_ID, SEP_ID = 103, 101, 102          # bert-base-cased
@@ -213,7 +213,6 @@ class PretrainObjective(nn.Module):
     def evaluate(self, run, dataset, model, modalities):
         """Mean pretraining losses over a split, with a fixed corruption (the same every evaluation);
         score = minus the loss."""
-        from common.train import device_batch
         model.eval()
         generator = torch.Generator().manual_seed(12345)
         T = len(self.heads.tasks)

@@ -1,4 +1,6 @@
-"""Small training helpers shared by every strategy script. Not a framework: a strategy script owns its loop.
+"""The run loop every strategy script drives: Run (seeding, batches, the step with its NaN/Inf guard,
+evaluation, checkpoints, logging, the summary). Not a framework: a strategy script owns its loop. The command
+line is common/arguments.py, what a run trains on common/objectives.py, its files common/files.py.
 
 A typical script reads:
 
@@ -40,8 +42,6 @@ What the run trains on is its objective (FinetuneObjective: the Comic Mischief t
 common.pretrain.PretrainObjective with --stage pretrain): the objective turns a batch into per-item
 task losses and evaluates a split; Run never asks which one it has.
 """
-import argparse
-import io
 import json
 import math
 import os
@@ -54,189 +54,42 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from common import distributed
-from common.checkpoints import (MODEL_CONFIG_FILE, MODEL_FILE, check_model_config, load_checkpoint, load_safetensors,
-                                to_safe, write_model_files)
-from common.data import TASKS, H5Dataset, collate, feature_stats
-from common.evaluate import evaluate_predictions
-from common.model import MODEL_SIZES, TRUNK_NAMES, cpu_bf16_lstm_problem, model_config, model_from_args
+from common.arguments import parse_tasks, recorded_args
+from common.checkpoints import MODEL_CONFIG_FILE, MODEL_FILE, load_checkpoint, load_init, write_model_files
+from common.data import H5Dataset, collate, device_batch, epoch_batches, feature_stats
+from common.evaluate import format_metrics
+from common.files import atomic_save, atomic_write_bytes, jsonable, npy_bytes, to_cpu, write_json
+from common.model import cpu_bf16_lstm_problem, model_config, model_from_args
+from common.objectives import FinetuneObjective, masked_mean
 from common.pretrain import PRETRAIN_TASKS, PretrainObjective
 from common.versions import data_fingerprint, repo_relative, rule_versions_of, run_versions
-
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO / "data_prep" / "synthetic"
-# per-task validation metrics a run can select on and rules can read (loss is scored as minus the loss)
-METRIC_CHOICES = ("ap", "loss", "f1_macro", "f1_pos", "f1_pos_tuned", "accuracy")
+from data_prep.synthesize import ensure_data
 
 
-# ---------------------------------------------------------------- arguments
-def build_parser(description=None):
-    """The arguments every strategy takes. Scripts add their own with parser.add_argument."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=str(DEFAULT_DATA),
-                   help="folder with train.h5, val.h5, test.h5 (default: the synthetic set, made if missing)")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3,
-                   help="Adam learning rate (the original used 1.5e-5 for a pretrained BERT-base)")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--clip-grad", type=float, default=1.0, help="max global grad norm, 0 = off")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tasks", default=",".join(TASKS), help="comma-separated subset of " + ",".join(TASKS))
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--stage", choices=("finetune", "pretrain"), default="finetune",
-                   help="pretrain: train the pretraining tasks (common/pretrain.py) with this strategy; "
-                        "fine-tune from its best.pt with --init")
-    p.add_argument("--pretrain-tasks", default=",".join(PRETRAIN_TASKS))
-    p.add_argument("--out", default=str(REPO / "results"), help="results root; a run writes <out>/<strategy>/<run>/")
-    p.add_argument("--run", default=None, help="run name (default seed<seed>)")
-    p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
-    p.add_argument("--model-size", default="small", choices=sorted(MODEL_SIZES))
-    # -- models (issue 15): the shared trunk and the text encoder (common/model.py, trunks.py, text_encoder.py)
-    p.add_argument("--trunk", default="hca", choices=TRUNK_NAMES,
-                   help="the shared model: hca (default), late_fusion, concat, mult (MulT-style), or one modality alone")
-    p.add_argument("--text-encoder", default=None, metavar="FOLDER",
-                   help="a local Hugging Face encoder folder (BERT, RoBERTa, DeBERTa, DistilBERT, MiniLM, ...); "
-                        "the model's width follows it. Default: a random BERT of --model-size. Nothing is downloaded")
-    p.add_argument("--bert-path", dest="text_encoder", help=argparse.SUPPRESS)  # deprecated name of --text-encoder
-    p.add_argument("--grad-checkpointing", action="store_true",
-                   help="recompute the text encoder's activations in the backward pass (less memory, same gradients)")
-    # -- end models
-    p.add_argument("--init", default=None,
-                   help="start from a checkpoint: ours (results/.../best.pt, a pretraining checkpoint, a run's "
-                        "model.safetensors) or the original code's (its names are mapped); missing and unexpected "
-                        "keys are reported. Read with the restricted unpickler: a file that would run code stops "
-                        "the run (data_prep/trust_checkpoint.py converts a file you trust)")
-    p.add_argument("--feature-norm", choices=("train", "none"), default="train",
-                   help="standardise video/audio per dimension with the training split's mean and std "
-                        "(none: raw features, e.g. to fine-tune the original code's checkpoints)")
-    # -- metrics, model selection, early stopping (issue 14)
-    p.add_argument("--metric", default="ap", choices=METRIC_CHOICES,
-                   help="per-task validation metric that rules read (stop-and-go, curricula, sampling, ...); every "
-                        "metrics dict carries it as 'score', higher is better (loss: minus the mean cross-entropy; "
-                        "minus the loss when pretraining). Default ap: threshold-free, it does not stay flat on a "
-                        "task that still predicts its majority class")
-    p.add_argument("--select-metric", default=None, choices=METRIC_CHOICES,
-                   help="metric whose mean over tasks selects the best model, steps the LR schedule and drives "
-                        "early stopping (default: --metric)")
-    p.add_argument("--early-stop-patience", type=int, default=0,
-                   help="stop after N evaluations in a row without a new best selection score (0 = off: train "
-                        "the whole budget, --epochs capped by --max-steps)")
-    # -- end metrics
-    p.add_argument("--eval-every", type=int, default=0, help="validate every N steps (0: --evals-per-epoch)")
-    p.add_argument("--evals-per-epoch", type=int, default=1,
-                   help="where --eval-every is 0: validate this many times per epoch, evenly spaced")
-    p.add_argument("--checkpoint-minutes", type=float, default=10.0,
-                   help="checkpoint at the first step after N minutes of wall time since the last checkpoint "
-                        "(0 = off); a run also checkpoints after a validation that made a new best model and "
-                        "on SIGINT/SIGTERM")
-    p.add_argument("--checkpoint-every", type=int, default=0,
-                   help="also checkpoint every N steps (0 = off: the wall-time cadence decides)")
-    p.add_argument("--log-every", type=int, default=20, help="write a train line to metrics.jsonl every N steps")
-    p.add_argument("--max-steps", type=int, default=0,
-                   help="cap on optimizer steps: the budget is min(epochs x steps per epoch, N) (0 = no cap)")
-    p.add_argument("--on-nonfinite", choices=("stop", "skip"), default="stop",
-                   help="a NaN/Inf loss or gradient stops the run with a report, or skips the batch (counted)")
-    p.add_argument("--bucket", action=argparse.BooleanOptionalAction, default=True,
-                   help="batches of clips of similar text length (less padding; --no-bucket for plain shuffling)")
-    p.add_argument("--num-workers", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    p.add_argument("--quiet", action="store_true", help="no progress line")
-    # fault injection for the resume tests: exit abruptly (no checkpoint, like a kill -9) after step N
-    p.add_argument("--crash-after-step", type=int, default=0, help=argparse.SUPPRESS)
-    # -- devices and precision (issue 16; common/distributed.py for torchrun)
-    p.add_argument("--precision", choices=("fp32", "bf16", "fp16"), default="fp32",
-                   help="autocast of the forward (bf16, or fp16 with a gradient scaler); losses, per-task "
-                        "gradients, the Gram matrix and the aggregators' solve stay fp32 or better")
-    p.add_argument("--collective-timeout", type=float, default=600.0,
-                   help="torchrun: seconds a collective waits for the other ranks before the run stops with a "
-                        "report naming the rank that stopped first (a dead or hung rank)")
-    p.add_argument("--deterministic", action="store_true",
-                   help="deterministic kernels (torch.use_deterministic_algorithms with a warning naming any op "
-                        "that has none, no cuDNN autotuning, the math attention backend instead of the fused "
-                        "ones): meant for repeatable GPU runs, at some cost in speed (not yet measured on a GPU)")
-    # test-only: the 1-process vs torchrun equality tests switch dropout off (each rank draws the dropout
-    # masks of its own clips, so with dropout the two runs differ by construction)
-    p.add_argument("--zero-dropout", action="store_true", help=argparse.SUPPRESS)
-    # test-only: with --crash-after-step, only this rank exits (-1: every rank); --hang: it hangs instead (until
-    # torchrun's SIGTERM), so that the others' collective times out
-    p.add_argument("--crash-rank", type=int, default=-1, help=argparse.SUPPRESS)
-    p.add_argument("--hang", action="store_true", help=argparse.SUPPRESS)
-    # -- end devices and precision
-    # -- performance (issue 17; measured in `make bench`)
-    p.add_argument("--eval-batch-size", type=int, default=128,
-                   help="clips per batch in evaluation (no gradients are kept there, so it can be larger)")
-    p.add_argument("--flush-denormal", action=argparse.BooleanOptionalAction, default=False,
-                   help="on CPU, flush denormal floats to zero (values below about 1e-38 become 0); "
-                        "off by default: it did not change the step time measurably in `make bench`")
-    # -- end performance
-    return p
-
-
-PATH_ARGS = ("data", "out", "init", "text_encoder")
-
-
-def recorded_args(args):
-    """The arguments as a run records them: paths inside the repository relative to it, so that a committed
-    record holds no machine's absolute path."""
-    return {k: repo_relative(v) if k in PATH_ARGS and isinstance(v, str) else v for k, v in vars(args).items()}
-
-
-def parse_tasks(text, known=TASKS, flag="--tasks"):
-    tasks = [t.strip() for t in text.split(",") if t.strip()]
-    unknown = [t for t in tasks if t not in known]
-    if unknown or not tasks:
-        raise SystemExit(f"{flag}: unknown task(s) {unknown}; choose from {','.join(known)}")
-    return tasks
-
-
-# ---------------------------------------------------------------- seeding and data order
+# ---------------------------------------------------------------- seeding
 def set_seed(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
 
 
-def epoch_batches(n, batch_size, seed, epoch, lengths=None):
-    """The batches (lists of indices) of one epoch: a function of (seed, epoch) only, so that a
-    resumed run sees exactly the batches it would have seen. With lengths, batches hold clips of
-    similar length (less padding) and are then shuffled."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    order = torch.randperm(n, generator=g).tolist()
-    if lengths is None:
-        return [order[i:i + batch_size] for i in range(0, n, batch_size)]
-    chunk = batch_size * 50  # sort inside large random chunks: similar lengths, still shuffled
-    batches = []
-    for i in range(0, n, chunk):
-        part = sorted(order[i:i + chunk], key=lambda j: lengths[j])
-        batches += [part[k:k + batch_size] for k in range(0, len(part), batch_size)]
-    perm = torch.randperm(len(batches), generator=g).tolist()
-    return [batches[k] for k in perm]
-
-
-def ensure_data(path):
-    """The default synthetic set is made on first use; other data must already exist."""
-    path = Path(path)
-    if all((path / f"{s}.h5").exists() for s in ("train", "val", "test")):
-        return path
-    if path.resolve() == DEFAULT_DATA.resolve():
-        from data_prep.synthesize import ensure_default_data
-        ensure_default_data(str(path))
-        return path
-    raise SystemExit(f"--data {path}: expected train.h5, val.h5 and test.h5 (see data_prep/build_h5.py)")
-
-
-def device_batch(batch, device):
-    """The batch's tensors on the device; non_blocking overlaps the copy with compute when the loader
-    pinned the memory (CUDA); a no-op copy on CPU."""
-    return {k: (v.to(device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-
-
 # ---------------------------------------------------------------- numerics guard
 class NonFiniteError(FloatingPointError):
     pass
+
+
+def all_finite(tensors):
+    """True when no tensor holds a NaN or an inf: one fused max-abs per tensor (NaN and inf propagate
+    through it, and a finite tensor's max-abs is finite), then a single host sync (was one per tensor)."""
+    if not tensors:
+        return True
+    by_device = {}
+    for t in tensors:
+        by_device.setdefault((t.device, t.dtype), []).append(t)
+    return all(bool(torch.isfinite(torch.stack(torch._foreach_norm(group, float("inf")))).all())
+               for group in by_device.values())
 
 
 def first_nonfinite_module(model, batch, active_modalities=None):
@@ -262,65 +115,6 @@ def first_nonfinite_module(model, batch, active_modalities=None):
     if bad_params:
         where += f"; non-finite parameters: {bad_params[:3]}"
     return where
-
-
-# ---------------------------------------------------------------- what a run trains on
-class FinetuneObjective:
-    """The Comic Mischief tasks: per-task cross-entropy on the heads' logits (not BCE on softmax: it does
-    not saturate). The interface every objective has (common.pretrain.PretrainObjective too):
-    tasks, model_tasks, strategy_suffix, per_item_losses, labels, task_parameters, evaluate, parameters,
-    to, state_dict, load_state_dict."""
-    strategy_suffix = ""
-    tasks_past_representation = ()  # every task's loss is a function of the fused representation z
-
-    def __init__(self, tasks, metric="ap", select_metric=None):
-        self.tasks = list(tasks)
-        self.model_tasks = self.tasks  # the heads the model needs
-        self.metric = metric
-        self.select_metric = select_metric or metric
-        self.columns = torch.tensor([TASKS.index(t) for t in self.tasks])
-
-    def labels(self, batch):
-        return batch["labels"][:, self.columns.to(batch["labels"].device)]
-
-    def per_item_losses(self, model, batch, active_modalities=None, generator=None):
-        fused = model.trunk(batch, active_modalities=active_modalities)
-        per_item = losses_from_logits(model.classify(fused), self.labels(batch), reduction="none")
-        return fused, per_item, torch.ones_like(per_item, dtype=torch.bool)
-
-    def task_parameters(self, model, task=None):
-        return list(model.heads[task].parameters()) if task else model.head_parameters()
-
-    def evaluate(self, run, dataset, model, modalities, thresholds=None, keep_scores=False):
-        """Metrics of a split (common.evaluate). thresholds: {task: threshold} of f1_pos_tuned, the
-        validation-chosen ones when scoring test (None: chosen on this split). Each per-task dict and the
-        mean carry "score" (--metric, higher is better); the mean also "selection" (--select-metric).
-        keep_scores: also return the positive-class probabilities [N, T] as metrics["scores"]."""
-        scores, labels = run.predict(dataset, model, modalities)
-        metrics = evaluate_predictions(labels, scores, self.tasks, thresholds)
-        if keep_scores:
-            metrics["scores"] = scores
-        for m in list(metrics["per_task"].values()) + [metrics["mean"]]:
-            m["score"] = higher_is_better(m, self.metric)
-        metrics["mean"]["selection"] = higher_is_better(metrics["mean"], self.select_metric)
-        return metrics
-
-    def parameters(self):
-        return []
-
-    def to(self, device):
-        return self
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
-
-
-def higher_is_better(metrics, name):
-    """The value of a metric oriented so that higher is better: minus the loss for "loss"."""
-    return -metrics["loss"] if name == "loss" else metrics[name]
 
 
 # ---------------------------------------------------------------- the run
@@ -767,7 +561,7 @@ class Run:
         if not distributed.is_main():  # torchrun: rank 0 writes
             return
         with open(self.dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(_jsonable(record)) + "\n")
+            f.write(json.dumps(jsonable(record)) + "\n")
 
     def log_step(self, losses=None, **decisions):
         """Record the losses and what the rule decided; written every --log-every steps."""
@@ -785,7 +579,7 @@ class Run:
         if self._pending:
             with open(self.dir / "metrics.jsonl", "a") as f:
                 for rec in self._pending:
-                    f.write(json.dumps(_jsonable(rec)) + "\n")
+                    f.write(json.dumps(jsonable(rec)) + "\n")
             self._pending = []
 
     @staticmethod
@@ -830,7 +624,7 @@ class Run:
         strategy = {k: v.state_dict() for k, v in self.stateful.items()}
         ranks = None
         if distributed.is_distributed():  # RNGs and rule state per rank, gathered on rank 0 alone
-            ranks = distributed.gather_to_main(_to_cpu({"rng": rng, "strategy": strategy}))
+            ranks = distributed.gather_to_main(to_cpu({"rng": rng, "strategy": strategy}))
         if not distributed.is_main():     # model and optimizer are rank 0's (identical): rank 0 alone builds the file
             self._last_checkpoint = time.perf_counter()
             return
@@ -927,7 +721,7 @@ class Run:
         # the test probabilities per clip (dataset order): what make compare's bootstrap over test clips reads
         test_scores = test.pop("scores", None)
         if test_scores is not None and distributed.is_main():
-            atomic_write_bytes(self.dir / "test_scores.npy", _npy_bytes(np.asarray(test_scores, np.float32)))
+            atomic_write_bytes(self.dir / "test_scores.npy", npy_bytes(np.asarray(test_scores, np.float32)))
         steps = max(self.progress["step"], 1)
         summary = {
             "strategy": self.strategy, "run": self.dir.name, "tasks": self.tasks, "seed": self.args.seed,
@@ -956,212 +750,10 @@ class Run:
             data_fingerprint=data_fingerprint((self.train_set, self.val_set, self.test_set)),
             test_scores=({t: ["test_scores.npy", i] for i, t in enumerate(self.tasks)}
                          if test_scores is not None else None))
-        summary = _jsonable(summary)
+        summary = jsonable(summary)
         self.write_summary(summary)
         self.log({"event": "end", "step": self.progress["step"], "test_mean": test["mean"]})
         print(format_metrics(test, self.tasks, title=f"{self.strategy} {self.dir.name}: test metrics (best val model)"))
         print(f"summary: {self.dir / 'summary.json'}")
         distributed.barrier()  # torchrun: no rank reads the summary before rank 0 has written it
         return summary
-
-
-def train_sum_of_losses(run):
-    """The plainest loop, for strategies that train several models (one per task, one per group):
-    every task of the run on every batch, equal weights. Returns the summary."""
-    run.start()
-    for batch in run.batches():
-        losses = run.task_losses(batch)
-        run.step(losses.sum(), losses, batch)
-        run.log_step(losses)
-        if run.at_eval():
-            run.validate()
-            run.eval_checkpoint()
-    return run.finish()
-
-
-def merge_summaries(summaries, tasks, strategy):
-    """One summary over several models that each own some of the tasks (single_task: one model per
-    task; task_grouping: one per group), shaped like any run's summary.json. summaries: {name: summary};
-    each task's metrics come from the model that has it."""
-    from common.evaluate import METRIC_NAMES
-    owner = {t: s for s in summaries.values() for t in s["tasks"] if t in tasks}
-
-    def merged(split):
-        per_task = {t: owner[t][split]["per_task"][t] for t in tasks}
-        # an undefined metric (AP without positives) is null in summary.json: left out of the mean
-        mean = {m: float(np.mean([v for t in tasks if (v := per_task[t][m]) is not None] or [np.nan]))
-                for m in METRIC_NAMES}
-        return {"per_task": per_task, "mean": mean}
-    parts = list(summaries.values())
-    seconds = sum(s["train_seconds"] for s in parts)
-    steps = sum(s["steps"] for s in parts)
-    return {
-        "strategy": strategy, "run": f"seed{parts[0]['seed']}", "tasks": list(tasks), "seed": parts[0]["seed"],
-        "model_size": parts[0]["model_size"], "data": parts[0]["data"], "steps": steps,
-        "epochs": parts[0]["epochs"], "train_seconds": seconds, "seconds_per_step": seconds / max(steps, 1),
-        "seconds_per_epoch": sum(s["seconds_per_epoch"] for s in parts),
-        "nonfinite_skips": sum(s["nonfinite_skips"] for s in parts),
-        "lr": parts[0].get("lr"), "metric": parts[0].get("metric"), "select_metric": parts[0].get("select_metric"),
-        # the budget is per model: the models' budgets and steps add up; the run stopped early only if every
-        # model did; steps_to_best per model (each selected its own best checkpoint)
-        "budget_steps": sum(s.get("budget_steps") or 0 for s in parts) or None,
-        "stopped_early": all(s.get("stopped_early", False) for s in parts),
-        "steps_to_best": sum(s.get("steps_to_best") or 0 for s in parts),
-        "steps_to_best_per_model": {name: s.get("steps_to_best") for name, s in summaries.items()},
-        "thresholds": ({t: owner[t]["thresholds"].get(t) for t in tasks}
-                       if all(owner[t].get("thresholds") for t in tasks) else None),
-        "world_size": parts[0].get("world_size", 1), "precision": parts[0].get("precision"),
-        "val": merged("val"), "test": merged("test"),
-        "decisions": {"models": {name: s["tasks"] for name, s in summaries.items()}},
-        "versions": parts[0].get("versions"), "data_fingerprint": parts[0].get("data_fingerprint"),
-        # each task's test scores: the file of the model that has it, relative to this summary's folder
-        "test_scores": ({t: [os.path.relpath(Path(owner[t]["strategy"]) / owner[t]["run"] / owner[t]["test_scores"][t][0],
-                                             Path(strategy) / f"seed{parts[0]['seed']}"), owner[t]["test_scores"][t][1]]
-                         for t in tasks} if all(owner[t].get("test_scores") for t in tasks) else None),
-    }
-
-
-def single_task_references(out, seed, tasks, metric):
-    """({task: val metric of the single-task model}, why) from <out>/single_task/seed<seed>/summary.json, or
-    (None, why) when that run is missing or lacks a finite value: the reference that curriculum
-    (--difficulty single_task) and dynamic_sampling (--difficulty gap) read."""
-    path = Path(out) / "single_task" / f"seed{seed}" / "summary.json"
-    if not path.exists():
-        return None, f"no {path}"
-    per_task = json.loads(path.read_text())["val"]["per_task"]
-    refs = {t: per_task.get(t, {}).get(metric) for t in tasks}
-    missing = [t for t, v in refs.items() if v is None or not math.isfinite(v)]
-    return (None, f"{path} has no finite val {metric} for {missing}") if missing else (refs, f"val {metric} of single_task/seed{seed} (under --out)")
-
-
-def load_init(model, path):
-    """Load a checkpoint into the model non-strictly and report what did not match. Our checkpoints hold
-    {"model": state_dict}; the original code's hold {"model_state": ...} with its own parameter names; a
-    .safetensors file (a finished run's model.safetensors) holds the state dict, and its configuration
-    (model_config.json) must match the model's. Every file is read without running code from it
-    (common.checkpoints: the restricted unpickler; a file holding anything else stops the run, unrun)."""
-    from common.model import load_original_checkpoint
-    if str(path).endswith(".safetensors"):  # no pickle; its configuration (header or model_config.json) must match
-        tensors, config = load_safetensors(path)
-        if config is not None:
-            check_model_config(model, config, path)
-        original = any(k.startswith("features.") for k in tensors) and not any(k.startswith("heads.") for k in tensors)
-        state = tensors if original else {"model": tensors}
-    else:  # restricted unpickler: a file holding anything but tensors and plain data stops here, unrun
-        state = load_checkpoint(path, map_location="cpu")
-    if isinstance(state, dict) and "model" in state:
-        result = model.load_state_dict(state["model"], strict=False)
-        missing, unexpected = list(result.missing_keys), list(result.unexpected_keys)
-    else:
-        missing, unexpected = load_original_checkpoint(model, state)
-    trunk_missing = [k for k in missing if not k.startswith("heads.")]
-    print(f"[init] {path}: {len(missing)} missing keys ({len(trunk_missing)} in the trunk), "
-          f"{len(unexpected)} unexpected keys", flush=True)
-    for k in trunk_missing[:10]:
-        print(f"[init]   missing: {k}")
-    for k in unexpected[:10]:
-        print(f"[init]   unexpected: {k}")
-    return {"missing": missing, "unexpected": unexpected}
-
-
-def losses_from_logits(logits, labels, reduction="mean"):
-    """Per-task cross-entropy. logits [B, T, 2], labels [B, T] (0/1) -> [T] (mean) or [B, T] (none)."""
-    B, T, _ = logits.shape
-    per_item = F.cross_entropy(logits.reshape(B * T, 2).float(), labels.reshape(B * T), reduction="none")
-    per_item = per_item.view(B, T)
-    return per_item if reduction == "none" else per_item.mean(0)
-
-
-def all_finite(tensors):
-    """True when no tensor holds a NaN or an inf: one fused max-abs per tensor (NaN and inf propagate
-    through it, and a finite tensor's max-abs is finite), then a single host sync (was one per tensor)."""
-    if not tensors:
-        return True
-    by_device = {}
-    for t in tensors:
-        by_device.setdefault((t.device, t.dtype), []).append(t)
-    return all(bool(torch.isfinite(torch.stack(torch._foreach_norm(group, float("inf")))).all())
-               for group in by_device.values())
-
-
-def masked_mean(per_item, valid):
-    """[B, T] values and bool [B, T] -> [T]: each column's mean over its valid rows (0 where none)."""
-    return (per_item * valid).sum(0) / valid.sum(0).clamp(min=1)
-
-
-def format_metrics(metrics, tasks, title=""):
-    from tabulate import tabulate
-    if "f1_pos" not in metrics["mean"]:  # pretraining: losses
-        rows = [[t, metrics["per_task"][t]["loss"]] for t in tasks] + [["mean", metrics["mean"]["loss"]]]
-        return (title + "\n" if title else "") + tabulate(rows, headers=["task", "loss"], floatfmt=".4f")
-    rows = [[t] + [metrics["per_task"][t][m] for m in ("f1_pos", "f1_macro", "accuracy", "ap")] for t in tasks]
-    rows.append(["mean"] + [metrics["mean"][m] for m in ("f1_pos", "f1_macro", "accuracy", "ap")])
-    table = tabulate(rows, headers=["task", "F1 pos", "F1 macro", "accuracy", "AP"], floatfmt=".3f")
-    return (title + "\n" if title else "") + table
-
-
-# ---------------------------------------------------------------- files
-def atomic_save(obj, path):
-    """torch.save to a temporary file, then rename: a crash never leaves a half-written checkpoint. The object
-    goes through common.checkpoints.to_safe first: numpy values become plain data and anything the restricted
-    loader would refuse is an error here, so that every checkpoint we write loads with weights_only=True."""
-    if not distributed.is_main():  # torchrun: rank 0 alone writes files, so it alone serialises them
-        return
-    path = Path(path)
-    obj = to_safe(obj, path.name)
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def atomic_write_bytes(path, data):
-    if not distributed.is_main():  # torchrun: rank 0 alone writes files (checkpoints, best.pt, summaries)
-        return
-    tmp = Path(str(path) + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _npy_bytes(array):
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    return buffer.getvalue()
-
-
-def atomic_write_text(path, text):
-    atomic_write_bytes(path, text.encode())
-
-
-def write_json(path, obj):
-    """Atomically write JSON; NaN becomes null so that the file stays valid JSON."""
-    atomic_write_text(path, json.dumps(_jsonable(obj), indent=2))
-
-
-def _to_cpu(x):
-    """A copy of nested dicts/lists with every tensor on the CPU (to gather state from other ranks)."""
-    if isinstance(x, dict):
-        return {k: _to_cpu(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return type(x)(_to_cpu(v) for v in x)
-    return x.detach().cpu() if torch.is_tensor(x) else x
-
-
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, Path):
-        return str(x)
-    if torch.is_tensor(x):
-        return _jsonable(x.detach().cpu().tolist())
-    if isinstance(x, (np.generic,)):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    if isinstance(x, float) and not math.isfinite(x):
-        return None if math.isnan(x) else str(x)
-    return x

@@ -43,7 +43,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from common.data import AUDIO_DIM, TASKS, VIDEO_DIM  # noqa: E402
+from common.data import AUDIO_DIM, DEFAULT_DATA, TASKS, VIDEO_DIM  # noqa: E402
 
 # train as the real training split; val twice and test four times the real sizes (issue 25): gory, with
 # about 6% positives, then has ~52 validation positives for model selection and early stopping and ~190
@@ -291,6 +291,17 @@ def _complete(root, splits, scale, seed):
 def _resolve(root):
     root = Path(root)
     return root if root.is_absolute() else REPO / root
+
+
+def ensure_data(path):
+    """The default synthetic set is made on first use; other data must already exist."""
+    path = Path(path)
+    if all((path / f"{s}.h5").exists() for s in ("train", "val", "test")):
+        return path
+    if path.resolve() == DEFAULT_DATA.resolve():
+        ensure_default_data(str(path))
+        return path
+    raise SystemExit(f"--data {path}: expected train.h5, val.h5 and test.h5 (see data_prep/build_h5.py)")
 
 
 def ensure_default_data(root="data_prep/synthetic", scale=1.0, seed=0, verbose=True):

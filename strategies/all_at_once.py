@@ -18,7 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 RULE_VERSION = 1  # stored in run records (common/versions.py): bump when this rule's results change
 
-from common.train import Run, build_parser  # noqa: E402
+from common.arguments import build_parser  # noqa: E402
+from common.train import Run  # noqa: E402
 from common.weighting import Equal, Learned  # noqa: E402
 
 

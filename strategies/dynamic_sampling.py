@@ -43,7 +43,9 @@ import torch  # noqa: E402
 
 from common import distributed  # noqa: E402
 from common.multitask import add_update_args, make_update  # noqa: E402
-from common.train import Run, build_parser, single_task_references  # noqa: E402
+from common.arguments import build_parser  # noqa: E402
+from common.summaries import single_task_references  # noqa: E402
+from common.train import Run  # noqa: E402
 
 # the version of this strategy's rule, stored in run records: bumped when what the rule decides changes
 RULE_VERSION = 1

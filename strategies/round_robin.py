@@ -16,7 +16,8 @@ RULE_VERSION = 1  # stored in run records (common/versions.py): bump when this r
 import torch  # noqa: E402
 
 from common.multitask import add_update_args, make_update  # noqa: E402
-from common.train import Run, build_parser  # noqa: E402
+from common.arguments import build_parser  # noqa: E402
+from common.train import Run  # noqa: E402
 
 
 def task_of_step(step, num_tasks):

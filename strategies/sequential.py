@@ -22,7 +22,8 @@ import torch  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 from common.multitask import add_update_args, make_update  # noqa: E402
-from common.train import Run, build_parser, parse_tasks  # noqa: E402
+from common.arguments import build_parser, parse_tasks  # noqa: E402
+from common.train import Run  # noqa: E402
 
 
 def forgetting(after_phase, order):

@@ -18,8 +18,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 RULE_VERSION = 1  # stored in run records (common/versions.py): bump when this rule's results change
 
 from common.data import TASKS  # noqa: E402
-from common.train import (Run, build_parser, format_metrics, merge_summaries, parse_tasks,  # noqa: E402
-                          train_sum_of_losses, write_json)
+from common.arguments import build_parser, parse_tasks  # noqa: E402
+from common.evaluate import format_metrics  # noqa: E402
+from common.files import write_json  # noqa: E402
+from common.summaries import merge_summaries, train_sum_of_losses  # noqa: E402
+from common.train import Run  # noqa: E402
 
 
 def main(argv=None):

@@ -39,7 +39,8 @@ from tabulate import tabulate  # noqa: E402
 
 from common.multitask import add_update_args, make_update  # noqa: E402
 from common.schedulers import StopAndGo  # noqa: E402
-from common.train import Run, build_parser  # noqa: E402
+from common.arguments import build_parser  # noqa: E402
+from common.train import Run  # noqa: E402
 
 
 def main(argv=None):

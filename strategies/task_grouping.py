@@ -44,7 +44,11 @@ import torch  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 from common import distributed  # noqa: E402
-from common.train import Run, build_parser, format_metrics, merge_summaries, train_sum_of_losses, write_json  # noqa: E402
+from common.arguments import build_parser  # noqa: E402
+from common.evaluate import format_metrics  # noqa: E402
+from common.files import write_json  # noqa: E402
+from common.summaries import merge_summaries, train_sum_of_losses  # noqa: E402
+from common.train import Run  # noqa: E402
 
 # the version of this strategy's rule, stored in run records: bumped when what the rule decides changes
 RULE_VERSION = 1

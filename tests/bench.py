@@ -64,13 +64,17 @@ from bench_original import original_batch, original_like_step  # noqa: E402
 from common.data import H5Dataset, collate, feature_stats  # noqa: E402
 from common.model import MODEL_SIZES, build_model, cpu_bf16_lstm_problem  # noqa: E402
 from common.multitask import add_update_args, make_update  # noqa: E402
-from common.train import DEFAULT_DATA, Run, adam, build_parser, ensure_data, epoch_batches, losses_from_logits  # noqa: E402
+from common.arguments import build_parser  # noqa: E402
+from common.data import DEFAULT_DATA, epoch_batches  # noqa: E402
+from common.objectives import losses_from_logits  # noqa: E402
+from common.train import Run, adam  # noqa: E402
+from data_prep.synthesize import ensure_data  # noqa: E402
 
 TASK_COUNT = 5
 
 
 def has_flag(name):
-    """Whether the strategies' parser (common/train.py) has this option yet."""
+    """Whether the strategies' parser (common/arguments.py) has this option yet."""
     return hasattr(build_parser().parse_args([]), name.lstrip("-").replace("-", "_"))
 
 
@@ -167,7 +171,7 @@ def step_vs_original(train, sizes, batch_sizes, repeats):
                "x orig.", "ours bf16 samples/s", "x orig."]
     print(tabulate(rows, headers=headers, floatfmt=".2f"))
     if not bf16:
-        print(f"(bf16: n/a, {cpu_bf16_lstm_problem() or 'common/train.py has no --precision flag yet'})")
+        print(f"(bf16: n/a, {cpu_bf16_lstm_problem() or 'common/arguments.py has no --precision flag yet'})")
 
 
 # ---------------------------------------------------------------- 2. cost of each rule's step
@@ -400,7 +404,7 @@ def peak_memory(size, batch_size, quick):
                                   "GiB above the built model + data", "step s", "target (issue 17)"],
                    floatfmt=".2f"))
     if not has_flag("--grad-checkpointing"):
-        print("(--grad-checkpointing: not in common/train.py yet)")
+        print("(--grad-checkpointing: not in common/arguments.py yet)")
 
 
 # ---------------------------------------------------------------- 5. denormals

@@ -25,7 +25,9 @@ from tabulate import tabulate  # noqa: E402
 
 from common.data import H5Dataset, collate, feature_stats  # noqa: E402
 from common.model import MODEL_SIZES, build_model  # noqa: E402
-from common.train import DEFAULT_DATA, adam, device_batch, ensure_data, epoch_batches  # noqa: E402
+from common.data import DEFAULT_DATA, device_batch, epoch_batches  # noqa: E402
+from common.train import adam  # noqa: E402
+from data_prep.synthesize import ensure_data  # noqa: E402
 from bench import our_step  # noqa: E402
 
 KERNEL_TARGET_PCT = 70  # issue 16: at least 70% of the copy bandwidth at P = 1.1e8

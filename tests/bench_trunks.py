@@ -19,7 +19,10 @@ from tabulate import tabulate  # noqa: E402
 
 from common.data import H5Dataset, collate, feature_stats  # noqa: E402
 from common.model import MODEL_SIZES, TRUNK_NAMES, build_model  # noqa: E402
-from common.train import DEFAULT_DATA, adam, ensure_data, epoch_batches, losses_from_logits  # noqa: E402
+from common.data import DEFAULT_DATA, epoch_batches  # noqa: E402
+from common.objectives import losses_from_logits  # noqa: E402
+from common.train import adam  # noqa: E402
+from data_prep.synthesize import ensure_data  # noqa: E402
 
 
 def trunk_bench(data=DEFAULT_DATA, size="small", batch_size=16, n_batches=4, repeats=3, trunks=TRUNK_NAMES):

@@ -42,7 +42,8 @@ def gram_check(out, argv):
     affinity Z after one optimizer step. Rank 0 saves them to out; the other ranks their Z beside it."""
     import torch
     from common import distributed, gradagg
-    from common.train import Run, build_parser
+    from common.arguments import build_parser
+    from common.train import Run
     from strategies.task_grouping import affinity_on_batch
     run = Run(build_parser().parse_args(argv), strategy="gram_check")
     batch = next(iter(run.batches()))
@@ -79,7 +80,8 @@ def traffic_check(out, argv):
     import time
     from common import distributed
     from common.multitask import add_update_args, make_update
-    from common.train import Run, build_parser
+    from common.arguments import build_parser
+    from common.train import Run
     run = Run(add_update_args(build_parser()).parse_args(argv), strategy="traffic")
     update = make_update(run, run.args)
     run.start(update=update)

@@ -116,7 +116,7 @@ def test_collate_truncates_to_the_original_limits():
 
 
 def test_bucketed_epochs_cover_each_index_once_and_depend_on_seed_and_epoch_only():
-    from common.train import epoch_batches
+    from common.data import epoch_batches
     rng = np.random.default_rng(0)
     lengths = rng.integers(2, 300, 1000)
     e0, e1 = (epoch_batches(1000, 8, seed=3, epoch=e, lengths=lengths) for e in (0, 1))
@@ -133,7 +133,7 @@ def test_bucketed_epochs_cover_each_index_once_and_depend_on_seed_and_epoch_only
 
 
 def test_loader_workers_read_their_own_handles_and_agree(tiny_data):
-    from common.train import epoch_batches
+    from common.data import epoch_batches
     ds = H5Dataset(tiny_data / "train.h5")
     plan = epoch_batches(len(ds), 8, seed=1, epoch=0, lengths=ds.text_lengths())
 

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from common import distributed
-from common.train import masked_mean
+from common.objectives import masked_mean
 from tests.dist_worker import run_all
 
 REPO = Path(__file__).resolve().parents[1]
@@ -237,7 +237,8 @@ def test_shard_sizes_match_the_shards():
 
 def test_reduce_scatter_is_refused_where_the_rule_reads_the_rows(tiny_data, tmp_path):
     from common.multitask import add_update_args, make_update
-    from common.train import Run, build_parser
+    from common.arguments import build_parser
+    from common.train import Run
     base = ["--data", str(tiny_data), "--out", str(tmp_path), "--model-size", "tiny", "--quiet",
             "--task-grad-sync", "reduce-scatter"]
     for flags, why in ((["--aggregator", "graddrop"], "graddrop reads the whole T x P rows"),
@@ -264,7 +265,8 @@ def scaled_update_grads(data, out, scale, flags, steps=2):
     """The gradients the optimizer receives on the first steps of a common.multitask update, with the fp16
     scaler's machinery at `scale` (on an fp32 forward, so that only the scaling differs) or without one."""
     from common.multitask import add_update_args, make_update
-    from common.train import Run, build_parser
+    from common.arguments import build_parser
+    from common.train import Run
     args = add_update_args(build_parser()).parse_args(
         ["--data", str(data), "--out", str(out), "--model-size", "tiny", "--batch-size", "8", "--epochs", "1",
          "--quiet", "--zero-dropout", *flags])
@@ -318,7 +320,8 @@ def test_a_hand_written_scaled_backward_works_on_the_first_step(tiny_data, tmp_p
     """A strategy that writes .grad itself from losses x run.loss_scale and calls run.step(None, scaled=True)
     on the very first step of a fresh scaler: no 'unscale_ before scale' error, and the optimizer sees the
     unscaled gradient (fp32 forward with the scaler's machinery, as above: CPU has no fp16 LSTM)."""
-    from common.train import Run, build_parser
+    from common.arguments import build_parser
+    from common.train import Run
     args = build_parser().parse_args(["--data", str(tiny_data), "--out", str(tmp_path), "--model-size", "tiny",
                                       "--batch-size", "8", "--epochs", "1", "--quiet", "--zero-dropout",
                                       "--clip-grad", "0"])
@@ -338,7 +341,8 @@ def test_a_hand_written_scaled_backward_works_on_the_first_step(tiny_data, tmp_p
 
 
 def test_fp16_on_cpu_is_a_clear_error(tiny_data, tmp_path):
-    from common.train import Run, build_parser
+    from common.arguments import build_parser
+    from common.train import Run
     args = build_parser().parse_args(["--data", str(tiny_data), "--out", str(tmp_path), "--model-size", "tiny",
                                       "--quiet", "--precision", "fp16"])
     with pytest.raises(SystemExit, match="fp16 on CPU"):
@@ -349,7 +353,8 @@ def test_bf16_on_cpu_runs_where_the_processor_has_it_else_is_a_clear_error(tiny_
     """oneDNN's bf16 LSTM needs AVX512-BF16 or AMX: with it a bf16 step trains (fp32 losses), without it
     the run stops at start-up, saying why, instead of failing inside the first forward."""
     from common.model import cpu_bf16_lstm_problem
-    from common.train import Run, build_parser
+    from common.arguments import build_parser
+    from common.train import Run
     args = build_parser().parse_args(["--data", str(tiny_data), "--out", str(tmp_path), "--model-size", "tiny",
                                       "--quiet", "--precision", "bf16", "--batch-size", "8"])
     if cpu_bf16_lstm_problem():
@@ -364,7 +369,8 @@ def test_bf16_on_cpu_runs_where_the_processor_has_it_else_is_a_clear_error(tiny_
 
 
 def test_evals_per_epoch_below_one_is_a_clear_error(tiny_data, tmp_path):
-    from common.train import Run, build_parser
+    from common.arguments import build_parser
+    from common.train import Run
     args = build_parser().parse_args(["--data", str(tiny_data), "--out", str(tmp_path), "--model-size", "tiny",
                                       "--quiet", "--evals-per-epoch", "0"])
     with pytest.raises(SystemExit, match="--evals-per-epoch 0"):

@@ -36,7 +36,9 @@ def test_default_keeps_every_label_and_weights_tasks_by_T_p():
 def test_task_scale_multiplies_the_terms_of_the_update(tiny_data, tmp_path):
     """update.step(batch, task_scale=s) trains on sum_t s_t * w_t * L_t (what --apply weights passes)."""
     from common.multitask import add_update_args, make_update
-    from common.train import Run, build_parser, masked_mean
+    from common.arguments import build_parser
+    from common.objectives import masked_mean
+    from common.train import Run
     args = add_update_args(build_parser()).parse_args(
         ["--data", str(tiny_data), "--out", str(tmp_path), "--model-size", "tiny", "--batch-size", "8",
          "--epochs", "1", "--quiet", "--zero-dropout"])

@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import gradagg as ga  # noqa: E402
 from common.model import MODEL_SIZES, build_model, run_bilstm  # noqa: E402
 from common.data import collate  # noqa: E402
-from common.train import losses_from_logits  # noqa: E402
+from common.objectives import losses_from_logits  # noqa: E402
 from test_model import make_batch  # noqa: E402
 
 LENGTHS = [(7, 5, 9), (3, 2, 4), (11, 6, 1), (5, 4, 8)]
@@ -130,7 +130,8 @@ def test_original_like_baseline():
 def test_predict_same_scores_whatever_the_eval_batch_size(tiny_data, tmp_path):
     """Run.predict batches clips in order of length: at batch 128 and 5 each row equals the clip's score
     alone (batch 1, no padding) and the rows come back in the dataset's order."""
-    from common.train import Run, build_parser
+    from common.arguments import build_parser
+    from common.train import Run
     scores = []
     for size in (128, 5, 1):
         args = build_parser().parse_args(["--data", str(tiny_data), "--model-size", "tiny", "--out", str(tmp_path),

@@ -6,7 +6,8 @@ import torch
 from common.model import MODEL_SIZES
 from common.pretrain import (MASK_ID, SWAP_AUDIO, SWAP_NONE, SWAP_TEXT, SWAP_VIDEO, PretrainHeads, corrupt, info_nce,
                              shifted_partner)
-from common.train import Run, build_parser
+from common.arguments import build_parser
+from common.train import Run
 
 
 def make_batch(B=6, L=9, S=5, seed=0):

@@ -10,7 +10,8 @@ from tests.conftest import REPO
 
 
 def tiny_run(tiny_data, tmp_path, *flags):
-    from common.train import Run, build_parser
+    from common.arguments import build_parser
+    from common.train import Run
     args = build_parser().parse_args(["--data", str(tiny_data), "--out", str(tmp_path), "--model-size", "tiny",
                                       "--quiet", *flags])
     return Run(args, strategy="protocol_test")

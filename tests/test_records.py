@@ -89,6 +89,7 @@ def test_max_hours_stops_and_the_next_call_finishes(tiny_data, tmp_path, capsys)
 def test_recorded_arguments_hold_repository_paths_relative():
     import argparse
 
-    from common.train import REPO, recorded_args
+    from common.arguments import recorded_args
+    from common.versions import REPO
     args = argparse.Namespace(data=str(REPO / "data_prep" / "synthetic"), out="/elsewhere/results", init=None, lr=1e-3)
     assert recorded_args(args) == {"data": "data_prep/synthetic", "out": "/elsewhere/results", "init": None, "lr": 1e-3}

@@ -481,7 +481,8 @@ def test_every_rule_hyper_parameter_has_one_flag_with_the_init_default():
 
 def test_representation_space_is_refused_for_rules_with_state_on_the_gradients(tiny_data, tmp_path):
     from common.multitask import add_update_args, make_update
-    from common.train import Run, build_parser
+    from common.arguments import build_parser
+    from common.train import Run
     for name in ("moco", "db_mtl", "excess_mtl"):
         args = add_update_args(build_parser()).parse_args(
             ["--data", str(tiny_data), "--out", str(tmp_path), "--model-size", "tiny", "--batch-size", "8",
@@ -527,7 +528,9 @@ def test_update_hands_the_rows_to_the_rule_and_writes_its_update(name, tiny_data
     autograd), each head's .grad its plain gradient times the reference's factor (DB-MTL: of log L_t;
     ExcessMTL: w_t)."""
     from common.multitask import add_update_args, make_update
-    from common.train import Run, build_parser, masked_mean
+    from common.arguments import build_parser
+    from common.objectives import masked_mean
+    from common.train import Run
     args = add_update_args(build_parser()).parse_args(
         ["--data", str(tiny_data), "--out", str(tmp_path), "--model-size", "tiny", "--batch-size", "8",
          "--epochs", "1", "--quiet", "--zero-dropout", "--aggregator", name])
@@ -569,7 +572,8 @@ def test_a_step_with_no_active_task_leaves_the_trunk_unmoved(name, tiny_data, tm
     """A scheduler may switch every task off on a batch (or no clip has a label): the aggregator is not asked
     (an empty Gram matrix is an error for it) and the shared parameters get a zero update."""
     from common.multitask import add_update_args, make_update
-    from common.train import Run, build_parser
+    from common.arguments import build_parser
+    from common.train import Run
     args = add_update_args(build_parser()).parse_args(
         ["--data", str(tiny_data), "--out", str(tmp_path), "--model-size", "tiny", "--batch-size", "8",
          "--epochs", "1", "--quiet", "--aggregator", name])

@@ -23,7 +23,9 @@ import torch
 from common.checkpoints import (MODEL_CONFIG_FILE, MODEL_FILE, UnsafeCheckpointError, from_safe, load_checkpoint,
                                 to_safe)
 from common.model import load_original_checkpoint
-from common.train import Run, atomic_save, build_parser
+from common.arguments import build_parser
+from common.files import atomic_save
+from common.train import Run
 
 REPO = Path(__file__).resolve().parents[1]
 REFUSED = "builtins.exec"  # the global the payload calls

@@ -181,7 +181,8 @@ def test_affinity_is_the_relative_loss_change_divided_by_the_lr():
 
 
 def test_binary_helps_itself_on_the_tiny_model(tiny_data, tmp_path):
-    from common.train import Run, build_parser
+    from common.arguments import build_parser
+    from common.train import Run
     args = build_parser().parse_args(["--data", str(tiny_data), "--out", str(tmp_path), "--model-size", "tiny",
                                       "--batch-size", "8", "--quiet"])
     run = Run(args, strategy="tag_test")

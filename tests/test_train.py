@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.train import NonFiniteError, Run, adam, build_parser, epoch_batches
+from common.arguments import build_parser
+from common.data import epoch_batches
+from common.train import NonFiniteError, Run, adam
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -159,7 +161,7 @@ def test_a_cpu_run_checkpoints_without_touching_cuda(tiny_data, tmp_path, monkey
 def test_only_rank_0_serialises_a_file(tmp_path, monkeypatch):
     """Under torchrun the ranks above 0 neither build nor serialise the files rank 0 writes (issue 28)."""
     from common import distributed
-    from common.train import atomic_save
+    from common.files import atomic_save
     monkeypatch.setattr(distributed, "is_main", lambda: False)
 
     def no_save(*_a, **_k):

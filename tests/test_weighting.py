@@ -144,7 +144,8 @@ def test_famo_signal_comes_from_the_same_batch_after_the_step(tiny_data, tmp_pat
     """The update recomputes the losses of the batch it just trained on (the official second forward),
     not the next batch's."""
     from common.multitask import add_update_args, make_update
-    from common.train import Run, build_parser
+    from common.arguments import build_parser
+    from common.train import Run
     args = add_update_args(build_parser()).parse_args(
         ["--data", str(tiny_data), "--out", str(tmp_path), "--model-size", "tiny", "--batch-size", "8",
          "--weighting", "famo", "--epochs", "1", "--quiet"])

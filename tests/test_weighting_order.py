@@ -5,7 +5,8 @@ from the next step."""
 import torch
 
 from common.multitask import add_update_args, make_update
-from common.train import Run, build_parser
+from common.arguments import build_parser
+from common.train import Run
 
 
 def test_gradnorm_step_trains_with_w_t_and_updates_to_w_t_plus_1(tiny_data, tmp_path):
