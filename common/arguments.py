@@ -3,7 +3,8 @@ flag, and the arguments as a run records them."""
 import argparse
 
 from common.data import DEFAULT_DATA, TASKS
-from common.model import MODEL_SIZES, TRUNK_NAMES
+from common.model import MODEL_SIZES
+from common.trunks import TRUNK_NAMES
 from common.pretrain import PRETRAIN_TASKS
 from common.versions import REPO, repo_relative
 

@@ -40,6 +40,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common.model import HCAConfig, MultiTaskModel
+
 NUMPY_TAG = "__numpy__"
 TRUST_COMMAND = "python data_prep/trust_checkpoint.py"
 MODEL_FILE = "model.safetensors"
@@ -362,7 +364,6 @@ def check_model_config(model, saved, source):
 
 def config_fields_checked():
     """The HCAConfig fields check_model_config compares (for documentation and tests)."""
-    from common.model import HCAConfig
     return [f.name for f in fields(HCAConfig) if f.name not in _UNCHECKED_CONFIG]
 
 
@@ -372,7 +373,6 @@ def load_init(model, path):
     .safetensors file (a finished run's model.safetensors) holds the state dict, and its configuration
     (model_config.json) must match the model's. Every file is read without running code from it
     (common.checkpoints: the restricted unpickler; a file holding anything else stops the run, unrun)."""
-    from common.model import load_original_checkpoint
     if str(path).endswith(".safetensors"):  # no pickle; its configuration (header or model_config.json) must match
         tensors, config = load_safetensors(path)
         if config is not None:
@@ -394,3 +394,111 @@ def load_init(model, path):
     for k in unexpected[:10]:
         print(f"[init]   unexpected: {k}")
     return {"missing": missing, "unexpected": unexpected}
+
+
+# Loading checkpoints of the original code (Multi-Task/source/models/multi_task_model.py, class Bert_Model;
+# the binary model and the hybrid pre-training model use the same trunk names). Its trunk is an
+# nn.ModuleList `features` = [bert, rnn_img, rnn_img_drop_norm, rnn_audio, rnn_audio_drop_norm,
+# sequential_audio, sequential_image, att1, att1_drop_norm1, att1_drop_norm2, att2, ..., att3, ...,
+# attention (text pooling), attention_drop_norm, attention_audio, ..., attention_image, ...]; every
+# *_drop_norm is Sequential(Dropout, LayerNorm) (hence ".1."), sequential_* is Sequential(Linear, LayerNorm,
+# Dropout). att1/2/3 are the text/audio/video branches. Original prefix -> our prefix:
+ORIGINAL_NAME_MAP = {
+    "features.0.": "text_encoder.",               # HF BertModel ('bert-base-uncased' in the original)
+    "features.1.": "video_encoder.lstm.",          # rnn_img
+    "features.2.1.": "video_encoder.lstm_norm.",
+    "features.3.": "audio_encoder.lstm.",          # rnn_audio
+    "features.4.1.": "audio_encoder.lstm_norm.",
+    "features.5.0.": "audio_encoder.proj.",        # sequential_audio
+    "features.5.1.": "audio_encoder.proj_norm.",
+    "features.6.0.": "video_encoder.proj.",        # sequential_image
+    "features.6.1.": "video_encoder.proj_norm.",
+    "features.7.": "branches.text.attn.",          # att1: text <- video <- audio
+    "features.8.1.": "branches.text.norm1.",
+    "features.9.1.": "branches.text.norm2.",
+    "features.10.": "branches.audio.attn.",        # att2: audio <- video <- text
+    "features.11.1.": "branches.audio.norm1.",
+    "features.12.1.": "branches.audio.norm2.",
+    "features.13.": "branches.video.attn.",        # att3: video <- text <- audio (binary) / <- audio <- text (multi-task)
+    "features.14.1.": "branches.video.norm1.",
+    "features.15.1.": "branches.video.norm2.",
+    "features.16.": "branches.text.pool.",         # attention (u, v)
+    "features.17.1.": "branches.text.pool_norm.",
+    "features.18.": "branches.audio.pool.",        # attention_audio
+    "features.19.1.": "branches.audio.pool_norm.",
+    "features.20.": "branches.video.pool.",        # attention_image
+    "features.21.1.": "branches.video.pool_norm.",
+}
+
+
+def format_name_map() -> str:
+    return "\n".join(f"  {orig:<16} -> {ours}" for orig, ours in ORIGINAL_NAME_MAP.items())
+
+
+def original_to_ours(state: dict) -> dict:
+    """Rename original-code keys to ours; keys with no mapped prefix are kept unchanged (and then show up as
+    unexpected). A 'module.' prefix (DataParallel) is stripped first."""
+    out = {}
+    for k, v in state.items():
+        if k.startswith("module."):
+            k = k[len("module."):]
+        for orig, ours in ORIGINAL_NAME_MAP.items():
+            if k.startswith(orig):
+                k = ours + k[len(orig):]
+                break
+        out[k] = v
+    # inside the text encoder, older transformers conventions: LayerNorm gamma/beta (TF names) are
+    # weight/bias; embeddings.position_ids was a saved buffer (a constant arange, no longer in state dicts)
+    renamed = {}
+    for k, v in out.items():
+        if k.startswith("text_encoder."):
+            if k.endswith("embeddings.position_ids"):
+                continue
+            if ".LayerNorm." in k:
+                k = k.replace(".gamma", ".weight").replace(".beta", ".bias")
+        renamed[k] = v
+    return renamed
+
+
+def load_original_checkpoint(model: MultiTaskModel, path_or_state_dict, verbose: bool = True, show_map: bool = False):
+    """Load a checkpoint of the original code into `model`, non-strictly, through ORIGINAL_NAME_MAP.
+
+    Accepts a path or a dict: {"model_state": state_dict} (as best_pretrain_matching.pth), {"state_dict": ...},
+    {"model": ...}, or a raw state dict. Tensors whose shape differs from ours (e.g. the original's uncased
+    BERT vocabulary of 30522 rows against our 28996, or a smaller model size) are not loaded: they are
+    counted as missing and listed in the report. Returns (missing, unexpected) lists of key names
+    (missing: ours, not loaded; unexpected: theirs after renaming, not used)."""
+    if isinstance(path_or_state_dict, (str, Path)):
+        # the restricted unpickler (common.checkpoints): a file that carries code stops here, its code unrun
+        state = load_checkpoint(path_or_state_dict, map_location="cpu")
+        source = str(path_or_state_dict)
+    else:
+        state, source = path_or_state_dict, "state dict"
+    for key in ("model_state", "state_dict", "model"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+            break
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise ValueError(f"{source}: not a state dict (nor a dict with 'model_state')")
+    renamed = original_to_ours(state)
+    ours = model.state_dict()
+    mismatched = [k for k, v in renamed.items() if k in ours and ours[k].shape != v.shape]
+    result = model.load_state_dict({k: v for k, v in renamed.items() if k not in mismatched}, strict=False)
+    missing = sorted(set(result.missing_keys) | set(mismatched))
+    unexpected = sorted(result.unexpected_keys)
+    if verbose:
+        if show_map:
+            print("original -> ours name map:\n" + format_name_map())
+        loaded = len(renamed) - len(unexpected) - len(mismatched)
+        trunk_missing = [k for k in missing if not k.startswith("heads.")]
+        print(f"load_original_checkpoint({source}): loaded {loaded} of our {len(ours)} tensors; "
+              f"missing {len(missing)} ({len(trunk_missing)} in the trunk: {trunk_missing[:6]}); "
+              f"unexpected {len(unexpected)}: {unexpected[:6]}")
+        for k in mismatched:
+            print(f"  shape mismatch, not loaded: {k}: checkpoint {tuple(renamed[k].shape)}, ours {tuple(ours[k].shape)}")
+    return missing, unexpected
+
+
+# Not mapped (reported as unexpected): the original heads img_audio_text_linear_{mature,gory,slapstick,sarcasm}
+# (binary: img_audio_text_linear, sequential; pre-training: TAM_linear, ITM_linear, IAM_linear) are
+# Linear/BatchNorm stacks of another shape than our heads; BERT's pooler (text_encoder.pooler.*) is unused here.

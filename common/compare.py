@@ -35,13 +35,9 @@ import csv
 import itertools
 import json
 import math
-import os
-import re
 import signal
-import subprocess
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -51,16 +47,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from common.data import TASKS  # noqa: E402
-from common.launch import LocalLauncher, Run, SlurmLauncher  # noqa: E402
+from common.launch import STOP, GridRun, LocalLauncher, SlurmLauncher, execute, slug  # noqa: E402
 from common.evaluate import delta_m  # noqa: E402
 from common.stats import holm, mean_interval, mean_ranks, paired_tests  # noqa: E402
 from common.data import DEFAULT_DATA  # noqa: E402
 from common.versions import data_fingerprint, record_stale, repo_relative  # noqa: E402
 
-# set by --max-hours or a SIGINT/SIGTERM of make compare: the running scripts checkpoint and stop
-# (status "interrupted", resumed by the next make compare), nothing new starts, finished runs are kept
-STOP = threading.Event()
-RUNNING = set()  # the scripts running now (Popen), for checkpoint_running_scripts
 
 # extra rows for scripts whose flags change the strategy; every script also runs with its defaults
 # unless its default is listed here under another name.
@@ -233,10 +225,6 @@ def config_tag(config):
     return "_".join(f"{k.lstrip('-')}{v}" for k, v in pairs) or "default"
 
 
-def slug(text):
-    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", text).strip("_")[-150:]
-
-
 # ---------------------------------------------------------------- running
 def run_key(phase, script, variant, config, seed):
     return " ".join([phase + ":", script, *variant, *config, f"seed{seed}"])
@@ -254,47 +242,6 @@ def reusable_settings(extra):
         else:
             out.append(repo_relative(a) if a.startswith("/") else a)
     return out
-
-
-def execute(key, cmd_tail, root, settings, threads, index, log_dir, fingerprint=None):
-    """Run one strategy script (or reuse its finished run); returns its index entry.
-    cmd_tail: [script, *flags] without --out/--threads; settings: what makes a run reusable; fingerprint:
-    the current data's (a record made on other data, or by code whose versions changed, is run again)."""
-    entry = index.get(key)
-    if entry and entry.get("settings") != settings:
-        entry = None  # made with other settings (profile, data): not reusable, and not resumable either
-    if entry and entry.get("status") == "ok":
-        if record_stale(entry["summary"], fingerprint) is None:
-            return entry
-        entry = None  # stale: trained again from the start, never mixed into a table
-    script, flags = cmd_tail[0], cmd_tail[1:]
-    cmd = [sys.executable, str(REPO / "strategies" / f"{script}.py"), "--out", str(root), "--quiet",
-           "--threads", str(threads), *flags]
-    if entry:  # started before and not finished: continue it
-        cmd.append("--resume")
-    log = log_dir / (slug(key) + ".log")
-    t0 = time.time()
-    index[key] = {"status": "running", "settings": settings}
-    with open(log, "w") as f:
-        # its own session: a Ctrl-C of make compare reaches the scripts only through STOP (one SIGTERM each)
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
-        RUNNING.add(proc)
-        try:
-            returncode, cpu_seconds = wait_with_cpu(proc)
-        finally:
-            RUNNING.discard(proc)
-    lines = [x for x in log.read_text().splitlines() if x.strip()]
-    # every script ends by printing "summary: <path>" (Run.finish)
-    written = [x.split("summary: ", 1)[1] for x in lines if x.startswith("summary: ")]
-    if returncode == 0 and written and Path(written[-1]).exists():
-        return {"status": "ok", "summary": written[-1], "seconds": round(time.time() - t0, 1),
-                "cpu_seconds": round(cpu_seconds, 1), "log": str(log), "settings": settings}
-    if STOP.is_set():
-        return {"status": "interrupted", "log": str(log), "settings": settings}
-    error = lines[-1] if lines else f"exit code {returncode}"
-    if returncode == 0:
-        error = "finished without printing its summary path"
-    return {"status": "failed", "error": error[:300], "log": str(log), "cmd": cmd, "settings": settings}
 
 
 RECORD_PATHS = ("summary", "log")   # index entries' paths, stored relative to the index's folder
@@ -324,40 +271,6 @@ def save_index(index, path):
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(stored, indent=1))
     tmp.replace(path)
-
-
-def checkpoint_running_scripts(timeout=300):
-    """From a signal handler (a Slurm job's USR2, common/launch.py): set STOP, send each running script one
-    SIGTERM (it checkpoints after its current step and exits) and wait for them, so that a requeued job
-    resumes where this one stopped."""
-    STOP.set()
-    for proc in list(RUNNING):
-        proc.send_signal(signal.SIGTERM)
-    deadline = time.time() + timeout
-    for proc in list(RUNNING):
-        try:
-            proc.wait(timeout=max(deadline - time.time(), 0.1))
-        except subprocess.TimeoutExpired:
-            print(f"[compare] pid {proc.pid} did not stop within {timeout} s of SIGTERM", flush=True)
-
-
-def wait_with_cpu(proc):
-    """Wait for a script (sending it one SIGTERM once STOP is set: it checkpoints after its step and exits);
-    returns its exit code and the CPU seconds it used, its threads included (os.wait4: this child alone,
-    even with other runs going on in parallel)."""
-    signalled = False
-    while True:
-        try:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        except ChildProcessError:  # reaped by checkpoint_running_scripts (a signal handler)
-            return proc.returncode, 0.0
-        if pid:
-            proc.returncode = os.waitstatus_to_exitcode(status)
-            return proc.returncode, usage.ru_utime + usage.ru_stime
-        if STOP.is_set() and not signalled:
-            proc.send_signal(signal.SIGTERM)
-            signalled = True
-        time.sleep(0.5)
 
 
 def read_summary(entry):
@@ -1083,7 +996,7 @@ def compare_one(args, rows, seeds, tune, extra, root, model_size, select_metric)
         # tuning runs: the profile's tune_args (half the budget) after everything else
         phase_args = args.tune_args if phase == "tune" else []
         flags = ["--seed", str(seed), *extra, *config, *variant, *phase_args]
-        return Run(key, [script, *flags], str(run_root), settings + config + phase_args, str(log_dir), index.get(key),
+        return GridRun(key, [script, *flags], str(run_root), settings + config + phase_args, str(log_dir), index.get(key),
                    fingerprint)
 
     def update(run, entry):  # the launcher calls it here, in this thread, whenever a run's entry changes

@@ -5,7 +5,7 @@
     launcher = SlurmLauncher(partition="gpu", time="4:00:00", gpus_per_job=1, account="lab", folder=...)
     launcher.run(runs, on_update)                       # returns when every run has ended
 
-A Run holds the arguments of compare.execute (which starts the strategy script, reuses a finished run and
+A GridRun holds the arguments of execute (which starts the strategy script, reuses a finished run and
 resumes a started one with --resume) and the run's index entry so far. on_update(run, entry) is called in
 the calling thread whenever a run's entry changes (running or submitted, then ok or failed), so the caller
 can write its index at once: an interrupted `make compare` then resumes the runs it had started.
@@ -26,18 +26,21 @@ import multiprocessing
 import os
 import re
 import signal
+import subprocess
+import sys
+import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import submitit
 
-from common.versions import record_stale
+from common.versions import REPO, record_stale
 
 
 @dataclasses.dataclass
-class Run:
-    """One run of the grid: the arguments of compare.execute, and its index entry so far (or None)."""
+class GridRun:
+    """One run of the grid: the arguments of execute, and its index entry so far (or None)."""
     key: str
     cmd_tail: list  # [script, *flags], without --out and --threads
     root: str       # the script's --out
@@ -48,19 +51,18 @@ class Run:
 
     def finished(self):
         """Finished with the same settings, by the current code and on the current data: reused, nothing is
-        started (compare.execute's rule)."""
+        started (execute's rule)."""
         e = self.entry or {}
         return (e.get("settings") == self.settings and e.get("status") == "ok"
                 and record_stale(e["summary"], self.data_fingerprint) is None)
 
     def started(self):
-        """The same run marked as started: compare.execute then continues it with --resume."""
+        """The same run marked as started: execute then continues it with --resume."""
         return dataclasses.replace(self, entry={"status": "running", "settings": self.settings})
 
 
 def execute_run(run, threads, device=None):
     """Run (or reuse) one run here; returns its index entry. device: a --device for the script."""
-    from common.compare import execute  # imported here: a Slurm job unpickles this module first
     tail = list(run.cmd_tail)
     if device and "--device" not in tail:
         tail += ["--device", device]
@@ -151,7 +153,6 @@ class GridJob(submitit.helpers.Checkpointable):
         if resume or int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0:
             run = run.started()
         print(f"[launch] {run.key}: pid {os.getpid()}" + (", resuming" if run.entry else ""), flush=True)
-        from common.compare import STOP  # the flag on which execute sends the script one SIGTERM
         terminated = []
 
         def on_sigterm(signum, _frame):  # submitit itself only logs a SIGTERM ("Bypassing signal SIGTERM")
@@ -173,7 +174,6 @@ class GridJob(submitit.helpers.Checkpointable):
     def checkpoint(self, run, resume=False):
         # called by submitit on USR2 while the script runs: the script checkpoints now (one SIGTERM, after its
         # current step) so that the requeued attempt resumes from there and loses no step
-        from common.compare import checkpoint_running_scripts
         checkpoint_running_scripts()
         return submitit.helpers.DelayedSubmission(self, run, resume=True)
 
@@ -261,3 +261,90 @@ class SlurmLauncher:
         except Exception as e:  # the job itself failed (e.g. timed out too many times, cancelled)
             return failed_entry(run, e, job_id=job.job_id)
         return {**entry, "job_id": job.job_id}
+
+
+# set by --max-hours or a SIGINT/SIGTERM of make compare: the running scripts checkpoint and stop
+# (status "interrupted", resumed by the next make compare), nothing new starts, finished runs are kept
+STOP = threading.Event()
+
+
+RUNNING = set()  # the scripts running now (Popen), for checkpoint_running_scripts
+
+
+def slug(text):
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", text).strip("_")[-150:]
+
+
+def execute(key, cmd_tail, root, settings, threads, index, log_dir, fingerprint=None):
+    """Run one strategy script (or reuse its finished run); returns its index entry.
+    cmd_tail: [script, *flags] without --out/--threads; settings: what makes a run reusable; fingerprint:
+    the current data's (a record made on other data, or by code whose versions changed, is run again)."""
+    entry = index.get(key)
+    if entry and entry.get("settings") != settings:
+        entry = None  # made with other settings (profile, data): not reusable, and not resumable either
+    if entry and entry.get("status") == "ok":
+        if record_stale(entry["summary"], fingerprint) is None:
+            return entry
+        entry = None  # stale: trained again from the start, never mixed into a table
+    script, flags = cmd_tail[0], cmd_tail[1:]
+    cmd = [sys.executable, str(REPO / "strategies" / f"{script}.py"), "--out", str(root), "--quiet",
+           "--threads", str(threads), *flags]
+    if entry:  # started before and not finished: continue it
+        cmd.append("--resume")
+    log = log_dir / (slug(key) + ".log")
+    t0 = time.time()
+    index[key] = {"status": "running", "settings": settings}
+    with open(log, "w") as f:
+        # its own session: a Ctrl-C of make compare reaches the scripts only through STOP (one SIGTERM each)
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
+        RUNNING.add(proc)
+        try:
+            returncode, cpu_seconds = wait_with_cpu(proc)
+        finally:
+            RUNNING.discard(proc)
+    lines = [x for x in log.read_text().splitlines() if x.strip()]
+    # every script ends by printing "summary: <path>" (Run.finish)
+    written = [x.split("summary: ", 1)[1] for x in lines if x.startswith("summary: ")]
+    if returncode == 0 and written and Path(written[-1]).exists():
+        return {"status": "ok", "summary": written[-1], "seconds": round(time.time() - t0, 1),
+                "cpu_seconds": round(cpu_seconds, 1), "log": str(log), "settings": settings}
+    if STOP.is_set():
+        return {"status": "interrupted", "log": str(log), "settings": settings}
+    error = lines[-1] if lines else f"exit code {returncode}"
+    if returncode == 0:
+        error = "finished without printing its summary path"
+    return {"status": "failed", "error": error[:300], "log": str(log), "cmd": cmd, "settings": settings}
+
+
+def checkpoint_running_scripts(timeout=300):
+    """From a signal handler (a Slurm job's USR2, common/launch.py): set STOP, send each running script one
+    SIGTERM (it checkpoints after its current step and exits) and wait for them, so that a requeued job
+    resumes where this one stopped."""
+    STOP.set()
+    for proc in list(RUNNING):
+        proc.send_signal(signal.SIGTERM)
+    deadline = time.time() + timeout
+    for proc in list(RUNNING):
+        try:
+            proc.wait(timeout=max(deadline - time.time(), 0.1))
+        except subprocess.TimeoutExpired:
+            print(f"[compare] pid {proc.pid} did not stop within {timeout} s of SIGTERM", flush=True)
+
+
+def wait_with_cpu(proc):
+    """Wait for a script (sending it one SIGTERM once STOP is set: it checkpoints after its step and exits);
+    returns its exit code and the CPU seconds it used, its threads included (os.wait4: this child alone,
+    even with other runs going on in parallel)."""
+    signalled = False
+    while True:
+        try:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        except ChildProcessError:  # reaped by checkpoint_running_scripts (a signal handler)
+            return proc.returncode, 0.0
+        if pid:
+            proc.returncode = os.waitstatus_to_exitcode(status)
+            return proc.returncode, usage.ru_utime + usage.ru_stime
+        if STOP.is_set() and not signalled:
+            proc.send_signal(signal.SIGTERM)
+            signalled = True
+        time.sleep(0.5)

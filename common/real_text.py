@@ -29,7 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import compare  # noqa: E402
+from common import compare, launch  # noqa: E402
 from common.data import TASKS  # noqa: E402
 from common.text_encoder import MINILM_PACKAGE, minilm_folder  # noqa: E402
 
@@ -171,7 +171,7 @@ def main(argv=None):
     def one(job):
         key, tail, run_settings_ = job
         print(f"[real-text] {key} ...", flush=True)
-        index[key] = compare.execute(key, tail, root, run_settings_, threads, index, log_dir)
+        index[key] = launch.execute(key, tail, root, run_settings_, threads, index, log_dir)
         if not args.keep_checkpoints:
             drop_checkpoints(index[key])
         index_path.write_text(json.dumps(index, indent=1))

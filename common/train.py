@@ -61,7 +61,8 @@ from common.checkpoints import MODEL_CONFIG_FILE, MODEL_FILE, load_checkpoint, l
 from common.data import H5Dataset, collate, device_batch, epoch_batches, feature_stats
 from common.evaluate import format_metrics
 from common.files import atomic_save, atomic_write_bytes, jsonable, npy_bytes, to_cpu, write_json
-from common.model import cpu_bf16_lstm_problem, model_config, model_from_args
+from common.model import cpu_bf16_lstm_problem, model_config
+from common.trunks import model_from_args
 from common.objectives import FinetuneObjective, masked_mean
 from common.pretrain import PRETRAIN_TASKS, PretrainObjective
 from common.versions import data_fingerprint, repo_relative, rule_versions_of, run_versions

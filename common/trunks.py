@@ -18,14 +18,15 @@ checkpoint initialises them through --init (the rest is reported as missing or u
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from common.data import MODALITIES, TASKS
-from common.model import (Dropout, HCAConfig, MultiTaskModel, PooledModality, SequenceEncoder, additive_mask,
+from common.model import (Dropout, HCAConfig, HCAModel, MultiTaskModel, PooledModality, SequenceEncoder, additive_mask,
                           attention)
-from common.text_encoder import build_text_encoder, encode_text
+from common.text_encoder import TokenizerMismatch, build_text_encoder, check_token_ids, encode_text
 
 
 class EncodedModalities(MultiTaskModel):
@@ -239,5 +240,38 @@ class MulT(MultiTaskModel):
         return [p for t in self.slots for p in self.pools[t].pool_norm.parameters()]
 
 
-TRUNKS = {"late_fusion": LateFusion, "concat": ConcatFusion, "mult": MulT,
+# every trunk --trunk can name (HCA is common/model.py's)
+TRUNKS = {"hca": HCAModel, "late_fusion": LateFusion, "concat": ConcatFusion, "mult": MulT,
           "text_only": unimodal("text"), "video_only": unimodal("video"), "audio_only": unimodal("audio")}
+
+
+TRUNK_NAMES = tuple(TRUNKS)
+
+
+def build_model(config: HCAConfig, trunk="hca", tasks=TASKS, text_encoder=None, grad_checkpointing=False,
+                token_files=()) -> MultiTaskModel:
+    """The model of --trunk (common/trunks.py for all but hca). token_files: .h5 splits whose stored token
+    ids are checked against the text encoder's tokenizer (common.text_encoder.check_token_ids)."""
+    if trunk not in TRUNKS:
+        raise ValueError(f"unknown trunk {trunk!r}; choose from {', '.join(TRUNK_NAMES)}")
+    model = TRUNKS[trunk](config, tasks, text_encoder, grad_checkpointing)
+    if token_files and "text" in model.modalities:
+        check_token_ids(model.text_encoder, token_files)
+    return model
+
+
+def model_from_args(args, config: HCAConfig, tasks, data_dir) -> MultiTaskModel:
+    """The model of a run's arguments (--trunk, --text-encoder, --grad-checkpointing), its token ids
+    checked against the run's splits. Pretraining needs a trunk whose fused vector has the three modality
+    slots (its matching and contrastive heads read them): the model declares them (model.slots)."""
+    trunk = getattr(args, "trunk", "hca")
+    try:
+        model = build_model(config, trunk, tasks, text_encoder=getattr(args, "text_encoder", None),
+                            grad_checkpointing=getattr(args, "grad_checkpointing", False),
+                            token_files=[Path(data_dir) / f"{s}.h5" for s in ("train", "val", "test")])
+    except TokenizerMismatch as e:  # a message for the user, not a traceback
+        raise SystemExit(f"error: {e}") from None
+    if getattr(args, "stage", "finetune") == "pretrain" and sorted(model.slots or ()) != sorted(MODALITIES):
+        raise SystemExit(f"--stage pretrain needs a trunk with text, video and audio slots in its fused vector "
+                         f"(e.g. hca, late_fusion, mult); --trunk {trunk} has {model.slots}")
+    return model

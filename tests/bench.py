@@ -62,7 +62,8 @@ from tabulate import tabulate  # noqa: E402
 
 from bench_original import original_batch, original_like_step  # noqa: E402
 from common.data import H5Dataset, collate, feature_stats  # noqa: E402
-from common.model import MODEL_SIZES, build_model, cpu_bf16_lstm_problem  # noqa: E402
+from common.model import MODEL_SIZES, cpu_bf16_lstm_problem  # noqa: E402
+from common.trunks import build_model  # noqa: E402
 from common.multitask import add_update_args, make_update  # noqa: E402
 from common.arguments import build_parser  # noqa: E402
 from common.data import DEFAULT_DATA, epoch_batches  # noqa: E402

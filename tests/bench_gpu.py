@@ -24,7 +24,8 @@ import torch  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 from common.data import H5Dataset, collate, feature_stats  # noqa: E402
-from common.model import MODEL_SIZES, build_model  # noqa: E402
+from common.model import MODEL_SIZES  # noqa: E402
+from common.trunks import build_model  # noqa: E402
 from common.data import DEFAULT_DATA, device_batch, epoch_batches  # noqa: E402
 from common.train import adam  # noqa: E402
 from data_prep.synthesize import ensure_data  # noqa: E402

@@ -18,7 +18,8 @@ import torch  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 from common.data import H5Dataset, collate, feature_stats  # noqa: E402
-from common.model import MODEL_SIZES, TRUNK_NAMES, build_model  # noqa: E402
+from common.model import MODEL_SIZES  # noqa: E402
+from common.trunks import TRUNK_NAMES, build_model  # noqa: E402
 from common.data import DEFAULT_DATA, epoch_batches  # noqa: E402
 from common.objectives import losses_from_logits  # noqa: E402
 from common.train import adam  # noqa: E402

@@ -82,7 +82,7 @@ def local_grid(tiny_data, tmp_path_factory):
     local_out = tmp_path_factory.mktemp("local")
     # --jobs = the core count: one thread per run, as the Slurm jobs here (--slurm-cpus-per-job 1)
     compare.main(GRID + ["--data", str(tiny_data), "--out", str(local_out), "--jobs", str(os.cpu_count() or 1)])
-    compare.STOP.clear()
+    launch.STOP.clear()
     return table(local_out)
 
 
@@ -144,7 +144,7 @@ def where_am_i(run, threads, device):
 
 
 def test_local_launcher_runs_one_job_per_gpu_at_a_time():
-    runs = [launch.Run(f"run{i}", ["x"], "/nonexistent", [], "/nonexistent") for i in range(5)]
+    runs = [launch.GridRun(f"run{i}", ["x"], "/nonexistent", [], "/nonexistent") for i in range(5)]
     updates = []
     launch.LocalLauncher(jobs=8, gpus="3,5", work=where_am_i).run(runs, lambda r, e: updates.append((r.key, e)))
     ended = {k: e for k, e in updates if e["status"] == "ok"}
@@ -174,7 +174,7 @@ def test_a_job_slurm_requeued_itself_resumes_its_run(monkeypatch):
     seen = []
     monkeypatch.setattr(launch, "execute_run", lambda run, threads, device: seen.append(run.entry) or {"status": "ok"})
     job = launch.GridJob(threads=1)
-    run = launch.Run("final: x seed0", ["x"], "/nonexistent", ["--lr", "1"], "/nonexistent")
+    run = launch.GridRun("final: x seed0", ["x"], "/nonexistent", ["--lr", "1"], "/nonexistent")
     monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
     job(run)
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")

@@ -11,8 +11,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.data import MODALITIES, TASKS  # noqa: E402
 from common.dropout import attention, dropout, stock_dropout  # noqa: E402
-from common.model import (MODEL_SIZES, ORIGINAL_NAME_MAP, CrossAttention, HCAModel,  # noqa: E402
-                          load_original_checkpoint, masked_softmax, packed_bilstm, run_bilstm)
+from common.checkpoints import ORIGINAL_NAME_MAP, load_original_checkpoint  # noqa: E402
+from common.model import CrossAttention, HCAModel, MODEL_SIZES, masked_softmax, packed_bilstm, run_bilstm  # noqa: E402
 
 TINY = MODEL_SIZES["tiny"]
 H = TINY.hidden

@@ -12,7 +12,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import gradagg as ga  # noqa: E402
-from common.model import MODEL_SIZES, build_model, run_bilstm  # noqa: E402
+from common.model import MODEL_SIZES, run_bilstm  # noqa: E402
+from common.trunks import build_model  # noqa: E402
 from common.data import collate  # noqa: E402
 from common.objectives import losses_from_logits  # noqa: E402
 from test_model import make_batch  # noqa: E402

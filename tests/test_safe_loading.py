@@ -22,7 +22,7 @@ import torch
 
 from common.checkpoints import (MODEL_CONFIG_FILE, MODEL_FILE, UnsafeCheckpointError, from_safe, load_checkpoint,
                                 to_safe)
-from common.model import load_original_checkpoint
+from common.checkpoints import load_original_checkpoint
 from common.arguments import build_parser
 from common.files import atomic_save
 from common.train import Run

@@ -13,7 +13,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import common.dropout as dropout_module  # noqa: E402
 from common.dropout import ATTN_IMPLEMENTATION, stock_dropout  # noqa: E402
-from common.model import MODEL_SIZES, ORIGINAL_NAME_MAP, build_model, load_original_checkpoint, model_config  # noqa: E402
+from common.checkpoints import ORIGINAL_NAME_MAP, load_original_checkpoint  # noqa: E402
+from common.model import MODEL_SIZES, model_config  # noqa: E402
+from common.trunks import build_model  # noqa: E402
 from common.text_encoder import (STORED_INDEXES, TokenizerMismatch, build_text_encoder, check_token_ids,  # noqa: E402
                                  encode_text, minilm_folder)
 from data_prep.build_h5 import build_split  # noqa: E402

@@ -10,7 +10,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from common.data import MODALITIES, TASKS  # noqa: E402
-from common.model import MODEL_SIZES, TRUNK_NAMES, build_model  # noqa: E402
+from common.model import MODEL_SIZES  # noqa: E402
+from common.trunks import TRUNK_NAMES, build_model  # noqa: E402
 from test_model import LENGTHS, make_batch, real_part  # noqa: E402
 
 TINY = MODEL_SIZES["tiny"]
@@ -107,3 +108,16 @@ def test_strategy_script_runs_on_a_trunk(tiny_data, tmp_path, script, trunk):
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "summary:" in proc.stdout
+
+
+@pytest.mark.parametrize("trunk", TRUNK_NAMES)
+def test_pretraining_takes_the_trunks_whose_fused_vector_has_three_modality_slots(trunk, tiny_data):
+    """The trunk declares its slots (model.slots); no list of names decides which trunks can pretrain."""
+    from argparse import Namespace
+    from common.trunks import model_from_args
+    args = Namespace(trunk=trunk, stage="pretrain", text_encoder=None, grad_checkpointing=False)
+    if trunk in ("hca", "late_fusion", "mult"):
+        assert sorted(model_from_args(args, TINY, TASKS, tiny_data).slots) == sorted(MODALITIES)
+    else:
+        with pytest.raises(SystemExit, match=f"--trunk {trunk} has"):
+            model_from_args(args, TINY, TASKS, tiny_data)
