@@ -36,6 +36,8 @@ import math
 import numpy as np
 import torch
 
+from common.state import Stateless
+
 
 ZERO_GRAD = 1e-14  # G[t, t] <= ZERO_GRAD * max_s G[s, s]: task t's gradient counts as zero
 
@@ -580,7 +582,7 @@ def _default(cls, name):
     return inspect.signature(cls.__init__).parameters[name].default
 
 
-class Aggregator:
+class Aggregator(Stateless):
     """Gram matrix [T, T] -> weights [T] (float64, CPU). Subclasses hold their hyper-parameters (with
     the defaults in __init__'s signature) and their state, and add one flag per hyper-parameter."""
     name = None
@@ -598,12 +600,6 @@ class Aggregator:
         """G as a CPU float64 tensor [T, T]; an error naming this method where G is not square, is empty
         (0 tasks) or is not finite. Every __call__ starts with it."""
         return _check_gram(G, f"{type(self).__name__} aggregator ({self.name})")
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
 
     @classmethod
     def add_args(cls, group):

@@ -6,9 +6,10 @@ import torch.nn.functional as F
 
 from common.data import TASKS
 from common.evaluate import evaluate_predictions
+from common.state import Stateless
 
 
-class FinetuneObjective:
+class FinetuneObjective(Stateless):
     """The Comic Mischief tasks: per-task cross-entropy on the heads' logits (not BCE on softmax: it does
     not saturate). The interface every objective has (common.pretrain.PretrainObjective too):
     tasks, model_tasks, strategy_suffix, per_item_losses, labels, task_parameters, evaluate, parameters,
@@ -47,18 +48,6 @@ class FinetuneObjective:
             m["score"] = higher_is_better(m, self.metric)
         metrics["mean"]["selection"] = higher_is_better(metrics["mean"], self.select_metric)
         return metrics
-
-    def parameters(self):
-        return []
-
-    def to(self, device):
-        return self
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
 
 
 def higher_is_better(metrics, name):

@@ -28,6 +28,8 @@ import math
 import torch
 from torch import nn
 
+from common.state import Stateless
+
 
 def _masked(values, active):
     """Keep only the active tasks' terms (a bool mask [T]); inactive ones contribute exactly 0."""
@@ -40,7 +42,7 @@ def _default(cls, name):
     return inspect.signature(cls.__init__).parameters[name].default
 
 
-class Weighting:
+class Weighting(Stateless):
     """Equal weights, and the defaults of the contract: L = sum_t L_t."""
     name = "equal"
     rule_kind = "weighting"  # run records store kind, name and version (common/versions.py)
@@ -61,18 +63,6 @@ class Weighting:
         return self.terms(losses, active).sum()
 
     def observe(self, losses, active, epoch, counts=None):
-        pass
-
-    def parameters(self):
-        return []
-
-    def to(self, device):
-        return self
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
         pass
 
     @classmethod
