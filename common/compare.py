@@ -4,12 +4,12 @@
                              [--jobs N] [--data DIR] [--only a,b] [--models hca,late_fusion,mult] [--plot-only]
                              [--launcher local|slurm] [--gpus 0,1,...] [--slurm-partition P --slurm-time T ...]
 
-The protocol (issue 14; docs/strategies.md "How results are compared"):
+The protocol (issue 14; docs/running.md "Comparing strategies"):
 - Budget. quick: a fixed 2 epochs (a first look). standard/full: each run trains until its selection
   metric (mean validation AP) has not improved for --early-stop-patience evaluations, up to one step
   budget that is the same for every strategy; the tables say which runs stopped early and which hit it.
 - Tuning (--tune, on in standard and full). For each strategy a grid of learning rates (LR_GRIDS, per
-  model size; --grid full adds the method's own key hyper-parameter, METHOD_GRID) is run on one tuning
+  model size; --grid full adds the method's own key hyper-parameter, TUNE_GRID in its script) is run on one tuning
   seed (--tune-seed, not one of the evaluation seeds); the value with the best validation selection
   metric is then run over every evaluation seed. Test metrics take no part in any choice: the choice
   reads only each tuning run's "val" section (validation_view), and tuning runs never enter the tables.
@@ -51,7 +51,7 @@ from common.launch import STOP, GridRun, LocalLauncher, SlurmLauncher, execute, 
 from common.evaluate import delta_m  # noqa: E402
 from common.stats import holm, mean_interval, mean_ranks, paired_tests  # noqa: E402
 from common.data import DEFAULT_DATA  # noqa: E402
-from common.versions import data_fingerprint, record_stale, repo_relative  # noqa: E402
+from common.versions import data_fingerprint, record_stale, repo_relative, script_constant  # noqa: E402
 
 
 # extra rows for scripts whose flags change the strategy; every script also runs with its defaults
@@ -88,15 +88,6 @@ PROFILES = {
 # learning-rate grids per model size (the tiny and small models train from scratch; full fine-tunes a
 # BERT-base text encoder, where 1e-5..5e-5 is the usual range and the original used 1.5e-5)
 LR_GRIDS = {"tiny": [3e-4, 1e-3, 3e-3], "small": [3e-4, 1e-3, 3e-3], "full": [1e-5, 2e-5, 5e-5]}
-# a method's own key hyper-parameter, tuned jointly with the learning rate with --grid full (the default
-# value first); flag names as the scripts take them (python strategies/<x>.py --help)
-METHOD_GRID = {
-    "gradnorm": ("--gradnorm-alpha", ["1.5", "0.5"]),
-    "cagrad": ("--cagrad-c", ["0.4", "0.2"]),
-    "dwa": ("--dwa-tau", ["2.0", "1.0"]),
-    "stop_and_go": ("--improve", ["0.001", "0.01"]),
-    "dynamic_sampling": ("--difficulty", ["gap", "loss"]),
-}
 # Where a row's rule differs from its reference code, on purpose (each docstring says more); printed
 # under the table so that no reader takes a row for the unchanged published method.
 RULE_NOTES = {
@@ -213,8 +204,9 @@ def grid_for(script, model_size, grid="lr", lrs=None):
     the values of its key hyper-parameter with grid="full"."""
     lrs = lrs or LR_GRIDS[model_size]
     configs = [["--lr", f"{lr:g}"] for lr in lrs]
-    if grid == "full" and script in METHOD_GRID:
-        flag, values = METHOD_GRID[script]
+    method_grid = script_constant(script, "TUNE_GRID") if grid == "full" else None
+    if method_grid:  # the script declares its key hyper-parameter (flag, values; the default first)
+        flag, values = method_grid
         configs = [c + [flag, v] for c, v in itertools.product(configs, values)]
     return configs
 
@@ -671,7 +663,8 @@ def header_text(info):
     return "\n".join(lines)
 
 
-def write_outputs(tables, csv_rows, tasks, out_dir, info, figures=None):
+def report_text(tables, tasks, info, figures=None):
+    """The comparison as markdown: header, verdict, tables, rule notes, tuning, decisions, figure links."""
     from tabulate import tabulate
     h = headers(tasks)
 
@@ -712,17 +705,19 @@ def write_outputs(tables, csv_rows, tasks, out_dir, info, figures=None):
     parts += ["## What each strategy decided", "", table("decisions"), ""]
     if figures:
         parts += ["## Figures", ""] + [f"![{title}]({Path(p).name})" for title, p in figures] + [""]
-    text = "\n".join(parts)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "compare.md").write_text(text)
-    fields = (lead + CSV_FIELDS_FIXED + [f"{m}_{t}" for m in ("ap", "f1_pos_tuned", "f1_pos", "collapsed") for t in tasks]
-              + CSV_FIELDS_TAIL)
-    with open(out_dir / "compare.csv", "w", newline="") as f:
+    return "\n".join(parts)
+
+
+def write_csv(csv_rows, tasks, path, models=False):
+    """One line per run (strategy, seed, status, configuration, per-task and mean metrics)."""
+    fields = ((["model"] if models else []) + CSV_FIELDS_FIXED
+              + [f"{m}_{t}" for m in ("ap", "f1_pos_tuned", "f1_pos", "collapsed") for t in tasks] + CSV_FIELDS_TAIL)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         for r in csv_rows:
             w.writerow({k: r.get(k, "") for k in fields})
-    return text
 
 
 # ---------------------------------------------------------------- pretraining section
@@ -788,7 +783,7 @@ def parse_args(argv=None):
     p.add_argument("--tune", action=argparse.BooleanOptionalAction, default=None,
                    help="tune each strategy on the grid first (default: on in standard and full)")
     p.add_argument("--grid", choices=("lr", "full"), default="full",
-                   help="lr: learning rates only; full: also each method's key hyper-parameter (METHOD_GRID)")
+                   help="lr: learning rates only; full: also each method's key hyper-parameter (TUNE_GRID in its script)")
     p.add_argument("--lrs", default="", help="comma-separated learning rates (default: LR_GRIDS of the model size)")
     p.add_argument("--tune-seeds", default="",
                    help=f"comma-separated tuning seeds (default: the profile's, else {TUNE_SEED}); the choice reads "
@@ -918,7 +913,10 @@ def _main(args, profile, seeds, tune):
     info["cost"] = result["cost"]
     info["verdict"] = result["verdict"] if not models else None   # --models: one verdict per model is not drawn
     info["tuning_rows"], info["tuning_headers"] = tuning_rows, result["tuning_headers"]
-    text = write_outputs(tables, csv_rows, tasks, out, info, figures)
+    text = report_text(tables, tasks, info, figures)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.md").write_text(text)
+    write_csv(csv_rows, tasks, out / "compare.csv", models=bool(models))
     if args.pretraining and not args.plot_only:
         from tabulate import tabulate
         ctx = {**result["ctx"], "jobs": args.jobs}
@@ -1127,7 +1125,8 @@ def describe(name, profile, extra, seeds, tune, args, model_size, select_metric,
         grid = ", ".join(f"{lr:g}" for lr in ([float(x) for x in args.lrs.split(",") if x] or LR_GRIDS[model_size]))
         tuning = f"learning rate in {{{grid}}}"
         if args.grid == "full":
-            tuning += " x " + "; ".join(f"{s} {f} {{{', '.join(v)}}}" for s, (f, v) in METHOD_GRID.items())
+            declared = {s: g for s in discover() if (g := script_constant(s, "TUNE_GRID"))}
+            tuning += " x " + "; ".join(f"{s} {f} {{{', '.join(v)}}}" for s, (f, v) in declared.items())
         seeds_text = ", ".join(map(str, args.tune_seeds))
         tuning += (f", on tuning seed(s) {seeds_text} (not evaluation seeds)"
                    + (f" with {' '.join(args.tune_args)}" if args.tune_args else "")

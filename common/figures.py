@@ -65,13 +65,14 @@ def ap_bars(by_label, tasks, path):
 
 
 def run_logs(summary):
-    """The metrics.jsonl files behind a summary: its own, or those of the models it merges (single_task:
-    one per task; task_grouping: one per group, without the affinity and brute-force runs)."""
+    """The metrics.jsonl files behind a summary: its own, or those of the models it merges, which the merged
+    summary names (decisions.models, common.summaries.merge_summaries: single_task one per task, task_grouping
+    one per group; its affinity and brute-force runs are not among them)."""
     folder = Path(summary["_path"]).parent
     if (folder / "metrics.jsonl").exists():
         return [folder / "metrics.jsonl"]
-    return sorted(p / "metrics.jsonl" for p in folder.iterdir()
-                  if (p / "metrics.jsonl").exists() and not p.name.startswith(("affinity", "brute_")))
+    models = (summary.get("decisions") or {}).get("models") or {}
+    return sorted(folder / name / "metrics.jsonl" for name in models if (folder / name / "metrics.jsonl").exists())
 
 
 def read_records(path):

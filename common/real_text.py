@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import re
-import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -113,16 +112,14 @@ def write_results(by_label, failed, out, info, wall_seconds, n_runs):
     tables, csv_rows = compare.build_tables(by_label, list(TASKS), failed, {})
     fig_dir = out / "real_text"
     figures = compare.draw_figures(by_label, list(TASKS), fig_dir)
-    text = compare.write_outputs(tables, csv_rows, list(TASKS), fig_dir, info, figures)
+    text = compare.report_text(tables, list(TASKS), info, figures)
     head, _, rest = text.partition("\n\n")
     timing = (f"**Measured time**: {n_runs} runs in {wall_seconds / 60:.1f} minutes wall-clock "
               f"(jobs in parallel: {info['jobs']}; {os.cpu_count()} cores).")
     text = "\n\n".join([head.replace("# Strategy comparison", "# Real-text benchmark"), WHAT_IT_IS, timing, rest])
     text = re.sub(r"!\[([^\]]*)\]\((compare_[^)]+)\)", r"![\1](real_text/\2)", text)
     (out / "real_text.md").write_text(text)
-    shutil.copyfile(fig_dir / "compare.csv", out / "real_text.csv")
-    (fig_dir / "compare.md").unlink(missing_ok=True)  # the file to read is results/real_text.md
-    (fig_dir / "compare.csv").unlink(missing_ok=True)
+    compare.write_csv(csv_rows, list(TASKS), out / "real_text.csv")
     return text
 
 

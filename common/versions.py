@@ -11,6 +11,7 @@ either the change was meant to alter results (bump the version, then refresh the
 UPDATE_GOLDEN=1) or it was not (fix the change). make compare reruns every record whose versions differ
 from the current ones (stale_reason) and never mixes them into a table.
 """
+import ast
 import re
 from pathlib import Path
 
@@ -30,6 +31,18 @@ def script_version(script):
         return None
     match = _RULE_VERSION_LINE.search(path.read_text())
     return int(match.group(1)) if match else None
+
+
+def script_constant(script, name):
+    """The literal value of a top-level `NAME = ...` of strategies/<script>.py (read from its source, so that
+    nothing is imported: e.g. TUNE_GRID, the flag a script tunes with --grid full), or None."""
+    path = REPO / "strategies" / f"{script}.py"
+    if not path.exists():
+        return None
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
+            return ast.literal_eval(node.value)
+    return None
 
 
 def rule_key(kind, name):

@@ -49,6 +49,8 @@ from common.train import Run  # noqa: E402
 
 # the version of this strategy's rule, stored in run records: bumped when what the rule decides changes
 RULE_VERSION = 1
+# make compare --grid full tunes this flag with the learning rate (the default value first)
+TUNE_GRID = ("--difficulty", ["gap", "loss"])
 
 
 def sampling_probabilities(difficulty):

@@ -34,6 +34,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 RULE_VERSION = 1  # stored in run records (common/versions.py): bump when this rule's results change
+# make compare --grid full tunes this flag with the learning rate (the default value first)
+TUNE_GRID = ("--improve", ["0.001", "0.01"])
 
 from tabulate import tabulate  # noqa: E402
 

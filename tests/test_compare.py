@@ -230,3 +230,16 @@ def test_the_primary_family_names_planned_rows_and_runs_first():
     assert ("pcgrad", ["--grad-space", "representation"]) in rows and row_label(
         "pcgrad", ["--grad-space", "representation"]) not in labels
     assert first == [r for r in rows if r in first]   # the planned order kept (the reference first)
+
+
+def test_a_script_declares_its_tuning_grid():
+    """--grid full: the learning rates times the values of the TUNE_GRID a script declares (no list of names
+    in compare.py); a script without one tunes the learning rate only."""
+    from common.compare import grid_for
+    from common.versions import script_constant
+    assert script_constant("gradnorm", "TUNE_GRID") == ("--gradnorm-alpha", ["1.5", "0.5"])
+    assert grid_for("gradnorm", "tiny", "full") == [["--lr", lr, "--gradnorm-alpha", a]
+                                                    for lr in ("0.0003", "0.001", "0.003") for a in ("1.5", "0.5")]
+    assert grid_for("gradnorm", "tiny", "lr") == [["--lr", lr] for lr in ("0.0003", "0.001", "0.003")]
+    assert script_constant("pcgrad", "TUNE_GRID") is None
+    assert grid_for("pcgrad", "tiny", "full") == [["--lr", lr] for lr in ("0.0003", "0.001", "0.003")]

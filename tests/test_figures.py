@@ -58,3 +58,17 @@ def test_no_decisions_figure_when_no_rule_decided_anything(tmp_path):
     equal = scripted_run(tmp_path / "all_at_once", [(s, {"weights": [1.0, 1.0, 1.0]}) for s in range(0, 30, 5)])
     assert figures.decisions({"all_at_once": equal[0]}, TASKS, tmp_path / "d.png") is None
     assert not (tmp_path / "d.png").exists()
+
+
+def test_the_logs_of_a_merged_run_are_the_models_its_summary_names(tmp_path):
+    """task_grouping's folder also holds its affinity and brute-force runs: only the models the merged
+    summary names (decisions.models) are its curves."""
+    from common.figures import run_logs
+    for name in ("binary+gory", "mature", "affinity", "brute_2"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("{}\n")
+    summary = {"_path": str(tmp_path / "summary.json"),
+               "decisions": {"models": {"binary+gory": ["binary", "gory"], "mature": ["mature"]}}}
+    assert run_logs(summary) == [tmp_path / "binary+gory" / "metrics.jsonl", tmp_path / "mature" / "metrics.jsonl"]
+    (tmp_path / "metrics.jsonl").write_text("{}\n")  # a run of one model: its own log
+    assert run_logs(summary) == [tmp_path / "metrics.jsonl"]
