@@ -144,7 +144,6 @@ class MultiTaskUpdate:
         self.weighting.observe(losses.detach(), active, run.epoch, counts=counts.detach())
         # fp16: every backward below starts from losses times the scaler's scale (scaler.scale, which also
         # starts the scaler for run.step's unscale_); 1.0 otherwise
-        scaled = (lambda x: run.scaler.scale(x)) if run.scaler is not None else (lambda x: x)
         scale = run.loss_scale
         # the step's loss uses the weights the step starts with, w(t); GradNorm's update (below, from the
         # gradient norms of this batch at w(t)) gives w(t+1) for the next step (paper, LibMTL, TAG code)
@@ -152,7 +151,7 @@ class MultiTaskUpdate:
         if self.rule_rows and self.aggregator.transforms_terms:  # e.g. DB-MTL: log(term + 1e-8)
             terms = self.aggregator.transform_terms(terms, active)
         if self.weighting.needs_grad_norms:
-            _, G = self._task_gradients(scaled(losses), active, fused, scale)
+            _, G = self._task_gradients(run.scale_loss(losses), active, fused, scale)
             if G is None:  # fp16 overflow: this step is the scaler's to skip; the weights wait for the next
                 self.last["gradnorm_targets"] = torch.full((self.T,), float("nan"))
             else:
@@ -163,9 +162,9 @@ class MultiTaskUpdate:
         run.optimizer.zero_grad(set_to_none=True)
         synced = ()
         if self.aggregator is None:
-            scaled(terms.sum()).backward()
+            run.scale_loss(terms.sum()).backward()
         else:
-            self._aggregate_backward(scaled(terms), active, fused, scale)
+            self._aggregate_backward(run.scale_loss(terms), active, fused, scale)
             if self.grad_space == "params":  # their combined .grad came from the all-reduced T x P rows
                 synced = self.task_grads.params
         # an inactive task's head gets no gradient at all: with a zero gradient Adam would still move it
@@ -173,7 +172,7 @@ class MultiTaskUpdate:
         for t in (~active).nonzero().flatten().tolist():
             for p in run.head_parameters(run.tasks[t]):
                 p.grad = None
-        stepped = run.step(None, batch=batch, synced=synced, scaled=run.scaler is not None)
+        stepped = run.step(None, batch=batch, synced=synced, scaled=run.scales_losses)
         if stepped and self.weighting.needs_loss_after_step:
             with torch.no_grad():   # the same batch after the step (FAMO's official second forward)
                 _, per_item_after, _ = run.per_item_losses(batch)

@@ -27,11 +27,13 @@ What a strategy script may use of a Run (its public surface; everything else is 
   read      run.args, run.tasks, run.model, run.device, run.dir, run.objective, run.optimizer,
             run.train_set, run.val_set, run.test_set, run.steps_per_epoch,
             run.step_count, run.epoch, run.batch_in_epoch, run.total_steps, run.active_modalities,
-            run.lr_dropped (True right after a validate() at which the LR schedule lowered the LR)
+            run.lr (the learning rate now), run.lr_dropped (True right after a validate() at which the LR
+            schedule lowered the LR), run.loss_scale, run.scales_losses (fp16's gradient scaler)
   change    run.set_total_steps(n), run.set_active_modalities(names or None), run.add_parameters(...),
             run.set_hold_early_stop(bool) (early stopping waits while a schedule still brings tasks in)
   train     run.start(**stateful), run.batches(), run.per_item_losses(batch), run.task_losses(batch),
             run.step(loss, losses, batch), run.skip_step(), run.check_finite(losses, batch),
+            run.scale_loss(loss) (before a hand-written backward whose .grad reaches run.step(None, scaled=True)),
             run.head_parameters(task)
   evaluate  run.at_eval(), run.validate(**extra), run.evaluate(dataset, model, modalities),
             run.predict(dataset, model, modalities), run.loader(plan, dataset)
@@ -474,6 +476,21 @@ class Run:
         gradients reach run.step(None, scaled=True)."""
         return self.scaler.get_scale() if self.scaler is not None else 1.0
 
+    @property
+    def scales_losses(self):
+        """True where losses must be scaled before a hand-written backward (fp16's gradient scaler)."""
+        return self.scaler is not None
+
+    def scale_loss(self, loss):
+        """The loss times the fp16 scaler's scale (which also starts the scaler for run.step's unscale_), or
+        the loss itself without a scaler."""
+        return self.scaler.scale(loss) if self.scaler is not None else loss
+
+    @property
+    def lr(self):
+        """The learning rate now (--lr after the schedule's drops)."""
+        return float(self.optimizer.param_groups[0]["lr"])
+
     def _trained_parameters(self):
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
@@ -526,9 +543,9 @@ class Run:
         # torchrun: rank 0's metrics on every rank, so that every rank's rule and schedule decide alike
         metrics = distributed.broadcast_object(self.evaluate(self.val_set))
         score = metrics["mean"].get("selection", metrics["mean"]["score"])
-        lr_before = self.optimizer.param_groups[0]["lr"]
+        lr_before = self.lr
         self.scheduler.step(score)
-        self.lr_dropped = self.optimizer.param_groups[0]["lr"] < lr_before
+        self.lr_dropped = self.lr < lr_before
         self.progress["evals"] += 1
         improved = score > self.progress["best_val"]  # a nan score is never a new best
         self._last_improved = improved
@@ -541,7 +558,7 @@ class Run:
         stopping = self._early_stop(improved)
         self._last_val = score
         self.log({"event": "val", "step": self.progress["step"], "epoch": self.progress["epoch"],
-                  "lr": self.optimizer.param_groups[0]["lr"], "best": improved,
+                  "lr": self.lr, "best": improved,
                   "evals_without_best": self.progress["evals_without_best"], "early_stop": stopping,
                   **metrics, **extra})
         return metrics

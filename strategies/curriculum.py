@@ -31,7 +31,7 @@ from common import distributed  # noqa: E402
 from common.multitask import add_update_args, make_update  # noqa: E402
 from common.schedulers import StopAndGo  # noqa: E402
 from common.arguments import build_parser  # noqa: E402
-from common.data import epoch_batches  # noqa: E402
+from common.data import device_batch, epoch_batches  # noqa: E402
 from common.summaries import single_task_references  # noqa: E402
 from common.train import Run  # noqa: E402
 
@@ -61,7 +61,7 @@ def probe_difficulty(run, steps, lr):
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     plan = probe_plan(run, steps)
     for batch in run.loader(plan, run.train_set):
-        batch = {k: (v.to(run.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        batch = device_batch(batch, run.device)
         losses = run.task_losses(batch, model=model)
         optimizer.zero_grad(set_to_none=True)
         losses.sum().backward()

@@ -154,7 +154,7 @@ def affinity_on_batch(run, batch, shared):
                 g = torch.autograd.grad(losses[t], shared, retain_graph=t < len(run.tasks) - 1, allow_unused=True)
                 grads.append(global_gradient([torch.zeros_like(p) if x is None else x for p, x in zip(shared, g)]))
             steps = [adam_step(run.optimizer, shared, g) for g in grads]
-            lr = float(run.optimizer.param_groups[0]["lr"])
+            lr = run.lr
             Z = lookahead_affinity(task_losses, shared, steps, lr)
     finally:
         run.model.train(was_training)

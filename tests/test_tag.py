@@ -97,6 +97,10 @@ class ScriptedRun:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
+    @property
+    def lr(self):
+        return float(self.optimizer.param_groups[0]["lr"])
+
     def task_losses(self, batch, model=None, generator=None):
         return (model or self.model)(batch)
 
