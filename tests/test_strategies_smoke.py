@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # minutes: left out by -m "not slow"
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted(p.stem for p in (REPO / "strategies").glob("*.py") if not p.stem.startswith("_"))
 GOLDEN = REPO / "tests" / "golden.json"
@@ -46,6 +48,17 @@ def test_script_runs_and_resumes(script, tiny_data, tmp_path, capsys, monkeypatc
         assert summary["steps"] == 6
     assert "summary: " in first
     check_golden(script, summary)
+
+
+def test_the_template_trains_what_the_rules_scripts_train(tiny_data, tmp_path, capsys, monkeypatch):
+    """strategies/_template.py (the script to copy) takes every --weighting and --aggregator and writes out the
+    loop that the rules' scripts share: with pcgrad and uncertainty it ends where pcgrad.py does."""
+    flags = ("--max-steps", "4", "--weighting", "uncertainty")
+    run("_template", tiny_data, tmp_path, capsys, monkeypatch, *flags, "--aggregator", "pcgrad")
+    run("pcgrad", tiny_data, tmp_path, capsys, monkeypatch, *flags)
+    ours, theirs = (json.loads((tmp_path / name / "seed0" / "summary.json").read_text()) for name in ("_template", "pcgrad"))
+    assert ours["steps"] == theirs["steps"] == 4
+    assert ours["test"] == theirs["test"] and ours["decisions"] == theirs["decisions"]
 
 
 def golden_numbers(summary):
