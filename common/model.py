@@ -88,7 +88,7 @@ class HCAConfig:
     pool_dropout: float = 0.2       # after attention pooling, before its LayerNorm
     head_dropout: float = 0.3
     # branch structure: (query, first context, second context), in the order of the fused vector.
-    # Default = the original binary model and hiccap.md. The original multi-task code's video branch queries
+    # Default = the original binary model and the paper (docs/models.md, "HCA (HICCAP)"). The original multi-task code's video branch queries
     # audio first, then text: (("text","video","audio"), ("audio","video","text"), ("video","audio","text")).
     branches: tuple = (("text", "video", "audio"), ("audio", "video", "text"), ("video", "text", "audio"))
 

@@ -10,7 +10,7 @@ clip id `<11-char video id>_<n>`: id, IMDBid, indexes, words, label, y, mature, 
 sarcasm, as in the real files), `features/<id>_rgb.npy`, `<id>_flow.npy` (segments x 1024) and
 `<id>_vggish.npy` (segments x 128), all float32; and `synth_config.json` (seed, sizes, knobs, triggers).
 
-Statistics copied from the public val split (docs/hiccap.md): label patterns are allocated in exact
+Statistics copied from the public val split (docs/models.md, "Data"): label patterns are allocated in exact
 proportion to its counts (199 all-negative, 73 mature only, 50 sarcasm only, ...; every subtype-positive
 clip is binary-positive), token lengths follow its quantiles (median 128, max 299, ~7% empty
 transcripts of just [CLS] [SEP]); video has up to 36 segments, audio up to 63.

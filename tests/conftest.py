@@ -6,6 +6,14 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+
+
+def pytest_configure(config):
+    # `make test` runs everything; `python -m pytest tests -m "not slow"` leaves out the few-minute modules
+    config.addinivalue_line("markers", "slow: a test module that takes minutes (torchrun launches, every "
+                                       "strategy script, the Slurm launcher through submitit)")
+
+
 # big enough for a few batches of 8 and a validation set with a positive of every task
 TINY_SIZES = {"train": 64, "val": 24, "test": 24}
 

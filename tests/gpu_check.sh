@@ -13,7 +13,7 @@
 #  5. CPU against GPU at zero dropout, 30 steps: every number of the summaries within rtol 2e-3 (TF32 is off by
 #     default in torch; the difference is summation order in cuBLAS/cuDNN)
 #  6. fp16 with its gradient scaler under pcgrad (per-task gradients scaled), one short run
-#  7. one full-size pcgrad step: its time and peak memory (tests/bench_gpu.py's section too)
+#  7. one full-size pcgrad step: its time and peak memory (tests/bench/bench_gpu.py's section too)
 #  8. several ranks: multi-rank NCCL needs 2 GPUs; on one GPU this is said and skipped (torchrun with one
 #     process creates no process group, so it would prove nothing)
 # Budget: under 10 minutes on one H100/H200 (each step's timeout below).
@@ -112,7 +112,7 @@ torch.cuda.synchronize()
 print(f"full-size pcgrad step, batch 16: {time.perf_counter() - t0:.3f} s, "
       f"peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
 EOF
-step bench_gpu 240 python3 tests/bench.py --only 9 --quick
+step bench_gpu 240 python3 tests/bench/bench.py --only 9 --quick
 
 # 8. several ranks
 GPUS=$(python3 -c "import torch; print(torch.cuda.device_count())")

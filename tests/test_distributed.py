@@ -25,6 +25,8 @@ from common import distributed
 from common.objectives import masked_mean
 from tests.dist_worker import run_all
 
+pytestmark = pytest.mark.slow  # minutes: left out by -m "not slow"
+
 REPO = Path(__file__).resolve().parents[1]
 
 # the strategies that must agree, as (run name, script, extra flags)

@@ -11,6 +11,8 @@ import pytest
 
 from common import launch
 
+pytestmark = pytest.mark.slow  # minutes: left out by -m "not slow"
+
 GRID = ["--only", "round_robin,dwa", "--seeds", "2",
         "--extra", "--model-size tiny --epochs 1 --batch-size 8 --eval-every 2 --checkpoint-minutes 0"]
 SLURM = ["--launcher", "slurm", "--slurm-cluster", "local", "--slurm-gpus-per-job", "0", "--slurm-cpus-per-job", "1",

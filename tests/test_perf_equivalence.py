@@ -103,7 +103,7 @@ def test_batched_with_no_active_task_zeroes_the_buffer():
 def test_original_like_baseline():
     """bench_original: text padded to 500 with all-ones masks, and the padded nn.LSTM; on sequences
     without padding that LSTM path gives what the model's padding-exact path gives."""
-    from bench_original import bce_on_softmax, original_batch, original_lstm_path
+    from tests.bench.bench_original import bce_on_softmax, original_batch, original_lstm_path
     import common.model as model_module
     torch.manual_seed(0)
     lstm = torch.nn.LSTM(5, 3, num_layers=2, bidirectional=True, batch_first=True)

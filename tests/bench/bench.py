@@ -6,7 +6,7 @@ at evenly spaced length quantiles of the default epoch (a mean, so it estimates 
 the other sections give medians over repeats.
 
 1. Training step (forward, backward, clip, Adam) against a baseline that processes like the original code
-   (tests/bench_original.py: text padded to 500, no text mask, padded nn.LSTM, BCE on softmax), same
+   (tests/bench/bench_original.py: text padded to 500, no text mask, padded nn.LSTM, BCE on softmax), same
    model and weights, same clips (default length-bucketed batches); small and full size, batch 8 and 16;
    fp32, and bf16 autocast beside it where --precision exists. The baseline uses PyTorch's dropout and
    default (per-tensor) Adam as the original does; ours the cheap dropout and fused Adam.
@@ -23,22 +23,22 @@ the other sections give medians over repeats.
 5. Denormals: step time with torch.set_flush_denormal on and off, and a count of subnormal values.
 6. Evaluation: no_grad at batch 64 in dataset order (before), inference_mode at batch 128, and Run.predict
    (inference_mode, batch 128, clips in order of text length).
-7. Aggregation alone (T = 5): tests/bench_gradagg.py.
-8. Trunks (--trunk): samples/s of a training step of each at the small size (tests/bench_trunks.py).
+7. Aggregation alone (T = 5): tests/bench/bench_gradagg.py.
+8. Trunks (--trunk): samples/s of a training step of each at the small size (tests/bench/bench_trunks.py).
 10. Checkpoint cost: Run.save_checkpoint and the restricted (weights_only) load of it at tiny, small and
    full size after one Adam step, and the checkpoint's size (issue 31: why the cadence is in wall time).
 11. torchrun traffic of parameter-space aggregation (issue 28): the bytes each rank sends per step with
    --task-grad-sync all-reduce and reduce-scatter (counted by common/distributed.py as ring collectives
    send them), measured on a 2-process gloo run of pcgrad (tiny model), and the same arithmetic for the
    full-size model's shared parameters at 2, 4 and 8 ranks.
-9. GPU, only where CUDA is present (tests/bench_gpu.py): small and full model at fp32 and bf16, peak
+9. GPU, only where CUDA is present (tests/bench/bench_gpu.py): small and full model at fp32 and bf16, peak
    memory (max_memory_allocated), the CUDA kernel's gram + combine against the copy bandwidth and
    torch.mm. Without CUDA it prints the one line "GPU section: skipped (no CUDA)".
 
-    python tests/bench.py            # everything (over 25 min on 2 cores: full size in sections 1 and 4)
-    python tests/bench.py --quick    # fewer repeats, batch 16 only at full size, smaller aggregation sizes
-    python tests/bench.py --only 2,5 # some sections
-    python tests/bench.py --only 9   # the GPU section alone (tests/gpu_check.sh runs it on a GPU machine)
+    python tests/bench/bench.py            # everything (over 25 min on 2 cores: full size in sections 1 and 4)
+    python tests/bench/bench.py --quick    # fewer repeats, batch 16 only at full size, smaller aggregation sizes
+    python tests/bench/bench.py --only 2,5 # some sections
+    python tests/bench/bench.py --only 9   # the GPU section alone (tests/gpu_check.sh runs it on a GPU machine)
 """
 import argparse
 import contextlib
@@ -53,9 +53,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "tests" / "bench"))
 
 import torch  # noqa: E402
 from tabulate import tabulate  # noqa: E402
@@ -619,7 +619,7 @@ def main():
     if 7 in only:
         with section(7, "aggregation alone (T = 5)"):
             sizes_ga = args.gradagg_sizes or ("1e6,1e7" if quick else "1e6,1e7,1.1e8")
-            subprocess.run([sys.executable, str(REPO / "tests" / "bench_gradagg.py"), "--sizes", sizes_ga], check=True)
+            subprocess.run([sys.executable, str(REPO / "tests" / "bench" / "bench_gradagg.py"), "--sizes", sizes_ga], check=True)
     if 8 in only:
         with section(8, "trunks at the small size (training step, batch 16)"):
             from bench_trunks import HEADERS, trunk_bench

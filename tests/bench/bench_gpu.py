@@ -6,9 +6,9 @@
    --grad-checkpointing, bf16.
 3. The csrc/ CUDA kernel's gram + combine (PCGrad aggregation, T = 5) at P = 1e7 and 1.1e8 as a fraction
    of the device's measured copy bandwidth, against torch.mm in fp32, errors against fp64
-   (tests/bench_gradagg.py --device cuda; it says when the kernel is not built: `make build`).
+   (tests/bench/bench_gradagg.py --device cuda; it says when the kernel is not built: `make build`).
 
-    python tests/bench_gpu.py [--quick]      # or: python tests/bench.py --only 9
+    python tests/bench/bench_gpu.py [--quick]      # or: python tests/bench/bench.py --only 9
 """
 import argparse
 import statistics
@@ -16,9 +16,9 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "tests" / "bench"))
 
 import torch  # noqa: E402
 from tabulate import tabulate  # noqa: E402

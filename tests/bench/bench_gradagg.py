@@ -1,6 +1,6 @@
 """Benchmark of one PCGrad aggregation (T per-task gradients -> one update), side by side in one run.
 
-    python tests/bench_gradagg.py [--sizes 1e6,1e7,1.1e8] [--device cpu|cuda] [--tasks 5] [--json PATH]
+    python tests/bench/bench_gradagg.py [--sizes 1e6,1e7,1.1e8] [--device cpu|cuda] [--tasks 5] [--json PATH]
 
 Methods, all on the same fp32 buffer [T, P] and the same random order:
   naive      the textbook loop of pairwise projections in PyTorch (pcgrad_reference)
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from common import aggregators as agg  # noqa: E402
 from common import gradagg as ga  # noqa: E402

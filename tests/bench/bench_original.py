@@ -1,5 +1,5 @@
 """A training step that processes a batch the way the original HICCAP code does, on this project's model
-(same weights, same clips), as the baseline of `make bench` (tests/bench.py):
+(same weights, same clips), as the baseline of `make bench` (tests/bench/bench.py):
 
   - text padded (or cut) to 500 tokens, and the text encoder called with an all-ones mask (the original
     calls BERT without one, so padding tokens are attended to; an all-ones mask computes the same);

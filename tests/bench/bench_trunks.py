@@ -1,9 +1,9 @@
 """make bench, trunks section: samples per second of a training step (forward, backward, Adam) of each
 --trunk at the small size, same batches from the default synthetic set, interleaved repeats in one process.
 
-    python tests/bench_trunks.py [--batches 4] [--repeats 3] [--batch-size 16]
+    python tests/bench/bench_trunks.py [--batches 4] [--repeats 3] [--batch-size 16]
 
-tests/bench.py calls trunk_bench(); alone this file prints the same table.
+tests/bench/bench.py calls trunk_bench(); alone this file prints the same table.
 """
 import argparse
 import statistics
@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
