@@ -93,3 +93,19 @@ def test_recorded_arguments_hold_repository_paths_relative():
     from common.versions import REPO
     args = argparse.Namespace(data=str(REPO / "data_prep" / "synthetic"), out="/elsewhere/results", init=None, lr=1e-3)
     assert recorded_args(args) == {"data": "data_prep/synthetic", "out": "/elsewhere/results", "init": None, "lr": 1e-3}
+
+
+def test_make_compare_as_a_script_stops_its_running_scripts(tiny_data, tmp_path):
+    """`python common/compare.py` runs as __main__: its stop (--max-hours here; SIGINT, SIGTERM alike) must
+    reach the scripts it started, which checkpoint and end "interrupted". It did not while the stop flag lived
+    in compare.py (launch.py imported a second copy of the module, with a flag of its own, so the running
+    scripts trained on to their end); it lives in launch.py now."""
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, str(versions.REPO / "common" / "compare.py"),
+                           *grid(tmp_path, tiny_data, "--max-hours", "0.0005")],
+                          capture_output=True, text=True, cwd=versions.REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--max-hours 0.0005 reached" in proc.stdout
+    index = json.loads((tmp_path / "runs/quick/index.json").read_text())
+    assert any(e["status"] == "interrupted" for k, e in index.items() if k != "chosen"), index
