@@ -19,7 +19,13 @@ Why the numbers equal one process's (the convention every function below follows
             combination are then computed identically everywhere, and the combined .grad is already global
             (Run.step(..., synced=those parameters) does not average it again). The T x T Gram matrix of the
             global gradients is not the sum of local Gram matrices here (g_t = sum_r g_t^r mixes ranks in
-            every inner product), so the T x P all-reduce cannot be replaced by a T x T one.
+            every inner product), so the T x P all-reduce cannot be replaced by a T x T one. It can be
+            replaced by a reduce-scatter (--task-grad-sync reduce-scatter): each rank then holds the global
+            rows on a block of columns, the Gram matrix is the sum of the blocks' (one T x T all-reduce) and
+            the combined gradient is all-gathered: (W-1)/W (T + 1) P sent instead of 2 (W-1)/W T P.
+  pretrain  corruption and contrastive negatives are drawn for the global batch: every rank gathers it
+            (gather_global_batch), corrupts it with the same generator state and keeps its own rows; the
+            negatives of the other ranks come through gather_rows, whose backward sends their gradients home.
   repr.     per-task gradients of the fused representation z: each rank's rows are its own clips, so the
             global Gram matrix is the sum of the local ones; with the W scaling above, all_reduce_gram(G) =
             sum_r G_r / W^2 (one T x T all-reduce). The combination goes back through the local trunk and
