@@ -174,33 +174,29 @@ def rank_seed(seed, r=None):
 
 
 # ---------------------------------------------------------------- shards of the global batches
-def shard(indices, r=None, world=None):
-    """Rank r's contiguous part of one global batch (list of clip indices) -> (indices, ghost). Parts differ
-    in size by at most one; a rank left without clips gets [indices[0]] with ghost=True (masked out)."""
-    r = rank() if r is None else r
+def shard_sizes(n, world=None):
+    """How many of a global batch's n clips each rank holds: parts differ by at most one, the first ranks
+    take the extra ones (0 for a rank that holds a ghost)."""
     world = world_size() if world is None else world
-    n = len(indices)
     base, extra = divmod(n, world)
-    start = r * base + min(r, extra)
-    part = list(indices[start:start + base + (1 if r < extra else 0)])
-    if not part:
-        return [indices[0]], True
-    return part, False
+    return [base + (1 if r < extra else 0) for r in range(world)]
 
 
 def shard_start(n, r=None, world=None):
     """Offset of rank r's part in a global batch of n clips (rows [start, start + len) of the global batch)."""
     r = rank() if r is None else r
-    world = world_size() if world is None else world
-    base, extra = divmod(n, world)
-    return r * base + min(r, extra)
+    return sum(shard_sizes(n, world)[:r])
 
 
-def shard_sizes(n, world=None):
-    """How many of a global batch's n clips each rank holds (0 for a rank that holds a ghost)."""
-    world = world_size() if world is None else world
-    base, extra = divmod(n, world)
-    return [base + (1 if r < extra else 0) for r in range(world)]
+def shard(indices, r=None, world=None):
+    """Rank r's contiguous part of one global batch (list of clip indices) -> (indices, ghost); a rank left
+    without clips gets [indices[0]] with ghost=True (masked out)."""
+    r = rank() if r is None else r
+    start = shard_start(len(indices), r, world)
+    part = list(indices[start:start + shard_sizes(len(indices), world)[r]])
+    if not part:
+        return [indices[0]], True
+    return part, False
 
 
 # ---------------------------------------------------------------- the global batch, where a rule draws for all of it

@@ -108,13 +108,12 @@ class MultiTaskUpdate:
             # their gradient with respect to z is zero: the rule would see zero rows and the trunk learn nothing from them
             raise ValueError(f"--grad-space representation: the losses of {', '.join(past_z)} do not pass through the "
                              "fused representation z (they read the branch sequences); use --grad-space params")
-        # torchrun, parameter space: each rank keeps a block of columns of the global T x P rows (self.block)
+        # torchrun, parameter space: each rank keeps a block of columns of the global T x P rows
         self.sharded = task_grad_sync == "reduce-scatter"
         if self.sharded and (grad_space != "params" or self.rule_rows):
             raise ValueError("--task-grad-sync reduce-scatter: for Gram-matrix rules in parameter space only "
                              f"(here --grad-space {grad_space}"
                              + (f", and {aggregator.name} reads the whole T x P rows)" if self.rule_rows else ")"))
-        self.block = None
         run.add_parameters(weighting.to(run.device).parameters(), lr=weights_lr)
         self.shared = run.model.shared_parameters()
         self.own_params = run.head_parameters() + list(weighting.parameters())
@@ -142,7 +141,7 @@ class MultiTaskUpdate:
             run.skip_step()
             return losses.detach()
         self.weighting.observe(losses.detach(), active, run.epoch, counts=counts.detach())
-        # fp16: every backward below starts from losses times the scaler's scale (scaler.scale, which also
+        # fp16: every backward below starts from losses times the scaler's scale (run.scale_loss, which also
         # starts the scaler for run.step's unscale_); 1.0 otherwise
         scale = run.loss_scale
         # the step's loss uses the weights the step starts with, w(t); GradNorm's update (below, from the
@@ -211,14 +210,14 @@ class MultiTaskUpdate:
     def _task_gradients(self, losses, active, fused, scale=1.0):
         """The per-task gradients in the chosen space (inactive tasks: zero rows) and the Gram matrix of
         the global ones, divided by scale**2 (fp16: losses came multiplied by the loss scale).
-        params: rows T x P, all-reduced, identical on every rank. representation: this rank's rows
+        params: rows T x P, all-reduced, identical on every rank (--task-grad-sync reduce-scatter: this rank's
+        block of their columns). representation: this rank's rows
         [T, B * 3H] of z, and G the sum of the ranks' local Gram matrices. G is None where the scaled
         fp16 gradients overflowed on some rank (the scaler then skips the step)."""
         if self.grad_space == "params":
             self.task_grads.fill_from_losses([losses[t] if active[t] else None for t in range(self.T)])
-            if self.sharded:  # this rank's block of the global rows; G summed from the blocks
-                self.block = distributed.reduce_scatter_task_grads(self.task_grads.grads)
-                grads = self.block
+            if self.sharded:  # this rank's block of columns of the global rows; G summed from the blocks
+                grads = distributed.reduce_scatter_task_grads(self.task_grads.grads)
             else:
                 grads = distributed.all_reduce_task_grads(self.task_grads.grads)
         else:
@@ -273,7 +272,7 @@ class MultiTaskUpdate:
         head_grads = torch.autograd.grad(terms.sum(), own, retain_graph=True, allow_unused=True)
         if self.sharded:  # combine this rank's columns, gather the whole combined gradient
             self.task_grads.attach_grads()
-            combined = distributed.all_gather_columns(gradagg.combine(self.block, coeffs), self.task_grads.flat_grad)
+            combined = distributed.all_gather_columns(gradagg.combine(grads, coeffs), self.task_grads.flat_grad)
             if G is None:
                 combined.fill_(float("inf"))
         elif self.grad_space == "params":
