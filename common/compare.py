@@ -47,6 +47,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from common.data import TASKS  # noqa: E402
+from common.records import log_path, read_log  # noqa: E402
 from common.launch import STOP, GridRun, LocalLauncher, SlurmLauncher, execute, slug  # noqa: E402
 from common.evaluate import delta_m  # noqa: E402
 from common.stats import holm, mean_interval, mean_ranks, paired_tests  # noqa: E402
@@ -1142,10 +1143,9 @@ def describe(name, profile, extra, seeds, tune, args, model_size, select_metric,
 def train_clips(by_label):
     for runs in by_label.values():
         for s in runs.values():
-            path = run_dir(s) / "metrics.jsonl"
-            if path.exists():
-                first = json.loads(path.read_text().splitlines()[0])
-                return first.get("train_clips")
+            path = log_path(run_dir(s))
+            if path:
+                return read_log(path)[0].get("train_clips")
     return None
 
 

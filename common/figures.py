@@ -8,7 +8,6 @@
 Each takes {strategy: summary} (or {strategy: {seed: summary}} for ap_bars) as common/compare.py loads
 them (a summary carries its path as "_path") and returns the path written (None when nothing to draw).
 """
-import json
 import math
 from pathlib import Path
 
@@ -18,6 +17,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from common.records import log_path, read_log  # noqa: E402
 from common.stats import mean_interval  # noqa: E402
 
 # train-line keys whose value is one number per task, drawn as lines over steps
@@ -69,20 +69,10 @@ def run_logs(summary):
     summary names (decisions.models, common.summaries.merge_summaries: single_task one per task, task_grouping
     one per group; its affinity and brute-force runs are not among them)."""
     folder = Path(summary["_path"]).parent
-    if (folder / "metrics.jsonl").exists():
-        return [folder / "metrics.jsonl"]
+    if log_path(folder):
+        return [log_path(folder)]
     models = (summary.get("decisions") or {}).get("models") or {}
-    return sorted(folder / name / "metrics.jsonl" for name in models if (folder / name / "metrics.jsonl").exists())
-
-
-def read_records(path):
-    records = []
-    for line in Path(path).read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:  # a line being written by a running job
-            break
-    return records
+    return sorted(log_path(folder / name) for name in models if log_path(folder / name))
 
 
 def learning_curves(first_seed, tasks, path, metric="ap"):
@@ -92,7 +82,7 @@ def learning_curves(first_seed, tasks, path, metric="ap"):
     for ax, lab in zip(axes, labels):
         for log in run_logs(first_seed[lab]):
             for t in tasks:
-                pts = [(r["step"], r["per_task"][t][metric]) for r in read_records(log)
+                pts = [(r["step"], r["per_task"][t][metric]) for r in read_log(log)
                        if r.get("event") == "val" and t in r.get("per_task", {})
                        and r["per_task"][t].get(metric) is not None]
                 if pts:
@@ -119,8 +109,8 @@ def decision_panels(summary, tasks):
     "heatmap" (matrix, row and column names). Constant series (equal weights) are left out."""
     panels = []
     for log in run_logs(summary)[:1]:  # multi-model strategies: their decisions are in the summary
-        train = [r for r in read_records(log) if r.get("event") == "train"]
-        start = next((r for r in read_records(log) if r.get("event") == "start"), {})
+        train = [r for r in read_log(log) if r.get("event") == "train"]
+        start = next((r for r in read_log(log) if r.get("event") == "start"), {})
         run_tasks = start.get("tasks", tasks)
         for key in LINE_KEYS:
             pts = [(r["step"], _per_task(r[key], run_tasks)) for r in train if key in r]

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import submitit
 
+from common.records import make_lean
 from common.versions import REPO, record_stale
 
 
@@ -306,6 +307,7 @@ def execute(key, cmd_tail, root, settings, threads, index, log_dir, fingerprint=
     # every script ends by printing "summary: <path>" (Run.finish)
     written = [x.split("summary: ", 1)[1] for x in lines if x.startswith("summary: ")]
     if returncode == 0 and written and Path(written[-1]).exists():
+        make_lean(Path(written[-1]).parent)  # the committed form (common/records.py): tables read the same
         return {"status": "ok", "summary": written[-1], "seconds": round(time.time() - t0, 1),
                 "cpu_seconds": round(cpu_seconds, 1), "log": str(log), "settings": settings}
     if STOP.is_set():

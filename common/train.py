@@ -248,7 +248,7 @@ class Run:
             if ckpt_path.exists():
                 print(f"[{self.strategy}] starting fresh in {self.dir} (use --resume to continue it)", flush=True)
             distributed.barrier()  # every rank has seen whether a checkpoint exists before rank 0 removes it
-            for f in ("checkpoint.pt", "best.pt", "metrics.jsonl", "summary.json", "test_scores.npy", MODEL_FILE,
+            for f in ("checkpoint.pt", "best.pt", "metrics.jsonl", "metrics.jsonl.gz", "summary.json", "test_scores.npy", MODEL_FILE,
                       MODEL_CONFIG_FILE):
                 if distributed.is_main():
                     (self.dir / f).unlink(missing_ok=True)

@@ -7,6 +7,7 @@ import re
 import pytest
 
 from common import compare
+from common.records import log_path, read_log
 
 
 # ---------------------------------------------------------------- statistics (scipy), by hand
@@ -141,7 +142,7 @@ def test_pretraining_section(tiny_data, tmp_path):
     ft = json.loads((tmp_path / "runs/quick/all_at_once/from_round_robin_seed0/summary.json").read_text())
     pre = tmp_path / "runs/quick/round_robin_pretrain/pre_seed0/best.pt"
     assert pre.exists()
-    start = json.loads((tmp_path / "runs/quick/all_at_once/from_round_robin_seed0/metrics.jsonl").read_text().splitlines()[0])
+    start = read_log(log_path(tmp_path / "runs/quick/all_at_once/from_round_robin_seed0"))[0]
     assert start["args"]["init"] == str(pre)
     row = section.split("| round_robin")[1].split("\n")[0]
     numbers = [float(x) for x in re.findall(r"-?\d+\.\d+", row)]   # tabulate drops trailing zeros

@@ -1,12 +1,16 @@
 """Issue 25: committed run records. A fresh clone reuses the records it has and runs only what is missing;
 a record made by other code versions or on other data is run again; make compare stops on --max-hours
 without losing a finished run, and prints its progress."""
+import gzip
 import json
 import shutil
 
-from common import compare, versions
+import numpy as np
+from scipy.stats import rankdata
 
-COMMITTED = ("summary.json", "metrics.jsonl", "test_scores.npy")   # what .gitignore lets into the repository
+from common import compare, figures, records, stats, versions
+
+COMMITTED = ("summary.json", "metrics.jsonl.gz", "test_scores.npy")   # what .gitignore lets into the repository
 
 
 def grid(tmp, tiny_data, *more):
@@ -34,6 +38,10 @@ def test_a_clone_with_half_the_records_runs_only_the_other_half(tiny_data, tmp_p
     compare.main(grid(first, tiny_data))
     stored = json.loads((first / "runs/quick/index.json").read_text())
     assert all(not e["summary"].startswith("/") for k, e in stored.items() if k != "chosen")  # relative paths
+    seed0 = first / "runs/quick/round_robin/seed0"           # lean as soon as it finished (common/records.py)
+    assert np.load(seed0 / "test_scores.npy").dtype == np.uint16
+    assert (seed0 / "metrics.jsonl.gz").exists() and not (seed0 / "metrics.jsonl").exists()
+    assert records.read_log(records.log_path(seed0))[0]["event"] == "start"
     index = clone_records(first, clone, keep=["seed0"])
     assert len([k for k in index if k != "chosen"]) == 1
     kept = clone / "runs/quick/round_robin/seed0/summary.json"
@@ -109,3 +117,38 @@ def test_make_compare_as_a_script_stops_its_running_scripts(tiny_data, tmp_path)
     assert "--max-hours 0.0005 reached" in proc.stdout
     index = json.loads((tmp_path / "runs/quick/index.json").read_text())
     assert any(e["status"] == "interrupted" for k, e in index.items() if k != "chosen"), index
+
+
+def test_ranks_keep_every_average_precision_of_the_scores():
+    """The lean test scores (dense ranks) give the AP of the scores, ties included, on the full test set and on
+    every bootstrap resample of it: AP reads only the order of the scores and their ties."""
+    rng = np.random.default_rng(0)
+    scores = rng.random((400, 3)).astype(np.float32)
+    scores[:50, 0] = 0.5                                    # a tied group
+    scores[50:60, 1] = scores[60:70, 1]                     # ties spread through the order
+    labels = (rng.random((400, 3)) < 0.3).astype(float)
+    ranks = records.dense_ranks(scores)
+    assert ranks.dtype == np.uint16
+    assert all(np.array_equal(ranks[:, t] + 1, rankdata(scores[:, t], method="dense")) for t in range(3))
+    weights = stats.clip_weights(400, 50, rng)
+    assert np.array_equal(stats.bootstrap_task_ap(ranks, labels, weights), stats.bootstrap_task_ap(scores, labels, weights))
+
+
+def test_make_lean_is_lossless_for_the_log_and_idempotent(tmp_path):
+    run, sub_run = tmp_path / "seed0", tmp_path / "seed0" / "gory"      # a run and one of its sub-runs
+    sub_run.mkdir(parents=True)
+    lines = [{"event": "start", "train_clips": 64}, {"event": "val", "step": 3, "per_task": {"gory": {"ap": 0.1234567891234}}}]
+    text = "".join(json.dumps(r) + "\n" for r in lines)
+    scores = np.random.default_rng(1).random((30, 2)).astype(np.float32)
+    for folder in (run, sub_run):
+        (folder / "metrics.jsonl").write_text(text)
+        np.save(folder / "test_scores.npy", scores)
+    records.make_lean(run)
+    first = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    records.make_lean(run)                                    # again: nothing changes
+    assert first == {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    for folder in (run, sub_run):
+        assert gzip.decompress((folder / "metrics.jsonl.gz").read_bytes()).decode() == text
+        assert records.read_log(records.log_path(folder)) == lines
+        assert np.array_equal(np.argsort(np.load(folder / "test_scores.npy"), axis=0), np.argsort(scores, axis=0))
+    assert figures.run_logs({"_path": str(run / "summary.json")}) == [run / "metrics.jsonl.gz"]   # the figures read it
