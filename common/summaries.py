@@ -2,7 +2,6 @@
 loop they train each model with, one summary over the models, and the single-task references other rules read."""
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +23,8 @@ def train_sum_of_losses(run):
 
 def merge_summaries(summaries, tasks, strategy):
     """One summary over several models that each own some of the tasks (single_task: one model per
-    task; task_grouping: one per group), shaped like any run's summary.json. summaries: {name: summary};
-    each task's metrics come from the model that has it."""
+    task; task_grouping: one per group), shaped like any run's summary.json. summaries: {name: summary} of
+    models whose folders lie in the merged run's folder; each task's metrics come from the model that has it."""
     from common.evaluate import METRIC_NAMES
     owner = {t: s for s in summaries.values() for t in s["tasks"] if t in tasks}
 
@@ -57,9 +56,9 @@ def merge_summaries(summaries, tasks, strategy):
         "val": merged("val"), "test": merged("test"),
         "decisions": {"models": {name: s["tasks"] for name, s in summaries.items()}},
         "versions": parts[0].get("versions"), "data_fingerprint": parts[0].get("data_fingerprint"),
-        # each task's test scores: the file of the model that has it, relative to this summary's folder
-        "test_scores": ({t: [os.path.relpath(Path(owner[t]["strategy"]) / owner[t]["run"] / owner[t]["test_scores"][t][0],
-                                             Path(strategy) / f"seed{parts[0]['seed']}"), owner[t]["test_scores"][t][1]]
+        # each task's test scores: the file of the model that has it, relative to this summary's folder (each
+        # model's folder is <this folder>/<its run name>: single_task/seed0/gory/)
+        "test_scores": ({t: [f"{owner[t]['run']}/{owner[t]['test_scores'][t][0]}", owner[t]["test_scores"][t][1]]
                          for t in tasks} if all(owner[t].get("test_scores") for t in tasks) else None),
     }
 

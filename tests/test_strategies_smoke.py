@@ -13,6 +13,7 @@ import runpy
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytestmark = pytest.mark.slow  # minutes: left out by -m "not slow"
@@ -47,7 +48,22 @@ def test_script_runs_and_resumes(script, tiny_data, tmp_path, capsys, monkeypatc
     if script not in ("single_task", "task_grouping", "sequential"):  # several models / early phase ends
         assert summary["steps"] == 6
     assert "summary: " in first
+    check_test_scores(summary, summaries[-1], tiny_data)
     check_golden(script, summary)
+
+
+def check_test_scores(summary, path, tiny_data):
+    """The summary's test_scores point at each task's test probabilities (a merged summary: at its models'
+    files), the ones its test AP was computed from; the verdict's bootstrap reads them."""
+    from common.compare import test_scores
+    from common.data import TASKS, H5Dataset
+    from common.stats import weighted_average_precision
+    scores = test_scores({**summary, "_path": path}, summary["tasks"])
+    assert scores is not None, summary.get("test_scores")
+    labels = H5Dataset(tiny_data / "test.h5").labels
+    for i, t in enumerate(summary["tasks"]):
+        ap = weighted_average_precision(scores[:, i], labels[:, TASKS.index(t)], np.ones(len(labels)))
+        assert ap == pytest.approx(summary["test"]["per_task"][t]["ap"], abs=1e-9), t
 
 
 def test_the_template_trains_what_the_rules_scripts_train(tiny_data, tmp_path, capsys, monkeypatch):
