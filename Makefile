@@ -25,7 +25,7 @@ test:
 
 ## bench: speed ratios measured side by side in one run
 bench:
-	$(PYTHON) tests/bench/bench.py
+	$(PYTHON) tests/bench/bench.py --write results/bench.md
 
 ## compare: every strategy x seeds -> results/compare.md, results/compare.csv (PRETRAIN=1 adds the pretraining section;
 ## MODELS=hca,late_fusion,mult: the comparison on each trunk, with a model column)

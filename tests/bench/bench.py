@@ -513,7 +513,7 @@ def checkpoint_cost(data, sizes, repeats):
             run.save_checkpoint()
             saves.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
-            run._load_checkpoint(path)
+            run.load_checkpoint()
             loads.append(time.perf_counter() - t0)
         n_params = sum(p.numel() for p in run.model.parameters())
         rows.append([size, n_params / 1e6, path.stat().st_size / 1e6, statistics.median(saves),
@@ -564,6 +564,25 @@ def task_grad_traffic(data, steps):
     print(tabulate(full, headers=["ranks", "all-reduce GB/step", "reduce-scatter + all-gather GB/step", "ratio"]))
 
 
+def write_report(path, argv):
+    """Run the bench again as a child (so that the lines of its own subprocesses are caught too), show each
+    line as it comes and keep them; the file is replaced only when the bench finishes."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
+    lines = [f"# make bench: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {commit or '?'}"
+             + (f", options {' '.join(argv)}" if argv else ""), "",
+             "Made by `make bench` (tests/bench/bench.py); compare only numbers of the same run. Read with "
+             "docs/performance.md.", "", "```text"]
+    proc = subprocess.Popen([sys.executable, __file__, *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        print(line, end="", flush=True)
+        lines.append(line.rstrip("\n"))
+    if proc.wait() != 0:
+        raise SystemExit(f"bench failed (exit {proc.returncode}); {path} left as it was")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines + ["```", ""]))
+    print(f"written {path}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="fewer repeats; full size at batch 16 only")
@@ -571,9 +590,14 @@ def main():
     p.add_argument("--skip-full", action="store_true", help="no full-size model (sections 1, 3, 4)")
     p.add_argument("--gradagg-sizes", default=None)
     p.add_argument("--memory-probe", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--write", default=None, metavar="MD",
+                   help="also write everything printed (its subprocesses' lines too) to this markdown file, replaced "
+                        "only when the bench finishes (make bench: results/bench.md)")
     args = p.parse_args()
     if args.memory_probe:
         return memory_probe(json.loads(args.memory_probe))
+    if args.write:
+        return write_report(Path(args.write), [a for a in sys.argv[1:] if a != "--write" and a != args.write])
     only = {int(s) for s in args.only.split(",")}
     quick = args.quick
     data = ensure_data(DEFAULT_DATA)
