@@ -39,12 +39,12 @@ What a strategy script may use of a Run (its public surface; everything else is 
             run.predict(dataset, model, modalities), run.loader(plan, dataset)
   record    run.log_step(losses, **decisions), run.log(record), run.say(text), run.save_checkpoint(),
             run.eval_checkpoint() (after validate() and the rule's reaction: saves when due),
+            run.load_checkpoint() (start() calls it under --resume),
             run.finish(decisions), run.write_summary(summary)
 What the run trains on is its objective (FinetuneObjective: the Comic Mischief tasks;
 common.pretrain.PretrainObjective with --stage pretrain): the objective turns a batch into per-item
 task losses and evaluates a split; Run never asks which one it has.
 """
-import json
 import math
 import os
 import random
@@ -62,11 +62,12 @@ from common.arguments import parse_tasks, recorded_args
 from common.checkpoints import MODEL_CONFIG_FILE, MODEL_FILE, load_checkpoint, load_init, write_model_files
 from common.data import H5Dataset, collate, device_batch, epoch_batches, feature_stats
 from common.evaluate import format_metrics
-from common.files import atomic_save, atomic_write_bytes, jsonable, npy_bytes, to_cpu, write_json
+from common.files import atomic_save, atomic_write_bytes, jsonable, npy_bytes, write_json
 from common.model import cpu_bf16_lstm_problem, model_config
 from common.trunks import model_from_args
 from common.objectives import FinetuneObjective, masked_mean
 from common.pretrain import PRETRAIN_TASKS, PretrainObjective
+from common.resume import Checkpointer, MetricsLog
 from common.versions import data_fingerprint, repo_relative, rule_versions_of, run_versions
 from data_prep.synthesize import ensure_data
 
@@ -219,10 +220,10 @@ class Run:
         # a strategy sets this while its schedule still brings tasks in (curriculum entries, sequential
         # phases): early stopping waits, and its count of evaluations without a new best restarts
         self._hold_early_stop = False
-        self._pending = []  # train lines not yet written
+        self.metrics_log = MetricsLog(self.dir)
+        self.checkpointer = Checkpointer(self.dir, args.checkpoint_every, getattr(args, "checkpoint_minutes", 0))
         self._stop_requested = False
         self._last_improved = False                # did the last validate() make a new best model
-        self._last_checkpoint = time.perf_counter()  # the wall-time cadence counts from here
         self._last_val = None
         self._t_start = None
 
@@ -237,12 +238,10 @@ class Run:
         then resume from the last checkpoint when --resume was given."""
         self.stateful.update(stateful)
         self.stateful["objective"] = self.objective  # the pretraining heads and corruption generator
-        ckpt_path = self.dir / "checkpoint.pt"
-        metrics_path = self.dir / "metrics.jsonl"
+        ckpt_path = self.checkpointer.path
         if self.args.resume and ckpt_path.exists():
-            self._load_checkpoint(ckpt_path)
-            if distributed.is_main():
-                self._cut_metrics(metrics_path, self.progress["step"])
+            self.load_checkpoint()
+            self.metrics_log.cut(self.progress["step"])
             print(f"[{self.strategy}] resumed from {ckpt_path} at step {self.progress['step']}", flush=True)
         else:
             if ckpt_path.exists():
@@ -308,7 +307,7 @@ class Run:
                     print(f"[{self.strategy}] stopped at step {self.progress['step']}; rerun with --resume",
                           flush=True)
                     sys.exit(130)
-                if not self.at_eval() and self._checkpoint_due():  # at an evaluation the script decides
+                if not self.at_eval() and self.checkpointer.due(self.progress["step"]):  # at an evaluation the script decides
                     self.save_checkpoint()
             else:
                 self.progress["epoch"] += 1
@@ -575,11 +574,7 @@ class Run:
 
     # -- logging
     def log(self, record):
-        self.flush_log()
-        if not distributed.is_main():  # torchrun: rank 0 writes
-            return
-        with open(self.dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(jsonable(record)) + "\n")
+        self.metrics_log.write(record)
 
     def log_step(self, losses=None, **decisions):
         """Record the losses and what the rule decided; written every --log-every steps."""
@@ -589,25 +584,10 @@ class Run:
             if losses is not None:
                 rec["losses"] = dict(zip(self.tasks, losses.detach().float().cpu().tolist()))
             rec.update(decisions)
-            self._pending.append(rec)
+            self.metrics_log.add(rec)
 
     def flush_log(self):
-        if not distributed.is_main():  # torchrun: rank 0 writes
-            self._pending = []
-        if self._pending:
-            with open(self.dir / "metrics.jsonl", "a") as f:
-                for rec in self._pending:
-                    f.write(json.dumps(jsonable(rec)) + "\n")
-            self._pending = []
-
-    @staticmethod
-    def _cut_metrics(path, step):
-        """Drop lines written after the checkpoint: the resumed run writes them again, identically."""
-        if not path.exists():
-            return
-        keep = [line for line in path.read_text().splitlines()
-                if json.loads(line).get("step", 0) <= step and json.loads(line).get("event") != "end"]
-        path.write_text("".join(line + "\n" for line in keep))
+        self.metrics_log.flush()
 
     def say(self, message):
         """Print a line of the strategy's own (a decision), over the progress line when there is one."""
@@ -629,79 +609,43 @@ class Run:
         print(f"\r[{self.strategy}] epoch {self.progress['epoch'] + 1}/{self.args.epochs} step {s}/{tot}"
               f"{val} {rate:.1f} it/s   ", end="", file=sys.stderr, flush=True)
 
-    # -- checkpoints
+    # -- checkpoints (how they are stored and when: common/resume.py)
     def save_checkpoint(self):
         self.flush_log()
         now = time.perf_counter()
         if self._t_start is not None:
             self.progress["train_seconds"] += now - self._t_start
             self._t_start = now
-        rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-        if torch.cuda.is_initialized():  # CUDA in use: its generators too (a CPU run never initialises CUDA here)
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        strategy = {k: v.state_dict() for k, v in self.stateful.items()}
-        ranks = None
-        if distributed.is_distributed():  # RNGs and rule state per rank, gathered on rank 0 alone
-            ranks = distributed.gather_to_main(to_cpu({"rng": rng, "strategy": strategy}))
-        if not distributed.is_main():     # model and optimizer are rank 0's (identical): rank 0 alone builds the file
-            self._last_checkpoint = time.perf_counter()
-            return
-        state = {
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "progress": dict(self.progress),
-            "rng": rng, "strategy": strategy, "active_modalities": self._active_modalities,
-        }
+        self.checkpointer.save(self._shared_state, {k: v.state_dict() for k, v in self.stateful.items()})
+
+    def _shared_state(self):
+        """What every rank holds alike: model, optimizer, schedule, progress, modalities, the fp16 scaler."""
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "progress": dict(self.progress),
+                 "active_modalities": self._active_modalities}
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
-        if ranks is not None:
-            state["world_size"], state["ranks"] = distributed.world_size(), ranks
-        atomic_save(state, self.dir / "checkpoint.pt")
-        self._last_checkpoint = time.perf_counter()
+        return state
 
     def eval_checkpoint(self):
         """After validate() and the rule's own reaction to it: checkpoint when that validation made a new best
         model (best.pt and the checkpoint then describe the same point) or when the cadence is due."""
-        if self._last_improved or self._checkpoint_due():
+        if self._last_improved or self.checkpointer.due(self.progress["step"]):
             self.save_checkpoint()
 
-    def _checkpoint_due(self):
-        """--checkpoint-every steps, or --checkpoint-minutes of wall time since the last checkpoint (under
-        torchrun: decided alike on every rank, as save_checkpoint gathers from all of them; the clocks are
-        compared every 10 steps, one all-reduce of a flag)."""
-        every, minutes = self.args.checkpoint_every, getattr(self.args, "checkpoint_minutes", 0)
-        if every > 0 and self.progress["step"] % every == 0:
-            return True
-        if minutes <= 0:
-            return False
-        if distributed.is_distributed() and self.progress["step"] % 10 != 0:
-            return False
-        due = time.perf_counter() - self._last_checkpoint >= minutes * 60
-        return distributed.any_true(due) if distributed.is_distributed() else due
-
-    def _load_checkpoint(self, path):
-        state = load_checkpoint(path, map_location=self.device)  # restricted unpickler: runs nothing
-        saved_world = state.get("world_size", 1)
-        if saved_world != distributed.world_size():
-            raise SystemExit(f"{path}: written by a run of {saved_world} process(es), resumed with "
-                             f"{distributed.world_size()}; resume with the same torchrun --nproc_per_node "
-                             f"(each rank's shard and random state depend on it)")
-        if "ranks" in state:  # this rank's own RNGs and rule state
-            state["rng"], state["strategy"] = state["ranks"][distributed.rank()]["rng"], state["ranks"][distributed.rank()]["strategy"]
+    def load_checkpoint(self):
+        """Continue from the run folder's checkpoint.pt (start() does it under --resume)."""
+        state = self.checkpointer.load(self.device)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.progress.update(state["progress"])
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"]["torch"].cpu())  # map_location may have moved it to the GPU
-        np.random.set_state(state["rng"]["numpy"])
-        random.setstate(state["rng"]["python"])
-        if "cuda" in state["rng"] and torch.cuda.is_initialized():  # a CPU resume of a GPU run leaves CUDA alone
-            torch.cuda.set_rng_state_all([s.cpu() for s in state["rng"]["cuda"]])
         self._active_modalities = state.get("active_modalities")
         missing = set(self.stateful) - set(state["strategy"])
         if missing:
-            raise RuntimeError(f"{path}: checkpoint has no state for {sorted(missing)}")
+            raise RuntimeError(f"{self.checkpointer.path}: checkpoint has no state for {sorted(missing)}")
         for k, obj in self.stateful.items():
             obj.load_state_dict(state["strategy"][k])
 

@@ -154,7 +154,7 @@ def test_a_cpu_run_checkpoints_without_touching_cuda(tiny_data, tmp_path, monkey
     monkeypatch.setattr(torch.cuda, "get_rng_state_all", no_cuda)
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", no_cuda)
     run.save_checkpoint()
-    run._load_checkpoint(run.dir / "checkpoint.pt")
+    run.load_checkpoint()
     assert "cuda" not in torch.load(run.dir / "checkpoint.pt", weights_only=True)["rng"]
 
 
