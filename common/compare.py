@@ -163,8 +163,6 @@ TUNE_SEED = 100  # not an evaluation seed: no reported test number comes from a 
 PRIMARY = ("sequential", "round_robin", "dynamic_sampling", "stop_and_go", "curriculum_easy", "modality_curriculum",
            "task_grouping", "single_task", "uncertainty", "gradnorm", "pcgrad", "mgda", "cagrad", "nash_mtl", "famo",
            "upgrad", "aligned_mtl", "imtl", "dwa", "rlw")
-BASELINE = "all_at_once"
-REFERENCE = "single_task"
 
 
 def discover(only=None):
@@ -175,6 +173,19 @@ def discover(only=None):
             raise SystemExit(f"--only: no strategies/{sorted(missing)}.py")
         names = [n for n in names if n in only]
     return names
+
+
+def declared_row(role):
+    """The script that declares `COMPARE_ROLE = "<role>"`: "baseline" (every row is tested against it) or
+    "reference" (Δm is measured against it; it runs first)."""
+    found = [n for n in discover() if script_constant(n, "COMPARE_ROLE") == role]
+    if len(found) != 1:
+        raise SystemExit(f"strategies/: {len(found)} scripts declare COMPARE_ROLE = {role!r} ({found}); one must")
+    return found[0]
+
+
+BASELINE = declared_row("baseline")
+REFERENCE = declared_row("reference")
 
 
 def planned_rows(names):

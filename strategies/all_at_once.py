@@ -17,6 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 RULE_VERSION = 1  # stored in run records (common/versions.py): bump when this rule's results change
+COMPARE_ROLE = "baseline"  # make compare: every row is tested against this one
 
 from common.arguments import build_parser  # noqa: E402
 from common.train import Run  # noqa: E402

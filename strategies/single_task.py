@@ -16,6 +16,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 RULE_VERSION = 1  # stored in run records (common/versions.py): bump when this rule's results change
+# make compare: the reference row (Delta_m is measured against it; it runs first, as dynamic_sampling and
+# curriculum read its validation metrics)
+COMPARE_ROLE = "reference"
 
 from common.data import TASKS  # noqa: E402
 from common.arguments import build_parser, parse_tasks  # noqa: E402

@@ -50,6 +50,14 @@ def test_discovery_finds_every_strategy_script():
     assert {"all_at_once", "stop_and_go", "pcgrad", "single_task"} <= set(names)
 
 
+def test_the_baseline_and_the_reference_are_declared_by_their_scripts(monkeypatch):
+    assert (compare.BASELINE, compare.REFERENCE) == ("all_at_once", "single_task")   # COMPARE_ROLE in each
+    assert compare.planned_rows(["pcgrad", "single_task"])[0][0] == "single_task"    # the reference runs first
+    monkeypatch.setattr(compare, "script_constant", lambda script, name: "baseline")
+    with pytest.raises(SystemExit, match="one must"):                                 # two baselines: refused
+        compare.declared_row("baseline")
+
+
 def test_tiny_compare_end_to_end_and_reuse(tiny_data, tmp_path, capsys):
     argv = ["--only", "all_at_once,round_robin", "--seeds", "2", "--out", str(tmp_path), "--data", str(tiny_data),
             "--extra", "--model-size tiny --epochs 1 --batch-size 8"]
