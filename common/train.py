@@ -1,6 +1,7 @@
 """The run loop every strategy script drives: Run (seeding, batches, the step with its NaN/Inf guard,
 evaluation, checkpoints, logging, the summary). Not a framework: a strategy script owns its loop. The command
-line is common/arguments.py, what a run trains on common/objectives.py, its files common/files.py.
+line is common/arguments.py, what a run trains on common/objectives.py, how its checkpoint and log are stored
+common/resume.py, its other files common/files.py.
 
 A typical script reads:
 
