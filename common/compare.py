@@ -671,6 +671,9 @@ def header_text(info):
         lines.append(f"- measured cost: {c['runs']} finished runs (tuning included), {c['seconds'] / 3600:.2f} h of run "
                      f"time (wall-clock per run, summed; about {c['seconds'] / 3600 / max(c['jobs'], 1):.2f} h with "
                      f"{c['jobs']} at once) and {c['cpu_seconds'] / 3600:.2f} h of CPU")
+        if c.get("planned") and c.get("planned_done", c["planned"]) < c["planned"]:
+            lines.append(f"- **unfinished grid: {c['planned_done']} of {c['planned']} planned runs finished.** A row with "
+                         "fewer seeds than listed is partial; a row without finished runs is absent")
     lines.append("")
     return "\n".join(lines)
 
@@ -1014,7 +1017,10 @@ def compare_one(args, rows, seeds, tune, extra, root, model_size, select_metric)
         save()
         progress.update(run.key, entry)
 
+    planned = set()  # the keys of the runs planned so far (what --plot-only counts as done or not)
+
     def run_all(jobs):
+        planned.update(run_key(*job[:5]) for job in jobs)
         if args.plot_only:
             return
         # the references first: dynamic_sampling and curriculum may read them
@@ -1082,7 +1088,8 @@ def compare_one(args, rows, seeds, tune, extra, root, model_size, select_metric)
     # what the finished runs of this table cost, summed over every session that made them
     finished = [e for k, e in index.items() if k != "chosen" and isinstance(e, dict) and e.get("status") == "ok"]
     cost = {"runs": len(finished), "seconds": sum(e.get("seconds", 0) for e in finished),
-            "cpu_seconds": sum(e.get("cpu_seconds", 0) for e in finished), "jobs": progress.jobs}
+            "cpu_seconds": sum(e.get("cpu_seconds", 0) for e in finished), "jobs": progress.jobs,
+            "planned": progress.total, "planned_done": sum(index.get(k, {}).get("status") == "ok" for k in planned)}
     return {"tables": tables, "csv_rows": csv_rows, "tuning_rows": tuning_rows, "tuning_headers": tuning_headers,
             "by_label": by_label, "ctx": ctx, "cost": cost, "verdict": decided}
 

@@ -89,9 +89,11 @@ def test_max_hours_stops_and_the_next_call_finishes(tiny_data, tmp_path, capsys)
     index = json.loads((tmp_path / "runs/quick/index.json").read_text())
     assert {e["status"] for k, e in index.items() if k != "chosen"} <= {"interrupted", "ok"}
     assert any(e["status"] == "interrupted" for k, e in index.items() if k != "chosen")
+    assert "unfinished grid: " in (tmp_path / "compare.md").read_text()          # the table says it is partial
     compare.main(grid(tmp_path, tiny_data))
     index = json.loads((tmp_path / "runs/quick/index.json").read_text())
     assert {e["status"] for k, e in index.items() if k != "chosen"} == {"ok"}
+    assert "unfinished grid" not in (tmp_path / "compare.md").read_text()
 
 
 def test_recorded_arguments_hold_repository_paths_relative():
