@@ -58,13 +58,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import distributed
+from common import devices, distributed
 from common.arguments import parse_tasks, recorded_args
 from common.checkpoints import MODEL_CONFIG_FILE, MODEL_FILE, load_checkpoint, load_init, write_model_files
 from common.data import H5Dataset, collate, device_batch, epoch_batches, feature_stats
 from common.evaluate import format_metrics
 from common.files import atomic_save, atomic_write_bytes, jsonable, npy_bytes, write_json
-from common.model import cpu_bf16_lstm_problem, model_config
+from common.model import model_config
 from common.trunks import model_from_args
 from common.objectives import FinetuneObjective, masked_mean
 from common.pretrain import PRETRAIN_TASKS, PretrainObjective
@@ -152,33 +152,8 @@ class Run:
         self.objective = objective
         self.tasks = list(objective.tasks)
         self.strategy = strategy + objective.strategy_suffix
-        # -- devices and precision: torchrun ranks (common/distributed.py), autocast, deterministic kernels
-        self.dist, self.device = distributed.setup(args.device, getattr(args, "collective_timeout", 600.0))
-        if not distributed.is_main():  # rank 0 alone prints (errors still reach stderr)
-            sys.stdout = open(os.devnull, "w")
-        if args.deterministic:
-            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for determinism
-            torch.use_deterministic_algorithms(True, warn_only=True)   # a warning names any op without one
-            torch.backends.cudnn.benchmark = False
-            torch.backends.cudnn.deterministic = True
-            # the fused attention backends (flash, memory-efficient: the one masked attention takes) have
-            # non-deterministic backward passes on CUDA and warn_only lets them through: the math backend only
-            torch.backends.cuda.enable_flash_sdp(False)
-            torch.backends.cuda.enable_mem_efficient_sdp(False)
-            torch.backends.cuda.enable_cudnn_sdp(False)
-        if args.precision == "fp16" and self.device.type == "cpu":
-            raise SystemExit("--precision fp16 on CPU: oneDNN has no fp16 LSTM kernel; use bf16 or fp32 on CPU "
-                             "(fp16 with its gradient scaler is for CUDA)")
-        if args.precision == "bf16" and self.device.type == "cpu" and cpu_bf16_lstm_problem():
-            raise SystemExit("--precision bf16 on this CPU: oneDNN's bf16 LSTM needs AVX512-BF16 or AMX, which "
-                             f"this processor lacks ({cpu_bf16_lstm_problem()}); use fp32 here")
-        self.autocast_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
-        # fp16 gradients overflow and underflow: a scaler multiplies the loss, skips a step whose
-        # gradients overflowed and lowers the scale (not an error); bf16 has fp32's range and needs none
-        self.scaler = torch.amp.GradScaler(self.device.type) if args.precision == "fp16" else None
-        # -- end devices and precision
-        if self.device.type == "cpu":  # -- performance (issue 17): process-wide, see --flush-denormal
-            torch.set_flush_denormal(args.flush_denormal)
+        # where and in what precision it computes (torchrun ranks, autocast, fp16's scaler, deterministic kernels)
+        self.device, self.autocast_dtype, self.scaler = devices.setup(args)
         self.dir = Path(args.out) / self.strategy / (run_name or args.run or f"seed{args.seed}")
         self.dir.mkdir(parents=True, exist_ok=True)
         if args.threads:
