@@ -69,10 +69,10 @@ def run_logs(summary):
     summary names (decisions.models, common.summaries.merge_summaries: single_task one per task, task_grouping
     one per group; its affinity and brute-force runs are not among them)."""
     folder = Path(summary["_path"]).parent
-    if log_path(folder):
-        return [log_path(folder)]
+    if own := log_path(folder):
+        return [own]
     models = (summary.get("decisions") or {}).get("models") or {}
-    return sorted(log_path(folder / name) for name in models if log_path(folder / name))
+    return sorted(path for name in models if (path := log_path(folder / name)))
 
 
 def learning_curves(first_seed, tasks, path, metric="ap"):
