@@ -158,7 +158,7 @@ class MultiTaskUpdate:
         if task_scale is not None:
             terms = terms * self._check_task_scale(task_scale, terms)
 
-        run.optimizer.zero_grad(set_to_none=True)
+        run.zero_grad()
         synced = ()
         if self.aggregator is None:
             run.scale_loss(terms.sum()).backward()

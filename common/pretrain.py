@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from common import distributed
-from common.data import TASKS, device_batch
+from common.data import TASKS
 
 PRETRAIN_TASKS = ("vtm", "vam", "atm", "contrastive", "mfm_video", "mfm_audio", "mlm")
 MASK_ID, CLS_ID, SEP_ID = 103, 101, 102          # bert-base-cased
@@ -220,7 +220,7 @@ class PretrainObjective(nn.Module):
         counts = torch.zeros(T, dtype=torch.float64)
         plan = [list(range(i, min(i + 64, len(dataset)))) for i in range(0, len(dataset), 64)]
         for batch in run.loader(plan, dataset):
-            _, per_item, valid = self(model, device_batch(batch, run.device), modalities, generator)
+            _, per_item, valid = self(model, batch, modalities, generator)
             sums += (per_item * valid).sum(0).double().cpu()
             counts += valid.sum(0).double().cpu()
         model.train()

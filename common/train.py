@@ -34,8 +34,10 @@ What a strategy script may use of a Run (its public surface; everything else is 
             run.set_hold_early_stop(bool) (early stopping waits while a schedule still brings tasks in)
   train     run.start(**stateful), run.batches(), run.per_item_losses(batch), run.task_losses(batch),
             run.step(loss, losses, batch), run.skip_step(), run.check_finite(losses, batch),
-            run.scale_loss(loss) (before a hand-written backward whose .grad reaches run.step(None, scaled=True)),
-            run.head_parameters(task)
+            run.zero_grad() and run.scale_loss(loss) (before a hand-written backward whose .grad reaches
+            run.step(None, scaled=True)), run.head_parameters(task)
+  probe     run.probe_copy(lr) (a copy of the model and a fresh Adam: trains without touching the run),
+            with run.train_mode(): (train mode inside, the previous mode restored: lookaheads)
   evaluate  run.at_eval(), run.validate(**extra), run.evaluate(dataset, model, modalities),
             run.predict(dataset, model, modalities), run.loader(plan, dataset)
   record    run.log_step(losses, **decisions), run.log(record), run.say(text), run.save_checkpoint(),
@@ -46,6 +48,8 @@ What the run trains on is its objective (FinetuneObjective: the Comic Mischief t
 common.pretrain.PretrainObjective with --stage pretrain): the objective turns a batch into per-item
 task losses and evaluates a split; Run never asks which one it has.
 """
+import contextlib
+import copy
 import math
 import os
 import random
@@ -244,11 +248,14 @@ class Run:
 
     # -- data
     def loader(self, batches, dataset):
+        """Yield the batches of a plan (one list of clip indices per batch) of `dataset`, on the run's device."""
         # an own generator: a DataLoader otherwise draws its worker seed from the global RNG, which
         # would shift the dropout masks of a resumed run
-        return torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
-                                           num_workers=self.args.num_workers, generator=torch.Generator(),
-                                           pin_memory=self.device.type == "cuda")  # for non_blocking copies
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=collate,
+                                             num_workers=self.args.num_workers, generator=torch.Generator(),
+                                             pin_memory=self.device.type == "cuda")  # for non_blocking copies
+        for batch in loader:
+            yield device_batch(batch, self.device)
 
     def batches(self):
         """Yield training batches on the device until the step budget is spent, resuming mid-epoch."""
@@ -264,7 +271,6 @@ class Run:
                     break
                 # counted before the strategy's step, so a checkpoint taken inside it resumes after this batch
                 self.progress["batch_in_epoch"] += 1
-                batch = device_batch(batch, self.device)
                 # where this rank's rows sit in the global batch (a rule that draws per clip draws for all of
                 # them and takes its rows); a ghost rank's one borrowed clip is masked in per_item_losses
                 batch.update(global_batch_size=len(global_batch), shard_start=distributed.shard_start(len(global_batch)),
@@ -466,6 +472,29 @@ class Run:
         """The learning rate now (--lr after the schedule's drops)."""
         return float(self.optimizer.param_groups[0]["lr"])
 
+    def zero_grad(self):
+        """Clear the gradients of every trained parameter (before a hand-written backward)."""
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def probe_copy(self, lr):
+        """A copy of the model and a fresh Adam over all its parameters at `lr`: for a probe that trains
+        without touching the run (the curriculum's difficulty probe). The Adam is torch's default (unfused)
+        implementation, the one the probe's records were made with: the run's fused kernel rounds differently."""
+        model = copy.deepcopy(self.model)
+        return model, torch.optim.Adam(model.parameters(), lr=lr)
+
+    @contextlib.contextmanager
+    def train_mode(self, model=None):
+        """The model (default: the run's) in train mode inside the block, its previous mode restored after,
+        also on an error (a lookahead measured at an evaluation must leave the model as it found it)."""
+        model = model or self.model
+        was_training = model.training
+        model.train()
+        try:
+            yield model
+        finally:
+            model.train(was_training)
+
     def _trained_parameters(self):
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
@@ -491,7 +520,6 @@ class Run:
         mine = list(range(distributed.rank(), len(plan), distributed.world_size()))
         parts = []
         for k, batch in zip(mine, self.loader([plan[k] for k in mine], dataset)):
-            batch = device_batch(batch, self.device)
             logits = model(batch, active_modalities=modalities)
             parts.append((k, torch.softmax(logits.float(), dim=-1)[..., 1].cpu(), self.objective.labels(batch).cpu()))
         model.train()

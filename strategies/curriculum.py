@@ -19,7 +19,6 @@ with Dynamic Stop-and-Go, as in 12-in-1 (Lu et al., CVPR 2020).
     python strategies/curriculum.py --order easy
     python strategies/curriculum.py --order hard --weighting uncertainty
 """
-import copy
 import sys
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from common import distributed  # noqa: E402
 from common.multitask import add_update_args, make_update  # noqa: E402
 from common.schedulers import StopAndGo  # noqa: E402
 from common.arguments import build_parser  # noqa: E402
-from common.data import device_batch, epoch_batches  # noqa: E402
+from common.data import epoch_batches  # noqa: E402
 from common.summaries import single_task_references  # noqa: E402
 from common.train import Run  # noqa: E402
 
@@ -57,11 +56,8 @@ def probe_plan(run, steps):
 
 def probe_difficulty(run, steps, lr):
     """Train a copy of the model on all tasks for a few steps; difficulty = 1 - its validation score."""
-    model = copy.deepcopy(run.model)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    plan = probe_plan(run, steps)
-    for batch in run.loader(plan, run.train_set):
-        batch = device_batch(batch, run.device)
+    model, optimizer = run.probe_copy(lr)
+    for batch in run.loader(probe_plan(run, steps), run.train_set):
         losses = run.task_losses(batch, model=model)
         optimizer.zero_grad(set_to_none=True)
         losses.sum().backward()

@@ -138,27 +138,20 @@ def affinity_on_batch(run, batch, shared):
     the lookahead ran. Under torchrun the batch is the global one: its losses are global (run.task_losses),
     the gradients are all-reduced, so Z is the same on every rank and equals one process's (with the same
     dropout masks: the tests use --zero-dropout)."""
-    was_training = run.model.training
     seed = lookahead_seed(run)
 
     def task_losses():
         reseed(run.device, seed)
         return run.task_losses(batch, generator=torch.Generator().manual_seed(run.step_count))
 
-    try:
-        run.model.train()
-        with forked_rng(run.device):
-            losses = task_losses()
-            grads = []
-            for t in range(len(run.tasks)):
-                g = torch.autograd.grad(losses[t], shared, retain_graph=t < len(run.tasks) - 1, allow_unused=True)
-                grads.append(global_gradient([torch.zeros_like(p) if x is None else x for p, x in zip(shared, g)]))
-            steps = [adam_step(run.optimizer, shared, g) for g in grads]
-            lr = run.lr
-            Z = lookahead_affinity(task_losses, shared, steps, lr)
-    finally:
-        run.model.train(was_training)
-    return Z
+    with run.train_mode(), forked_rng(run.device):
+        losses = task_losses()
+        grads = []
+        for t in range(len(run.tasks)):
+            g = torch.autograd.grad(losses[t], shared, retain_graph=t < len(run.tasks) - 1, allow_unused=True)
+            grads.append(global_gradient([torch.zeros_like(p) if x is None else x for p, x in zip(shared, g)]))
+        steps = [adam_step(run.optimizer, shared, g) for g in grads]
+        return lookahead_affinity(task_losses, shared, steps, run.lr)
 
 
 def affinity_onto(group, j, Z, index):

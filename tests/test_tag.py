@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from common.train import Run
 from strategies.task_grouping import (adam_step, affinity_on_batch, best_partitions, lookahead_affinity, partitions,
                                       select_groups)
 
@@ -103,6 +104,8 @@ class ScriptedRun:
 
     def task_losses(self, batch, model=None, generator=None):
         return (model or self.model)(batch)
+
+    train_mode = Run.train_mode  # the real one: it reads only self.model
 
 
 def test_lookahead_applies_no_clip_a_huge_loss_gives_the_unclipped_adam_update():
@@ -256,3 +259,14 @@ def test_partition_search_finds_the_planted_grouping():
     score, part = best[2]
     assert sorted(map(sorted, part)) == sorted(map(sorted, groups))
     assert max(best, key=lambda k: best[k][0]) == 2
+
+
+def test_run_train_mode_restores_the_previous_mode_also_after_an_error():
+    """The lookahead trains in train mode and must leave an evaluating model in eval mode, even when it fails."""
+    run = ScriptedRun(ThreeTaskModel())
+    run.model.eval()
+    with pytest.raises(RuntimeError, match="inside"):
+        with run.train_mode():
+            assert run.model.training
+            raise RuntimeError("inside")
+    assert not run.model.training
