@@ -21,7 +21,7 @@ data:
 
 ## test: the whole test suite (tiny models and tiny data; a few minutes on 2 cores)
 test:
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q --durations=15 tests
 
 ## bench: speed ratios measured side by side in one run
 bench:
