@@ -6,6 +6,7 @@ import json
 import shutil
 
 import numpy as np
+import pytest
 from scipy.stats import rankdata
 
 from common import compare, figures, records, stats, versions
@@ -154,3 +155,17 @@ def test_make_lean_is_lossless_for_the_log_and_idempotent(tmp_path):
         assert records.read_log(records.log_path(folder)) == lines
         assert np.array_equal(np.argsort(np.load(folder / "test_scores.npy"), axis=0), np.argsort(scores, axis=0))
     assert figures.run_logs({"_path": str(run / "summary.json")}) == [run / "metrics.jsonl.gz"]   # the figures read it
+
+
+def test_every_committed_record_of_the_standard_grid_is_current():
+    """The verdict (results/compare.md) is drawn from the committed records: a change that bumps a rule's
+    RULE_VERSION or the PROTOCOL_VERSION makes them stale, and this fails until they are run again (make
+    compare reruns exactly those) or taken out. A refactor that changes no number bumps nothing."""
+    summaries = sorted((versions.REPO / "results/runs/standard").glob("**/summary.json"))
+    if not summaries:
+        pytest.skip("no committed records of the standard grid")
+    # on the default data too, where this clone has made it (CI has not: the versions alone there)
+    made = all((compare.DEFAULT_DATA / f"{split}.h5").exists() for split in ("train", "val", "test"))
+    fingerprint = compare.current_data([])[0] if made else None
+    stale = {str(p.relative_to(versions.REPO)): why for p in summaries if (why := versions.record_stale(p, fingerprint))}
+    assert not stale, f"{len(stale)} of {len(summaries)} committed records are stale: {dict(list(stale.items())[:5])}"
