@@ -402,8 +402,10 @@ def verdict_tables(result, tasks):
     for lab, r in sorted(result["rows"].items(), key=lambda kv: (kv[1]["family"] != "primary", -kv[1]["diff"])):
         if r["called"]:
             call = ("better" if r["diff"] > 0 else "worse") + (", replicated" if r["replicated"] else ", not replicated")
+        elif r["family"] == "primary":  # how large a difference its interval still allows, either way
+            call = f"no call: |Δ| < {max(abs(r['low']), abs(r['high'])):.3f}"
         else:
-            call = "no call" if r["family"] == "primary" else "exploratory"
+            call = "exploratory"
         poi, lo, hi = r["poi"]
         main.append([lab, r["family"], r["seeds"], f"{r['diff']:+.3f} [{r['low']:+.3f}, {r['high']:+.3f}]",
                      fmt_p(r["p"]), fmt_p(r.get("p_holm")), f"{poi:.2f} [{lo:.2f}, {hi:.2f}]",
@@ -424,7 +426,9 @@ def verdict_section(result, tasks, lead=()):
         f"resamples seeds and test clips ({result['n_boot']} replicates; p: twice the smaller tail beyond 0). "
         "P(better): rliable's probability of improvement (per task, a run of the row beats a run of the "
         "baseline; mean over tasks) with its bootstrap interval. halves: Δ on seeds 0-4 / 5-9. A difference is "
-        "called when its Holm p is below the level, and replicated when both halves have its sign.",
+        "called when its Holm p is below the level, and replicated when both halves have its sign; a row not "
+        "called shows the largest difference its interval allows (no call: |Δ| < b: the interval lies within ±b, "
+        "so a difference in either direction larger than b is unlikely; it is no proof of equality).",
         "",
         f"- power: with {result['seeds']} seeds and the measured seed SD of a paired difference "
         f"{result['seed_sd']:.4f} AP (median over the primary rows), the paired t-test at Holm's strictest step "

@@ -252,3 +252,24 @@ def test_a_script_declares_its_tuning_grid():
     assert grid_for("gradnorm", "tiny", "lr") == [["--lr", lr] for lr in ("0.0003", "0.001", "0.003")]
     assert script_constant("pcgrad", "TUNE_GRID") is None
     assert grid_for("pcgrad", "tiny", "full") == [["--lr", lr] for lr in ("0.0003", "0.001", "0.003")]
+
+
+def test_verdict_rows_call_what_holm_allows_and_bound_what_it_does_not():
+    """verdict_tables on scripted verdict() rows: a called row says its direction and whether both halves
+    of the seeds agree; a primary row not called says the largest |Δ| its interval allows (the larger of
+    its bounds' magnitudes); an exploratory row is never called; primary rows come first, by Δ."""
+    def row(diff, low, high, called, halves, family="primary"):
+        return {"family": family, "seeds": 10, "diff": diff, "low": low, "high": high, "p": 0.01, "p_holm": 0.02,
+                "poi": (0.5, 0.4, 0.6), "halves": halves, "called": called,
+                "replicated": called and halves[0] * halves[1] > 0, "per_task": [(diff, low, high)] * 2}
+    result = {"rows": {"worse_rep": row(-0.03, -0.04, -0.02, True, (-0.03, -0.03)),
+                       "better_split": row(0.02, 0.01, 0.03, True, (0.04, -0.001)),
+                       "tight": row(0.001, -0.002, 0.003, False, (0.0, 0.002)),
+                       "wide": row(-0.004, -0.021, 0.013, False, (0.0, -0.008)),
+                       "explo": row(0.05, 0.04, 0.06, False, (0.05, 0.05), family="exploratory")}}
+    main, per_task_rows = compare.verdict_tables(result, ["a", "b"])
+    calls = {r[0]: r[-1] for r in main}
+    assert calls == {"worse_rep": "worse, replicated", "better_split": "better, not replicated",
+                     "tight": "no call: |Δ| < 0.003", "wide": "no call: |Δ| < 0.021", "explo": "exploratory"}
+    assert [r[0] for r in main] == ["better_split", "tight", "wide", "worse_rep", "explo"]
+    assert per_task_rows[0] == ["better_split", "+0.020 [+0.010, +0.030]", "+0.020 [+0.010, +0.030]"]
