@@ -59,8 +59,10 @@ if set(AGGREGATORS) & set(GRADIENT_RULES):  # one --aggregator namespace: a name
 def add_update_args(parser, weighting="equal", aggregator="sum", grad_space="params"):
     """--weighting, --aggregator, --grad-space and every method's own hyper-parameter flags."""
     g = parser.add_argument_group("loss weighting and gradient aggregation")
-    g.add_argument("--weighting", choices=tuple(WEIGHTINGS), default=weighting)
-    g.add_argument("--aggregator", choices=("sum",) + tuple(AGGREGATORS) + tuple(GRADIENT_RULES), default=aggregator)
+    g.add_argument("--weighting", choices=tuple(WEIGHTINGS), default=weighting,
+                   help="how the task losses are weighted (common/weighting.py; docs/strategies.md)")
+    g.add_argument("--aggregator", choices=("sum",) + tuple(AGGREGATORS) + tuple(GRADIENT_RULES), default=aggregator,
+                   help="how the per-task gradients are combined (sum: the weighted losses' gradient; common/aggregators.py, gradient_rules.py)")
     g.add_argument("--grad-space", choices=("params", "representation"), default=grad_space,
                    help="where per-task gradients are taken (aggregators; GradNorm's norms)")
     g.add_argument("--task-grad-sync", choices=("all-reduce", "reduce-scatter"), default="all-reduce",

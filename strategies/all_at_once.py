@@ -26,7 +26,8 @@ from common.weighting import Equal, Learned  # noqa: E402
 
 def main(argv=None):
     parser = build_parser(__doc__)
-    parser.add_argument("--weights", choices=("equal", "learned"), default="equal")
+    parser.add_argument("--weights", choices=("equal", "learned"), default="equal",
+                        help="equal: w_t = 1; learned: w = T * softmax(a), a trained with the model")
     parser.add_argument("--weights-lr", type=float, default=None, help="learning rate of learned weights (default --lr)")
     args = parser.parse_args(argv)
 

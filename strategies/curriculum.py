@@ -83,11 +83,13 @@ class Plan:
 
 def main(argv=None):
     parser = add_update_args(build_parser(__doc__))
-    parser.add_argument("--order", choices=("easy", "hard"), default="easy")
-    parser.add_argument("--difficulty", choices=("probe", "single_task"), default="probe")
-    parser.add_argument("--probe-steps", type=int, default=60)
+    parser.add_argument("--order", choices=("easy", "hard"), default="easy",
+                        help="easy: easiest task first (curriculum); hard: hardest first (anti-curriculum)")
+    parser.add_argument("--difficulty", choices=("probe", "single_task"), default="probe",
+                        help="1 - validation score of a short probe run on all tasks, or of the single-task models")
+    parser.add_argument("--probe-steps", type=int, default=60, help="the probe's steps (they count against the budget)")
     parser.add_argument("--entry-every", type=int, default=0, help="steps between task entries (0 = auto)")
-    parser.add_argument("--stop-gap", type=int, default=4)
+    parser.add_argument("--stop-gap", type=int, default=4, help="stop-and-go: a stopped task is trained every N steps")
     parser.set_defaults(eval_every=40)
     args = parser.parse_args(argv)
 

@@ -154,7 +154,9 @@ def rank_rows(mask, batch):
 
 def main(argv=None):
     parser = add_update_args(build_parser(__doc__))
-    parser.add_argument("--difficulty", choices=("auto", "gap", "loss", "loss_share"), default="auto")
+    parser.add_argument("--difficulty", choices=("auto", "gap", "loss", "loss_share"), default="auto",
+                        help="gap to the single-task score, loss relative to its first value, or the loss itself; "
+                             "auto: gap where every single-task reference exists, else loss")
     parser.add_argument("--apply", choices=("weights", "task", "clips"), default="weights",
                         help="how the probabilities act: loss weights T*p (every label kept), one task per step, "
                              "or one task per clip")

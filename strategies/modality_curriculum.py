@@ -59,10 +59,12 @@ class GeneratorState:
 
 def main(argv=None):
     parser = add_update_args(build_parser(__doc__))
-    parser.add_argument("--mode", choices=("curriculum", "dropout"), default="curriculum")
-    parser.add_argument("--order", default="text,video,audio")
+    parser.add_argument("--mode", choices=("curriculum", "dropout"), default="curriculum",
+                        help="curriculum: one modality at a time, then all; dropout: random modalities off per batch")
+    parser.add_argument("--order", default="text,video,audio", help="curriculum: the modalities in training order")
     parser.add_argument("--single-fraction", type=float, default=0.5, help="share of the budget for single modalities")
-    parser.add_argument("--drop-prob", type=float, default=0.3)
+    parser.add_argument("--drop-prob", type=float, default=0.3,
+                        help="dropout: each modality is dropped with this probability (never all)")
     args = parser.parse_args(argv)
     order = [m.strip() for m in args.order.split(",")]
     if any(m not in MODALITIES for m in order):

@@ -284,11 +284,12 @@ def main(argv=None):
     parser.add_argument("--affinity-fraction", type=float, default=0.5,
                         help="share of the budget for the joint run, its training and lookahead steps together")
     parser.add_argument("--affinity-every", type=int, default=10, help="steps between affinity measurements (TAG: 10)")
-    parser.add_argument("--selection", choices=("tag", "partition"), default="tag")
+    parser.add_argument("--selection", choices=("tag", "partition"), default="tag",
+                        help="tag: the official network selection (groups may overlap); partition: the best partition")
     parser.add_argument("--groups", type=int, default=2,
                         help="tag: at most this many groups; partition: exactly this many (0 = the best k)")
     parser.add_argument("--brute-force", action="store_true", help="also search every group (Standley et al.)")
-    parser.add_argument("--brute-epochs", type=int, default=1)
+    parser.add_argument("--brute-epochs", type=int, default=1, help="--brute-force: epochs for each group's model")
     args = parser.parse_args(argv)
     if args.groups < 0 or (args.selection == "tag" and args.groups < 1):
         raise SystemExit(f"--groups {args.groups}: --selection tag needs at least 1 group")

@@ -215,3 +215,16 @@ def test_evaluation_is_sharded_across_ranks_and_gives_the_single_process_scores(
     monkeypatch.setattr(distributed, "gather_objects", lambda parts: [shares[0], shares[1]])
     scores, labels = run.predict(run.val_set)
     assert (scores == one_scores).all() and (labels == one_labels).all()
+
+
+def test_every_strategy_flag_says_what_it_does_in_help():
+    """--help lists a strategy's own flags first (issue 27): each of them, and --weighting / --aggregator,
+    carries a help text (read from the code, so it needs no start-up of the twenty scripts)."""
+    import ast
+    silent = []
+    for path in sorted((REPO / "strategies").glob("*.py")) + [REPO / "common" / "multitask.py"]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument" \
+                    and not any(k.arg == "help" for k in node.keywords):
+                silent.append(f"{path.name}:{node.lineno} {ast.literal_eval(node.args[0])}")
+    assert not silent, silent
