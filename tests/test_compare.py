@@ -59,8 +59,8 @@ def test_the_baseline_and_the_reference_are_declared_by_their_scripts(monkeypatc
 
 
 def test_tiny_compare_end_to_end_and_reuse(tiny_data, tmp_path, capsys):
-    argv = ["--only", "all_at_once,round_robin", "--seeds", "2", "--out", str(tmp_path), "--data", str(tiny_data),
-            "--extra", "--model-size tiny --epochs 1 --batch-size 8"]
+    argv = ["--only", "all_at_once,round_robin", "--seeds", "2", "--jobs", "2", "--out", str(tmp_path),
+            "--data", str(tiny_data), "--extra", "--model-size tiny --epochs 1 --batch-size 8"]
     compare.main(argv)
     md = (tmp_path / "compare.md").read_text()
     rows = list(csv.DictReader(open(tmp_path / "compare.csv")))
@@ -84,7 +84,7 @@ def test_tiny_compare_end_to_end_and_reuse(tiny_data, tmp_path, capsys):
     # rerunning reuses the finished runs: no script is started again, also with another --jobs (threads)
     mtimes = {p: p.stat().st_mtime for p in (tmp_path / "runs" / "quick").glob("*/seed*/summary.json")}
     capsys.readouterr()
-    compare.main(argv + ["--jobs", "2"])
+    compare.main(argv + ["--jobs", "1"])
     assert {p: p.stat().st_mtime for p in mtimes} == mtimes
 
     # --plot-only redraws the tables and figures from the runs and trains nothing
@@ -97,7 +97,7 @@ def test_tiny_compare_end_to_end_and_reuse(tiny_data, tmp_path, capsys):
 
 
 def test_tuning_picks_the_best_validation_config_and_runs_it_over_the_seeds(tiny_data, tmp_path):
-    argv = ["--only", "round_robin", "--seeds", "1", "--tune", "--lrs", "1e-4,3e-3", "--out", str(tmp_path),
+    argv = ["--only", "round_robin", "--seeds", "1", "--tune", "--lrs", "1e-4,3e-3", "--jobs", "2", "--out", str(tmp_path),
             "--data", str(tiny_data), "--extra", "--model-size tiny --epochs 1 --batch-size 8"]
     compare.main(argv)
     tune = {lr: json.loads((tmp_path / f"runs/quick/tune/round_robin/lr{lr}/round_robin/seed100/summary.json").read_text())
@@ -140,7 +140,7 @@ def test_failed_run_is_shown_and_others_continue(tiny_data, tmp_path):
 
 
 def test_pretraining_section(tiny_data, tmp_path):
-    argv = ["--only", "all_at_once", "--seeds", "1", "--out", str(tmp_path), "--data", str(tiny_data),
+    argv = ["--only", "all_at_once", "--seeds", "1", "--jobs", "2", "--out", str(tmp_path), "--data", str(tiny_data),
             "--pretraining", "--pretrain-schedulers", "round_robin",
             "--extra", "--model-size tiny --epochs 1 --batch-size 8"]
     compare.main(argv)
@@ -209,7 +209,7 @@ def test_compact_decisions_show_orders_and_groups():
 def test_models_add_a_model_column(tiny_data, tmp_path):
     """--models runs the comparison once per trunk (runs/<profile>/<model>/) and writes one table whose
     rows start with their model; each row's numbers are those of that model's runs."""
-    argv = ["--only", "round_robin", "--seeds", "1", "--models", "hca,late_fusion", "--out", str(tmp_path),
+    argv = ["--only", "round_robin", "--seeds", "1", "--models", "hca,late_fusion", "--jobs", "2", "--out", str(tmp_path),
             "--data", str(tiny_data), "--extra", "--model-size tiny --epochs 1 --batch-size 8"]
     compare.main(argv)
     md = (tmp_path / "compare.md").read_text()
