@@ -403,7 +403,7 @@ def verdict_tables(result, tasks):
         if r["called"]:
             call = ("better" if r["diff"] > 0 else "worse") + (", replicated" if r["replicated"] else ", not replicated")
         elif r["family"] == "primary":  # how large a difference its interval still allows, either way
-            call = f"no call: |Δ| < {max(abs(r['low']), abs(r['high'])):.3f}"
+            call = f"no call: Δ within ±{max(abs(r['low']), abs(r['high'])):.3f}"  # no "|": a table cell
         else:
             call = "exploratory"
         poi, lo, hi = r["poi"]
@@ -427,7 +427,7 @@ def verdict_section(result, tasks, lead=()):
         "P(better): rliable's probability of improvement (per task, a run of the row beats a run of the "
         "baseline; mean over tasks) with its bootstrap interval. halves: Δ on seeds 0-4 / 5-9. A difference is "
         "called when its Holm p is below the level, and replicated when both halves have its sign; a row not "
-        "called shows the largest difference its interval allows (no call: |Δ| < b: the interval lies within ±b, "
+        "called shows the largest difference its interval allows (no call: Δ within ±b: the interval lies inside ±b, "
         "so a difference in either direction larger than b is unlikely; it is no proof of equality).",
         "",
         f"- power: with {result['seeds']} seeds and the measured seed SD of a paired difference "

@@ -270,6 +270,7 @@ def test_verdict_rows_call_what_holm_allows_and_bound_what_it_does_not():
     main, per_task_rows = compare.verdict_tables(result, ["a", "b"])
     calls = {r[0]: r[-1] for r in main}
     assert calls == {"worse_rep": "worse, replicated", "better_split": "better, not replicated",
-                     "tight": "no call: |Δ| < 0.003", "wide": "no call: |Δ| < 0.021", "explo": "exploratory"}
+                     "tight": "no call: Δ within ±0.003", "wide": "no call: Δ within ±0.021", "explo": "exploratory"}
     assert [r[0] for r in main] == ["better_split", "tight", "wide", "worse_rep", "explo"]
     assert per_task_rows[0] == ["better_split", "+0.020 [+0.010, +0.030]", "+0.020 [+0.010, +0.030]"]
+    assert not any("|" in cell for r in main for cell in map(str, r))  # a "|" would split a markdown cell
