@@ -74,7 +74,8 @@ def test_tiny_compare_end_to_end_and_reuse(tiny_data, tmp_path, capsys):
         assert float(r["f1_pos_gory"]) == pytest.approx(summary["test"]["per_task"]["gory"]["f1_pos"], abs=1e-12)
     rr = [json.loads((tmp_path / "runs/quick/round_robin" / f"seed{s}" / "summary.json").read_text()) for s in (0, 1)]
     mean = sum(s["test"]["mean"]["ap"] for s in rr) / 2
-    main_row = next(line for line in md.splitlines() if line.startswith("| round_robin") and "±" in line)
+    # the main table's row (mean ± std), not the verdict's ("no call: Δ within ±b")
+    main_row = next(line for line in md.splitlines() if line.startswith("| round_robin") and re.search(r"\d ± \d", line))
     assert f"{mean:.3f} ±" in main_row
     assert "## Verdict" in md and "minimum detectable effect" in md
     assert "quick profile: a first look" in md.splitlines()[0]
