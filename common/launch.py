@@ -295,7 +295,7 @@ def execute(key, cmd_tail, root, settings, threads, index, log_dir, fingerprint=
     log = log_dir / (slug(key) + ".log")
     t0 = time.time()
     index[key] = {"status": "running", "settings": settings}
-    with open(log, "w") as f:
+    with open(log, "a" if entry else "w") as f:  # a resumed run's log keeps its earlier attempts
         # its own session: a Ctrl-C of make compare reaches the scripts only through STOP (one SIGTERM each)
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
         RUNNING.add(proc)
