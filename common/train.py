@@ -405,7 +405,7 @@ class Run:
             raise NonFiniteError(report + " (use --on-nonfinite skip to skip such batches)")
         self.progress["nonfinite_skips"] += 1
         print(f"\n[{self.strategy}] skipped batch: {report}", file=sys.stderr, flush=True)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.zero_grad()
         return False
 
     def step(self, loss=None, losses=None, batch=None, synced=(), scaled=False):
@@ -421,7 +421,7 @@ class Run:
         if losses is not None:
             ok = self.check_finite(losses, batch)
         if ok and loss is not None:
-            self.optimizer.zero_grad(set_to_none=True)
+            self.zero_grad()
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         if ok:
             distributed.average_gradients(self._trained_parameters(), synced)
@@ -435,7 +435,7 @@ class Run:
                 self.progress["fp16_overflow_skips"] = self.progress.get("fp16_overflow_skips", 0) + 1
                 self.log({"event": "fp16_overflow", "step": self.progress["step"],
                           "loss_scale": self.scaler.get_scale()})
-                self.optimizer.zero_grad(set_to_none=True)
+                self.zero_grad()
                 self.progress["step"] += 1
                 return False
         if ok:
@@ -484,16 +484,15 @@ class Run:
         return model, torch.optim.Adam(model.parameters(), lr=lr)
 
     @contextlib.contextmanager
-    def train_mode(self, model=None):
-        """The model (default: the run's) in train mode inside the block, its previous mode restored after,
-        also on an error (a lookahead measured at an evaluation must leave the model as it found it)."""
-        model = model or self.model
-        was_training = model.training
-        model.train()
+    def train_mode(self):
+        """The run's model in train mode inside the block, its previous mode restored after, also on an
+        error (a lookahead measured at an evaluation must leave the model as it found it)."""
+        was_training = self.model.training
+        self.model.train()
         try:
-            yield model
+            yield self.model
         finally:
-            model.train(was_training)
+            self.model.train(was_training)
 
     def _trained_parameters(self):
         return [p for group in self.optimizer.param_groups for p in group["params"]]

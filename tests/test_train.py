@@ -217,16 +217,23 @@ def test_evaluation_is_sharded_across_ranks_and_gives_the_single_process_scores(
     assert (scores == one_scores).all() and (labels == one_labels).all()
 
 
+def syntax_nodes(paths):
+    """(path, node) for every node of each file's syntax tree: the tests below read the code, not run it."""
+    import ast
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text())):
+            yield path, node
+
+
 def test_every_strategy_flag_says_what_it_does_in_help():
     """--help lists a strategy's own flags first (issue 27): each of them, and --weighting / --aggregator,
     carries a help text (read from the code, so it needs no start-up of the twenty scripts)."""
     import ast
     silent = []
-    for path in sorted((REPO / "strategies").glob("*.py")) + [REPO / "common" / "multitask.py"]:
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument" \
-                    and not any(k.arg == "help" for k in node.keywords):
-                silent.append(f"{path.name}:{node.lineno} {ast.literal_eval(node.args[0])}")
+    for path, node in syntax_nodes(sorted((REPO / "strategies").glob("*.py")) + [REPO / "common" / "multitask.py"]):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument" \
+                and not any(k.arg == "help" for k in node.keywords):
+            silent.append(f"{path.name}:{node.lineno} {ast.literal_eval(node.args[0])}")
     assert not silent, silent
 
 
@@ -238,15 +245,14 @@ def test_code_outside_run_uses_only_its_documented_surface():
     import re
     surface = set(re.findall(r"run\.(\w+)", ast.get_docstring(ast.parse((REPO / "common" / "train.py").read_text()))))
     outside = []
-    for path in sorted((REPO / "strategies").glob("*.py")) + sorted((REPO / "common").glob("*.py")):
-        if path.name in ("train.py", "launch.py", "compare.py"):
+    paths = [p for p in sorted((REPO / "strategies").glob("*.py")) + sorted((REPO / "common").glob("*.py"))
+             if p.name not in ("train.py", "launch.py", "compare.py")]
+    for path, node in syntax_nodes(paths):
+        if not isinstance(node, ast.Attribute):
             continue
-        for node in ast.walk(ast.parse(path.read_text())):
-            if not isinstance(node, ast.Attribute):
-                continue
-            v = node.value
-            if (isinstance(v, ast.Name) and v.id == "run") or (isinstance(v, ast.Attribute) and v.attr == "run"
-                                                                 and isinstance(v.value, ast.Name) and v.value.id == "self"):
-                if node.attr not in surface:
-                    outside.append(f"{path.relative_to(REPO)}:{node.lineno} run.{node.attr}")
+        v = node.value
+        if (isinstance(v, ast.Name) and v.id == "run") or (isinstance(v, ast.Attribute) and v.attr == "run"
+                                                             and isinstance(v.value, ast.Name) and v.value.id == "self"):
+            if node.attr not in surface:
+                outside.append(f"{path.relative_to(REPO)}:{node.lineno} run.{node.attr}")
     assert not outside, outside
