@@ -917,7 +917,7 @@ def _main(args, profile, seeds, tune):
     if not args.only and not args.plot_only and not models and len(first) < len(rows):
         # the verdict needs only these: they finish (tuning and final runs) before any exploratory row starts
         print(f"[compare] the primary family first: {len(first)} of {len(rows)} rows", flush=True)
-        compare_one(args, first, seeds, tune, extra, out / "runs" / args.profile, model_size, select_metric)
+        compare_one(args, first, seeds, tune, extra, out / "runs" / args.profile, model_size, select_metric, tables=False)
     if not models:  # the profile's model (hca unless --extra says --trunk): the table has no model column
         result = compare_one(args, rows, seeds, tune, extra, out / "runs" / args.profile, model_size, select_metric)
         figures = draw_figures(result["by_label"], tasks, out)
@@ -988,9 +988,9 @@ class Progress:
             print(f"[compare] {key}: {status}{extra}; {self.done}/{self.total} done ({self.reused} reused)", flush=True)
 
 
-def compare_one(args, rows, seeds, tune, extra, root, model_size, select_metric):
+def compare_one(args, rows, seeds, tune, extra, root, model_size, select_metric, tables=True):
     """Tuning, final runs and tables of every row for one model (extra: the scripts' flags), with its
-    runs and index under root."""
+    runs and index under root. tables=False: the runs only (returns None)."""
     log_dir = root / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     launcher = make_launcher(args, root)
@@ -1077,6 +1077,8 @@ def compare_one(args, rows, seeds, tune, extra, root, model_size, select_metric)
     final_rows = [r for r in rows if not tune or row_key(*r) in index["chosen"]]
     run_all([("final", s, v, index_config(index, s, v), seed, root) for s, v in final_rows for seed in seeds])
     save()
+    if not tables:  # runs only (the primary family's pass before the exploratory rows): its tables would be redrawn
+        return None
 
     by_label, failed, label_of_row = collect(index, rows, seeds, fingerprint=fingerprint)
     chosen_text = {label_of_row.get(k, k): " ".join(v["config"]).replace("--", "") for k, v in index["chosen"].items()}
