@@ -121,8 +121,9 @@ def test_slurm_grid_with_a_requeued_job_equals_the_local_grid(sig, local_grid, t
     assert len(starts) == 2 and not starts[0].endswith("resuming") and starts[1].endswith(", resuming")
     run_log = next((slurm_out / "runs/quick/logs").glob("*round_robin_seed1*.log")).read_text()
     resumed = [x for x in run_log.splitlines() if "resumed from" in x]
+    assert resumed, run_log
     step = int(resumed[0].rsplit("at step ", 1)[1])
-    assert resumed and 0 < step < 8, run_log  # 8 steps in all
+    assert 0 < step < 8, run_log  # 8 steps in all
     # the script checkpointed at the signal, after the step it was frozen in, and resumed from there: equal to
     # the best-model checkpoint's step where it was frozen between writing that and its stop check
     assert f"stopped at step {step}; rerun with --resume" in run_log and step >= before, (before, run_log)
