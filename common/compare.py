@@ -673,8 +673,8 @@ def header_text(info):
     if info.get("cost"):
         c = info["cost"]
         lines.append(f"- measured cost: {c['runs']} finished runs (tuning included), {c['seconds'] / 3600:.2f} h of run "
-                     f"time (wall-clock per run, summed; about {c['seconds'] / 3600 / max(c['jobs'], 1):.2f} h with "
-                     f"{c['jobs']} at once) and {c['cpu_seconds'] / 3600:.2f} h of CPU")
+                     f"time (wall-clock per run, summed over runs that may have run side by side) and "
+                     f"{c['cpu_seconds'] / 3600:.2f} h of CPU")
         if c.get("planned") and c.get("planned_done", c["planned"]) < c["planned"]:
             lines.append(f"- **unfinished grid: {c['planned_done']} of {c['planned']} planned runs finished.** A row with "
                          "fewer seeds than listed is partial; a row without finished runs is absent")
@@ -1094,7 +1094,7 @@ def compare_one(args, rows, seeds, tune, extra, root, model_size, select_metric,
     # what the finished runs of this table cost, summed over every session that made them
     finished = [e for k, e in index.items() if k != "chosen" and isinstance(e, dict) and e.get("status") == "ok"]
     cost = {"runs": len(finished), "seconds": sum(e.get("seconds", 0) for e in finished),
-            "cpu_seconds": sum(e.get("cpu_seconds", 0) for e in finished), "jobs": progress.jobs,
+            "cpu_seconds": sum(e.get("cpu_seconds", 0) for e in finished),
             "planned": progress.total, "planned_done": sum(index.get(k, {}).get("status") == "ok" for k in planned)}
     return {"tables": tables, "csv_rows": csv_rows, "tuning_rows": tuning_rows, "tuning_headers": tuning_headers,
             "by_label": by_label, "ctx": ctx, "cost": cost, "verdict": decided}

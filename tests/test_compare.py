@@ -275,3 +275,15 @@ def test_verdict_rows_call_what_holm_allows_and_bound_what_it_does_not():
     assert [r[0] for r in main] == ["better_split", "tight", "wide", "worse_rep", "explo"]
     assert per_task_rows[0] == ["better_split", "+0.020 [+0.010, +0.030]", "+0.020 [+0.010, +0.030]"]
     assert not any("|" in cell for r in main for cell in map(str, r))  # a "|" would split a markdown cell
+
+
+def test_the_cost_line_states_only_what_was_measured():
+    # the summed run time and CPU of every finished run; no parallelism claimed (the runs of several sessions
+    # may have run with different --jobs, and --plot-only knows none of them)
+    info = {"title": "t", "profile": "p", "model_size": "tiny", "data": "d", "budget": "b", "seeds": [0, 1],
+            "tuning": "none", "select_metric": "ap",
+            "cost": {"runs": 4, "seconds": 7200, "cpu_seconds": 5400, "planned": 6, "planned_done": 4}}
+    text = compare.header_text(info)
+    assert "- measured cost: 4 finished runs (tuning included), 2.00 h of run time" in text
+    assert "1.50 h of CPU" in text and "at once" not in text
+    assert "unfinished grid: 4 of 6 planned runs finished" in text
