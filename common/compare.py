@@ -961,14 +961,16 @@ def stop_all(why):
 class Progress:
     """Runs done out of the total, the run starting now, and an ETA from the runs finished so far."""
 
-    def __init__(self, total, jobs):
-        self.total, self.jobs, self.done, self.reused = total, max(jobs, 1), 0, 0
+    def __init__(self, total, jobs, recorded=0):
+        """recorded: how many of the total have a finished record already (reused, so not in the ETA)."""
+        self.total, self.jobs, self.done, self.reused, self.recorded = total, max(jobs, 1), 0, 0, recorded
         self.seconds, self.started = [], set()
 
     def eta(self):
         if not self.seconds:
             return "ETA after the first finished run"
-        left = (self.total - self.done) * float(np.mean(self.seconds)) / self.jobs
+        to_run = self.total - self.done - max(self.recorded - self.reused, 0)
+        left = max(to_run, 0) * float(np.mean(self.seconds)) / self.jobs
         return f"ETA {left / 3600:.1f} h ({np.mean(self.seconds):.0f} s per run, {self.jobs} at once)"
 
     def update(self, key, entry):
@@ -1002,7 +1004,13 @@ def compare_one(args, rows, seeds, tune, extra, root, model_size, select_metric,
     fingerprint, labels = current_data(extra)
     tune_seeds = args.tune_seeds
     n_tune = sum(len(grid_for(r[0], model_size, args.grid, lrs)) for r in rows) * len(tune_seeds) if tune else 0
-    progress = Progress(n_tune + len(rows) * len(seeds), launcher.jobs if hasattr(launcher, "jobs") else 1)
+    # the runs already recorded: tuning runs, and the final runs of rows whose choice is made (the ETA leaves them out)
+    known = [run_key("tune", s, v, c, ts) for s, v in rows if tune
+             for c in grid_for(s, model_size, args.grid, lrs) for ts in tune_seeds]
+    known += [run_key("final", s, v, index_config(index, s, v), seed) for s, v in rows
+              if not tune or row_key(s, v) in index.get("chosen", {}) for seed in seeds]
+    progress = Progress(n_tune + len(rows) * len(seeds), launcher.jobs if hasattr(launcher, "jobs") else 1,
+                        recorded=sum(index.get(k, {}).get("status") == "ok" for k in known))
 
     def save():
         save_index(index, index_path)

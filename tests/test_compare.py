@@ -287,3 +287,17 @@ def test_the_cost_line_states_only_what_was_measured():
     assert "- measured cost: 4 finished runs (tuning included), 2.00 h of run time" in text
     assert "1.50 h of CPU" in text and "at once" not in text
     assert "unfinished grid: 4 of 6 planned runs finished" in text
+
+
+def test_the_eta_leaves_out_the_runs_already_recorded(capsys):
+    # 10 runs, 4 with finished records: one run of 720 s on 2 jobs leaves 5 to run, 1800 s = 0.5 h
+    progress = compare.Progress(10, jobs=2, recorded=4)
+    assert progress.eta() == "ETA after the first finished run"
+    progress.update("a", {"status": "running"})
+    progress.update("a", {"status": "ok", "seconds": 720.0})
+    assert progress.eta() == "ETA 0.5 h (720 s per run, 2 at once)"
+    left = progress.eta()
+    progress.update("b", {"status": "ok"})  # a recorded run reused: the runs left to run stay the same
+    assert progress.eta() == left and progress.reused == 1 and progress.done == 2
+    progress.recorded = 0  # nothing recorded: the 8 not done all count
+    assert progress.eta().startswith("ETA 0.8 h")  # 8 * 720 / 2 = 2880 s
