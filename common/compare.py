@@ -150,7 +150,9 @@ RULE_NOTES = {
                   "starts at 1/T, moves the weights with the raw excess on its first call and divides by "
                   "baseline + 1e-7. A task's baseline is its first positive excess risk (scheduler convention).",
     "gls": "LibMTL's geometric mean of the losses, as constant weights L / (T L_t) times L_t (same value and "
-           "gradient); the logged weights are these dL/dL_t, not LibMTL's printed losses / (T prod L).",
+           "gradient); the logged weights are these dL/dL_t, not LibMTL's printed losses / (T prod L). It rewards "
+           "driving any one loss to 0 (log L_t -> -inf): a run whose task loss reaches exactly 0 in float32 stops "
+           "with that error and is shown failed (LibMTL's backward gives inf and NaN gradients there).",
     "stch": "LibMTL's STCH (log-loss warm-up for --stch-warmup-epoch epochs, nadir = mean loss of the last warm-up "
             "epoch); in a profile of at most warmup + 1 epochs it only ever trains sum_t log L_t. With a "
             "scheduler the softmax runs over the active tasks.",
