@@ -36,7 +36,7 @@ from pathlib import Path
 import submitit
 
 from common.records import make_lean
-from common.versions import REPO, record_stale
+from common.versions import REPO, record_stale, repo_relative
 
 
 @dataclasses.dataclass
@@ -315,7 +315,9 @@ def execute(key, cmd_tail, root, settings, threads, index, log_dir, fingerprint=
     error = lines[-1] if lines else f"exit code {returncode}"
     if returncode == 0:
         error = "finished without printing its summary path"
-    return {"status": "failed", "error": error[:300], "log": str(log), "cmd": cmd, "settings": settings}
+    # the command as one reruns it from the repository root (a committed index holds no machine's paths)
+    rerun = ["python"] + [repo_relative(a) if a.startswith("/") else a for a in cmd[1:]]
+    return {"status": "failed", "error": error[:300], "log": str(log), "cmd": rerun, "settings": settings}
 
 
 def checkpoint_running_scripts(timeout=300):

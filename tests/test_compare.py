@@ -138,6 +138,10 @@ def test_failed_run_is_shown_and_others_continue(tiny_data, tmp_path):
     compare.main(argv)
     md = (tmp_path / "compare.md").read_text()
     assert "failed" in md and "learning rate" in md.lower()
+    # the index keeps the command to rerun it, without this machine's interpreter or repository paths
+    (index,) = tmp_path.glob("runs/*/index.json")
+    failed = [e for k, e in json.loads(index.read_text()).items() if k != "chosen" and e["status"] == "failed"]
+    assert failed and all(e["cmd"][:2] == ["python", "strategies/round_robin.py"] for e in failed)
 
 
 def test_pretraining_section(tiny_data, tmp_path):
