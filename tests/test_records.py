@@ -170,3 +170,26 @@ def test_every_committed_record_of_the_standard_grid_is_current():
     fingerprint = compare.current_data([])[0] if made else None
     stale = {str(p.relative_to(versions.REPO)): why for p in summaries if (why := versions.record_stale(p, fingerprint))}
     assert not stale, f"{len(stale)} of {len(summaries)} committed records are stale: {dict(list(stale.items())[:5])}"
+
+
+def test_no_committed_record_holds_an_absolute_path():
+    """The committed index and summaries name files relative to the repository (or to the index's folder),
+    so that any clone reads them; a path of the machine that ran the grid would be meaningless there."""
+    root = versions.REPO / "results/runs/standard"
+    files = [root / "index.json", *sorted(root.glob("**/summary.json"))]
+    if not files[0].exists():
+        pytest.skip("no committed records of the standard grid")
+
+    def strings(value):
+        if isinstance(value, str):
+            yield value
+        elif isinstance(value, dict):
+            for v in value.values():
+                yield from strings(v)
+        elif isinstance(value, list):
+            for v in value:
+                yield from strings(v)
+
+    absolute = {str(f.relative_to(versions.REPO)): s for f in files for s in strings(json.loads(f.read_text()))
+                if s.startswith("/") and "/" in s[1:]}
+    assert not absolute, f"{len(absolute)} records hold absolute paths: {dict(list(absolute.items())[:3])}"
