@@ -148,7 +148,10 @@ class MultiTaskUpdate:
         scale = run.loss_scale
         # the step's loss uses the weights the step starts with, w(t); GradNorm's update (below, from the
         # gradient norms of this batch at w(t)) gives w(t+1) for the next step (paper, LibMTL, TAG code)
-        terms = self.weighting.terms(losses, active)
+        try:
+            terms = self.weighting.terms(losses, active)
+        except ValueError as error:  # e.g. GLS at a loss of exactly 0: say when it happened
+            raise ValueError(f"step {run.step_count}: {error}") from error
         if self.rule_rows and self.aggregator.transforms_terms:  # e.g. DB-MTL: log(term + 1e-8)
             terms = self.aggregator.transform_terms(terms, active)
         if self.weighting.needs_grad_norms:
