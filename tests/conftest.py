@@ -29,3 +29,21 @@ def tiny_data(tmp_path_factory) -> Path:
     synthesize(root / "raw", sizes=TINY_SIZES, seed=0, verbose=False)
     build_all(root / "raw", root / "raw" / "features", root, verbose=False)
     return root
+
+
+@pytest.fixture
+def started_update(tiny_data, tmp_path):
+    """started_update("--weighting", "famo") -> (run, update): a started Run of the tiny model on the tiny
+    data (batch 8, one epoch) with its MultiTaskUpdate, for tests that drive update.step themselves."""
+    def start(*flags, strategy="update_probe"):
+        from common.arguments import build_parser
+        from common.multitask import add_update_args, make_update
+        from common.train import Run
+        args = add_update_args(build_parser()).parse_args(
+            ["--data", str(tiny_data), "--out", str(tmp_path), "--model-size", "tiny", "--batch-size", "8",
+             "--epochs", "1", "--quiet", *flags])
+        run = Run(args, strategy=strategy)
+        update = make_update(run, args)
+        run.start(update=update)
+        return run, update
+    return start

@@ -411,18 +411,10 @@ def test_loss_weightings_refuse_bad_losses_naming_the_method():
     assert torch.allclose(terms, torch.tensor([1.0, 0.0, 1.0]))        # sqrt(1 * 4) = 2 = 1 + 1
 
 
-def test_a_zero_task_loss_stops_gls_training_naming_the_step(tiny_data, tmp_path):
+def test_a_zero_task_loss_stops_gls_training_naming_the_step(started_update):
     """A task's loss of exactly 0 (float32 underflow of a very confident head; seen in the standard grid at
     lr 1e-3) has no geometric mean: the step raises, saying which step, before any parameter moves."""
-    from common.multitask import add_update_args, make_update
-    from common.arguments import build_parser
-    from common.train import Run
-    args = add_update_args(build_parser()).parse_args(
-        ["--data", str(tiny_data), "--out", str(tmp_path), "--model-size", "tiny", "--batch-size", "8",
-         "--epochs", "1", "--quiet", "--weighting", "gls"])
-    run = Run(args, strategy="gls_zero_loss_probe")
-    update = make_update(run, args)
-    run.start(update=update)
+    run, update = started_update("--weighting", "gls", strategy="gls_zero_loss_probe")
     per_item_losses = run.per_item_losses
 
     def gory_solved(batch):

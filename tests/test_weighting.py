@@ -140,18 +140,10 @@ def test_famo_step_is_the_official_update():
     assert torch.allclose(famo.xi.detach(), xi.detach(), atol=1e-7)
 
 
-def test_famo_signal_comes_from_the_same_batch_after_the_step(tiny_data, tmp_path):
+def test_famo_signal_comes_from_the_same_batch_after_the_step(started_update):
     """The update recomputes the losses of the batch it just trained on (the official second forward),
     not the next batch's."""
-    from common.multitask import add_update_args, make_update
-    from common.arguments import build_parser
-    from common.train import Run
-    args = add_update_args(build_parser()).parse_args(
-        ["--data", str(tiny_data), "--out", str(tmp_path), "--model-size", "tiny", "--batch-size", "8",
-         "--weighting", "famo", "--epochs", "1", "--quiet"])
-    run = Run(args, strategy="famo_probe")
-    update = make_update(run, args)
-    run.start(update=update)
+    run, update = started_update("--weighting", "famo", strategy="famo_probe")
     run.model.eval()        # no dropout: the recomputed losses are deterministic
     seen = []
     original = update.weighting.observe_after_step
