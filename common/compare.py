@@ -1005,14 +1005,13 @@ def compare_one(args, rows, seeds, tune, extra, root, model_size, select_metric,
     settings = reusable_settings(extra)
     fingerprint, labels = current_data(extra)
     tune_seeds = args.tune_seeds
-    n_tune = sum(len(grid_for(r[0], model_size, args.grid, lrs)) for r in rows) * len(tune_seeds) if tune else 0
+    grids = {row_key(*r): grid_for(r[0], model_size, args.grid, lrs) for r in rows} if tune else {}
+    tune_keys = [run_key("tune", s, v, c, ts) for s, v in rows for c in grids.get(row_key(s, v), []) for ts in tune_seeds]
     # the runs already recorded: tuning runs, and the final runs of rows whose choice is made (the ETA leaves them out)
-    known = [run_key("tune", s, v, c, ts) for s, v in rows if tune
-             for c in grid_for(s, model_size, args.grid, lrs) for ts in tune_seeds]
-    known += [run_key("final", s, v, index_config(index, s, v), seed) for s, v in rows
-              if not tune or row_key(s, v) in index.get("chosen", {}) for seed in seeds]
-    progress = Progress(n_tune + len(rows) * len(seeds), launcher.jobs if hasattr(launcher, "jobs") else 1,
-                        recorded=sum(index.get(k, {}).get("status") == "ok" for k in known))
+    final_keys = [run_key("final", s, v, index_config(index, s, v), seed) for s, v in rows
+                  if not tune or row_key(s, v) in index.get("chosen", {}) for seed in seeds]
+    progress = Progress(len(tune_keys) + len(rows) * len(seeds), launcher.jobs if hasattr(launcher, "jobs") else 1,
+                        recorded=sum(index.get(k, {}).get("status") == "ok" for k in tune_keys + final_keys))
 
     def save():
         save_index(index, index_path)
@@ -1045,7 +1044,6 @@ def compare_one(args, rows, seeds, tune, extra, root, model_size, select_metric,
     tuning_rows, tuning_headers = [], []
     index.setdefault("chosen", {})
     if tune:
-        grids = {row_key(*r): grid_for(r[0], model_size, args.grid, lrs) for r in rows}
         tune_root = {row_key(*r): {config_tag(c): root / "tune" / slug(row_key(*r)) / config_tag(c) for c in grids[row_key(*r)]}
                      for r in rows}
         ref_rows = [r for r in rows if r[0] == REFERENCE]
