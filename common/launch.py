@@ -308,8 +308,9 @@ def execute(key, cmd_tail, root, settings, threads, index, log_dir, fingerprint=
     written = [x.split("summary: ", 1)[1] for x in lines if x.startswith("summary: ")]
     if returncode == 0 and written and Path(written[-1]).exists():
         make_lean(Path(written[-1]).parent)  # the committed form (common/records.py): tables read the same
-        return {"status": "ok", "summary": written[-1], "seconds": round(time.time() - t0, 1),
+        done = {"status": "ok", "summary": written[-1], "seconds": round(time.time() - t0, 1),
                 "cpu_seconds": round(cpu_seconds, 1), "log": str(log), "settings": settings}
+        return {**done, "resumed": True} if entry else done  # its seconds are only the part after the resume
     if STOP.is_set():
         return {"status": "interrupted", "log": str(log), "settings": settings}
     error = lines[-1] if lines else f"exit code {returncode}"

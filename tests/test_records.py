@@ -95,6 +95,7 @@ def test_max_hours_stops_and_the_next_call_finishes(tiny_data, tmp_path, capsys)
     compare.main(grid(tmp_path, tiny_data))
     index = json.loads((tmp_path / "runs/quick/index.json").read_text())
     assert {e["status"] for k, e in index.items() if k != "chosen"} == {"ok"}
+    assert any(e.get("resumed") for k, e in index.items() if k != "chosen")  # its seconds leave the ETA out
     assert "unfinished grid" not in (tmp_path / "compare.md").read_text()
 
 
