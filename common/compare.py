@@ -677,6 +677,10 @@ def header_text(info):
         lines.append(f"- measured cost: {c['runs']} finished runs (tuning included), {c['seconds'] / 3600:.2f} h of run "
                      f"time (wall-clock per run, summed over runs that may have run side by side) and "
                      f"{c['cpu_seconds'] / 3600:.2f} h of CPU")
+        for name, f in c.get("families", {}).items():
+            lines.append(f"  - {name}: {f['done']} of {f['planned']} planned runs finished"
+                         + (" (complete)" if f["done"] == f["planned"] else "")
+                         + f", {f['seconds'] / 3600:.2f} h of run time and {f['cpu_seconds'] / 3600:.2f} h of CPU")
         if c.get("planned") and c.get("planned_done", c["planned"]) < c["planned"]:
             lines.append(f"- **unfinished grid: {c['planned_done']} of {c['planned']} planned runs finished.** A row with "
                          "fewer seeds than listed is partial; a row without finished runs is absent")
@@ -992,6 +996,13 @@ class Progress:
             print(f"[compare] {key}: {status}{extra}; {self.done}/{self.total} done ({self.reused} reused)", flush=True)
 
 
+def family_cost(index, keys):
+    """How many of the planned runs `keys` finished, and their summed run time and CPU."""
+    done = [index[k] for k in keys if index.get(k, {}).get("status") == "ok"]
+    return {"planned": len(keys), "done": len(done), "seconds": sum(e.get("seconds", 0) for e in done),
+            "cpu_seconds": sum(e.get("cpu_seconds", 0) for e in done)}
+
+
 def compare_one(args, rows, seeds, tune, extra, root, model_size, select_metric, tables=True):
     """Tuning, final runs and tables of every row for one model (extra: the scripts' flags), with its
     runs and index under root. tables=False: the runs only (returns None)."""
@@ -1030,10 +1041,10 @@ def compare_one(args, rows, seeds, tune, extra, root, model_size, select_metric,
         save()
         progress.update(run.key, entry)
 
-    planned = set()  # the keys of the runs planned so far (what --plot-only counts as done or not)
+    planned = {}  # the key of each run planned so far (what --plot-only counts as done or not): its row
 
     def run_all(jobs):
-        planned.update(run_key(*job[:5]) for job in jobs)
+        planned.update((run_key(*job[:5]), row_key(job[1], job[2])) for job in jobs)
         if args.plot_only:
             return
         # the references first: dynamic_sampling and curriculum may read them
@@ -1104,6 +1115,10 @@ def compare_one(args, rows, seeds, tune, extra, root, model_size, select_metric,
     cost = {"runs": len(finished), "seconds": sum(e.get("seconds", 0) for e in finished),
             "cpu_seconds": sum(e.get("cpu_seconds", 0) for e in finished),
             "planned": progress.total, "planned_done": sum(index.get(k, {}).get("status") == "ok" for k in planned)}
+    primary = {row_key(*r) for r in primary_rows(rows)}
+    if primary and primary != {row_key(*r) for r in rows}:  # both families: what each has done and cost
+        cost["families"] = {name: family_cost(index, [k for k, r in planned.items() if (r in primary) == is_primary])
+                            for name, is_primary in (("primary family", True), ("exploratory rows", False))}
     return {"tables": tables, "csv_rows": csv_rows, "tuning_rows": tuning_rows, "tuning_headers": tuning_headers,
             "by_label": by_label, "ctx": ctx, "cost": cost, "verdict": decided}
 

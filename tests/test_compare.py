@@ -291,6 +291,14 @@ def test_the_cost_line_states_only_what_was_measured():
     assert "- measured cost: 4 finished runs (tuning included), 2.00 h of run time" in text
     assert "1.50 h of CPU" in text and "at once" not in text
     assert "unfinished grid: 4 of 6 planned runs finished" in text
+    assert "primary family" not in text  # one family: no split
+    index = {"a": {"status": "ok", "seconds": 3600, "cpu_seconds": 1800}, "b": {"status": "failed", "seconds": 9},
+             "c": {"status": "ok", "seconds": 1800, "cpu_seconds": 900}}
+    info["cost"]["families"] = {"primary family": compare.family_cost(index, ["a", "c"]),
+                                "exploratory rows": compare.family_cost(index, ["b", "d"])}
+    text = compare.header_text(info)
+    assert "  - primary family: 2 of 2 planned runs finished (complete), 1.50 h of run time and 0.75 h of CPU" in text
+    assert "  - exploratory rows: 0 of 2 planned runs finished, 0.00 h of run time" in text
 
 
 def test_the_eta_leaves_out_the_runs_already_recorded(capsys):
