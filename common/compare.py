@@ -996,11 +996,15 @@ class Progress:
             print(f"[compare] {key}: {status}{extra}; {self.done}/{self.total} done ({self.reused} reused)", flush=True)
 
 
+def time_summed(entries):
+    """The run time and CPU of finished runs' index entries, summed."""
+    return {"seconds": sum(e.get("seconds", 0) for e in entries), "cpu_seconds": sum(e.get("cpu_seconds", 0) for e in entries)}
+
+
 def family_cost(index, keys):
     """How many of the planned runs `keys` finished, and their summed run time and CPU."""
     done = [index[k] for k in keys if index.get(k, {}).get("status") == "ok"]
-    return {"planned": len(keys), "done": len(done), "seconds": sum(e.get("seconds", 0) for e in done),
-            "cpu_seconds": sum(e.get("cpu_seconds", 0) for e in done)}
+    return {"planned": len(keys), "done": len(done), **time_summed(done)}
 
 
 def compare_one(args, rows, seeds, tune, extra, root, model_size, select_metric, tables=True):
@@ -1112,9 +1116,7 @@ def compare_one(args, rows, seeds, tune, extra, root, model_size, select_metric,
            "save": save, "root": root}
     # what the finished runs of this table cost, summed over every session that made them
     finished = [e for k, e in index.items() if k != "chosen" and isinstance(e, dict) and e.get("status") == "ok"]
-    cost = {"runs": len(finished), "seconds": sum(e.get("seconds", 0) for e in finished),
-            "cpu_seconds": sum(e.get("cpu_seconds", 0) for e in finished),
-            "planned": progress.total, "planned_done": sum(index.get(k, {}).get("status") == "ok" for k in planned)}
+    cost = {"runs": len(finished), **time_summed(finished), "planned": progress.total, "planned_done": sum(index.get(k, {}).get("status") == "ok" for k in planned)}
     primary = {row_key(*r) for r in primary_rows(rows)}
     if primary and primary != {row_key(*r) for r in rows}:  # both families: what each has done and cost
         cost["families"] = {name: family_cost(index, [k for k, r in planned.items() if (r in primary) == is_primary])

@@ -303,12 +303,12 @@ def test_the_cost_line_states_only_what_was_measured():
 
 def test_the_eta_leaves_out_the_runs_already_recorded(capsys):
     # 10 runs, 4 with finished records: one run of 720 s on 2 jobs leaves 5 to run, 1800 s = 0.5 h
+    resuming = compare.Progress(10, jobs=2, recorded=4)
+    resuming.update("r", {"status": "running"})  # resumed from a checkpoint: its 14 s are not a run's time
+    resuming.update("r", {"status": "ok", "seconds": 14.0, "resumed": True})
+    assert resuming.eta() == "ETA after the first finished run" and resuming.done == 1
     progress = compare.Progress(10, jobs=2, recorded=4)
     assert progress.eta() == "ETA after the first finished run"
-    progress.update("r", {"status": "running"})  # resumed from a checkpoint: its 14 s are not a run's time
-    progress.update("r", {"status": "ok", "seconds": 14.0, "resumed": True})
-    assert progress.eta() == "ETA after the first finished run" and progress.done == 1
-    progress.done = 0
     progress.update("a", {"status": "running"})
     progress.update("a", {"status": "ok", "seconds": 720.0})
     assert progress.eta() == "ETA 0.5 h (720 s per run, 2 at once)"
