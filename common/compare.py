@@ -987,8 +987,8 @@ class Progress:
             return
         if status in ("ok", "failed"):
             self.done += 1
-            if key in self.started and "seconds" in entry and not entry.get("resumed"):
-                self.seconds.append(entry["seconds"])  # a resumed run's seconds are a part of a run
+            if key in self.started and "seconds" in entry and not entry.get("seconds_partial"):
+                self.seconds.append(entry["seconds"])  # partial: a resumed run whose earlier time is unknown
             elif key not in self.started:
                 self.reused += 1
         if key in self.started or status != "ok":  # a reused record is counted, not announced

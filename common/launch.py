@@ -306,13 +306,20 @@ def execute(key, cmd_tail, root, settings, threads, index, log_dir, fingerprint=
     lines = [x for x in log.read_text().splitlines() if x.strip()]
     # every script ends by printing "summary: <path>" (Run.finish)
     written = [x.split("summary: ", 1)[1] for x in lines if x.startswith("summary: ")]
+    # a resumed run's time is the sum over its attempts (an interrupted entry holds the earlier ones')
+    earlier = {k: (entry or {}).get(k, 0.0) for k in ("seconds", "cpu_seconds")}
+    spent = {"seconds": round(earlier["seconds"] + time.time() - t0, 1),
+             "cpu_seconds": round(earlier["cpu_seconds"] + cpu_seconds, 1)}
     if returncode == 0 and written and Path(written[-1]).exists():
         make_lean(Path(written[-1]).parent)  # the committed form (common/records.py): tables read the same
-        done = {"status": "ok", "summary": written[-1], "seconds": round(time.time() - t0, 1),
-                "cpu_seconds": round(cpu_seconds, 1), "log": str(log), "settings": settings}
-        return {**done, "resumed": True} if entry else done  # its seconds are only the part after the resume
+        done = {"status": "ok", "summary": written[-1], **spent, "log": str(log), "settings": settings}
+        if entry:
+            done["resumed"] = True
+            if "seconds" not in entry:  # interrupted by older code, which kept no time: only this attempt's
+                done["seconds_partial"] = True
+        return done
     if STOP.is_set():
-        return {"status": "interrupted", "log": str(log), "settings": settings}
+        return {"status": "interrupted", **spent, "log": str(log), "settings": settings}
     error = lines[-1] if lines else f"exit code {returncode}"
     if returncode == 0:
         error = "finished without printing its summary path"

@@ -90,12 +90,15 @@ def test_max_hours_stops_and_the_next_call_finishes(tiny_data, tmp_path, capsys)
     assert "--max-hours 0.0005 reached" in out and "ETA" in out
     index = json.loads((tmp_path / "runs/quick/index.json").read_text())
     assert {e["status"] for k, e in index.items() if k != "chosen"} <= {"interrupted", "ok"}
-    assert any(e["status"] == "interrupted" for k, e in index.items() if k != "chosen")
+    interrupted = {k: e for k, e in index.items() if k != "chosen" and e["status"] == "interrupted"}
+    assert interrupted and all(e["seconds"] > 0 and e["cpu_seconds"] > 0 for e in interrupted.values())
     assert "unfinished grid: " in (tmp_path / "compare.md").read_text()          # the table says it is partial
     compare.main(grid(tmp_path, tiny_data))
     index = json.loads((tmp_path / "runs/quick/index.json").read_text())
     assert {e["status"] for k, e in index.items() if k != "chosen"} == {"ok"}
-    assert any(e.get("resumed") for k, e in index.items() if k != "chosen")  # its seconds leave the ETA out
+    for key, before in interrupted.items():  # resumed: its time is the sum over both attempts
+        assert index[key].get("resumed") and not index[key].get("seconds_partial")
+        assert index[key]["seconds"] > before["seconds"] and index[key]["cpu_seconds"] > before["cpu_seconds"]
     assert "unfinished grid" not in (tmp_path / "compare.md").read_text()
 
 
