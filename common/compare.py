@@ -998,7 +998,7 @@ class Progress:
 
 def time_summed(entries):
     """The run time and CPU of finished runs' index entries, summed."""
-    return {"seconds": sum(e.get("seconds", 0) for e in entries), "cpu_seconds": sum(e.get("cpu_seconds", 0) for e in entries)}
+    return {k: sum(e.get(k, 0) for e in entries) for k in ("seconds", "cpu_seconds")}
 
 
 def family_cost(index, keys):
@@ -1116,7 +1116,8 @@ def compare_one(args, rows, seeds, tune, extra, root, model_size, select_metric,
            "save": save, "root": root}
     # what the finished runs of this table cost, summed over every session that made them
     finished = [e for k, e in index.items() if k != "chosen" and isinstance(e, dict) and e.get("status") == "ok"]
-    cost = {"runs": len(finished), **time_summed(finished), "planned": progress.total, "planned_done": sum(index.get(k, {}).get("status") == "ok" for k in planned)}
+    cost = {"runs": len(finished), **time_summed(finished), "planned": progress.total,
+            "planned_done": sum(index.get(k, {}).get("status") == "ok" for k in planned)}
     primary = {row_key(*r) for r in primary_rows(rows)}
     if primary and primary != {row_key(*r) for r in rows}:  # both families: what each has done and cost
         cost["families"] = {name: family_cost(index, [k for k, r in planned.items() if (r in primary) == is_primary])

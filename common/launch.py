@@ -315,7 +315,8 @@ def execute(key, cmd_tail, root, settings, threads, index, log_dir, fingerprint=
         done = {"status": "ok", "summary": written[-1], **spent, "log": str(log), "settings": settings}
         if entry:
             done["resumed"] = True
-            if "seconds" not in entry:  # interrupted by older code, which kept no time: only this attempt's
+            if "seconds" not in entry:  # the earlier attempt kept no time (older code, a failed attempt, a
+                # Slurm requeue): this entry holds only this attempt's
                 done["seconds_partial"] = True
         return done
     if STOP.is_set():

@@ -302,7 +302,6 @@ def test_the_cost_line_states_only_what_was_measured():
 
 
 def test_the_eta_leaves_out_the_runs_already_recorded(capsys):
-    # 10 runs, 4 with finished records: one run of 720 s on 2 jobs leaves 5 to run, 1800 s = 0.5 h
     resuming = compare.Progress(10, jobs=2, recorded=4)
     resuming.update("r", {"status": "running"})  # resumed, its earlier attempt's time unknown: 14 s is a part
     resuming.update("r", {"status": "ok", "seconds": 14.0, "resumed": True, "seconds_partial": True})
@@ -310,6 +309,7 @@ def test_the_eta_leaves_out_the_runs_already_recorded(capsys):
     resuming.update("s", {"status": "running"})  # resumed, its seconds summed over its attempts: a run's time
     resuming.update("s", {"status": "ok", "seconds": 720.0, "resumed": True})
     assert resuming.eta() == "ETA 0.4 h (720 s per run, 2 at once)"  # 10 - 2 done - 4 recorded: 4 * 720 / 2
+    # 10 runs, 4 with finished records: one run of 720 s on 2 jobs leaves 5 to run, 1800 s = 0.5 h
     progress = compare.Progress(10, jobs=2, recorded=4)
     assert progress.eta() == "ETA after the first finished run"
     progress.update("a", {"status": "running"})
