@@ -411,7 +411,7 @@ def verdict_tables(result, tasks):
         poi, lo, hi = r["poi"]
         main.append([lab, r["family"], r["seeds"], f"{r['diff']:+.3f} [{r['low']:+.3f}, {r['high']:+.3f}]",
                      fmt_p(r["p"]), fmt_p(r.get("p_holm")), f"{poi:.2f} [{lo:.2f}, {hi:.2f}]",
-                     f"{r['halves'][0]:+.3f} / {r['halves'][1]:+.3f}", call])
+                     " / ".join(fmt_diff(h) for h in r["halves"]), call])
         per_task_rows.append([lab] + [f"{d:+.3f} [{a:+.3f}, {b:+.3f}]" for d, a, b in r["per_task"]])
     return main, per_task_rows
 
@@ -427,7 +427,8 @@ def verdict_section(result, tasks, lead=()):
         "Δ: mean test AP minus the baseline's, paired by seed, with a 95% hierarchical bootstrap interval that "
         f"resamples seeds and test clips ({result['n_boot']} replicates; p: twice the smaller tail beyond 0). "
         "P(better): rliable's probability of improvement (per task, a run of the row beats a run of the "
-        "baseline; mean over tasks) with its bootstrap interval. halves: Δ on seeds 0-4 / 5-9. A difference is "
+        "baseline; mean over tasks) with its bootstrap interval. halves: Δ on seeds 0-4 / 5-9 (-: none run yet). "
+        "A difference is "
         "called when its Holm p is below the level, and replicated when both halves have its sign; a row not "
         "called shows the largest difference its interval allows (no call: Δ within ±b: the interval lies inside ±b, "
         "so a difference in either direction larger than b is unlikely; it is no proof of equality).",
@@ -473,6 +474,11 @@ def fmt_ci(values, digits=3):
 
 def fmt_p(p):
     return "-" if p is None or (isinstance(p, float) and math.isnan(p)) else f"{p:.3f}"
+
+
+def fmt_diff(d):
+    """A signed difference; "-" where there is none (a half of the seeds with no run yet)."""
+    return "-" if math.isnan(d) else f"{d:+.3f}"
 
 
 def compact(value, digits=2):

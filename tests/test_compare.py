@@ -271,12 +271,17 @@ def test_verdict_rows_call_what_holm_allows_and_bound_what_it_does_not():
                        "better_split": row(0.02, 0.01, 0.03, True, (0.04, -0.001)),
                        "tight": row(0.001, -0.002, 0.003, False, (0.0, 0.002)),
                        "wide": row(-0.004, -0.021, 0.013, False, (0.0, -0.008)),
-                       "explo": row(0.05, 0.04, 0.06, False, (0.05, 0.05), family="exploratory")}}
+                       "explo": row(0.05, 0.04, 0.06, False, (0.05, 0.05), family="exploratory"),
+                       "partial": row(-0.01, -0.02, 0.0, False, (-0.01, float("nan")), family="exploratory")}}
     main, per_task_rows = compare.verdict_tables(result, ["a", "b"])
     calls = {r[0]: r[-1] for r in main}
     assert calls == {"worse_rep": "worse, replicated", "better_split": "better, not replicated",
-                     "tight": "no call: Δ within ±0.003", "wide": "no call: Δ within ±0.021", "explo": "exploratory"}
-    assert [r[0] for r in main] == ["better_split", "tight", "wide", "worse_rep", "explo"]
+                     "tight": "no call: Δ within ±0.003", "wide": "no call: Δ within ±0.021", "explo": "exploratory",
+                     "partial": "exploratory"}
+    assert [r[0] for r in main] == ["better_split", "tight", "wide", "worse_rep", "explo", "partial"]
+    halves = {r[0]: r[-2] for r in main}
+    assert halves["better_split"] == "+0.040 / -0.001"
+    assert halves["partial"] == "-0.010 / -"  # seeds 5-9 not run yet: no "+nan"
     assert per_task_rows[0] == ["better_split", "+0.020 [+0.010, +0.030]", "+0.020 [+0.010, +0.030]"]
     assert not any("|" in cell for r in main for cell in map(str, r))  # a "|" would split a markdown cell
 
