@@ -276,6 +276,10 @@ def slug(text):
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", text).strip("_")[-150:]
 
 
+# what a script prints when it continues earlier work: Run.start's checkpoint, single_task's finished tasks
+RESUMED_MARKS = ("] resumed from ", ": finished earlier, kept")
+
+
 def execute(key, cmd_tail, root, settings, threads, index, log_dir, fingerprint=None):
     """Run one strategy script (or reuse its finished run); returns its index entry.
     cmd_tail: [script, *flags] without --out/--threads; settings: what makes a run reusable; fingerprint:
@@ -293,6 +297,7 @@ def execute(key, cmd_tail, root, settings, threads, index, log_dir, fingerprint=
     if entry:  # started before and not finished: continue it
         cmd.append("--resume")
     log = log_dir / (slug(key) + ".log")
+    earlier_log = log.stat().st_size if entry and log.exists() else 0  # this attempt's lines start here
     t0 = time.time()
     index[key] = {"status": "running", "settings": settings}
     with open(log, "a" if entry else "w") as f:  # a resumed run's log keeps its earlier attempts
@@ -306,14 +311,17 @@ def execute(key, cmd_tail, root, settings, threads, index, log_dir, fingerprint=
     lines = [x for x in log.read_text().splitlines() if x.strip()]
     # every script ends by printing "summary: <path>" (Run.finish)
     written = [x.split("summary: ", 1)[1] for x in lines if x.startswith("summary: ")]
-    # a resumed run's time is the sum over its attempts (an interrupted entry holds the earlier ones')
-    earlier = {k: (entry or {}).get(k, 0.0) for k in ("seconds", "cpu_seconds")}
+    # a run resumed from its checkpoint: its time is the sum over its attempts (an interrupted entry holds the
+    # earlier ones'); one that found no checkpoint started fresh, and its time is this attempt's
+    attempt = log.read_bytes()[earlier_log:].decode(errors="replace")
+    resumed = bool(entry) and any(mark in attempt for mark in RESUMED_MARKS)
+    earlier = {k: (entry or {}).get(k, 0.0) if resumed else 0.0 for k in ("seconds", "cpu_seconds")}
     spent = {"seconds": round(earlier["seconds"] + time.time() - t0, 1),
              "cpu_seconds": round(earlier["cpu_seconds"] + cpu_seconds, 1)}
     if returncode == 0 and written and Path(written[-1]).exists():
         make_lean(Path(written[-1]).parent)  # the committed form (common/records.py): tables read the same
         done = {"status": "ok", "summary": written[-1], **spent, "log": str(log), "settings": settings}
-        if entry:
+        if resumed:
             done["resumed"] = True
             if "seconds" not in entry:  # the earlier attempt kept no time (older code, a failed attempt, a
                 # Slurm requeue): this entry holds only this attempt's

@@ -96,10 +96,57 @@ def test_max_hours_stops_and_the_next_call_finishes(tiny_data, tmp_path, capsys)
     compare.main(grid(tmp_path, tiny_data))
     index = json.loads((tmp_path / "runs/quick/index.json").read_text())
     assert {e["status"] for k, e in index.items() if k != "chosen"} == {"ok"}
-    for key, before in interrupted.items():  # resumed: its time is the sum over both attempts
-        assert index[key].get("resumed") and not index[key].get("seconds_partial")
-        assert index[key]["seconds"] > before["seconds"] and index[key]["cpu_seconds"] > before["cpu_seconds"]
+    for key, before in interrupted.items():
+        if "] resumed from " in (tmp_path / "runs/quick" / index[key]["log"]).read_text():
+            # continued from its checkpoint: its time is the sum over both attempts
+            assert index[key].get("resumed") and not index[key].get("seconds_partial")
+            assert index[key]["seconds"] > before["seconds"] and index[key]["cpu_seconds"] > before["cpu_seconds"]
+        else:  # stopped in its start-up, before a checkpoint: it started again, and its time is its own
+            assert "resumed" not in index[key]
     assert "unfinished grid" not in (tmp_path / "compare.md").read_text()
+
+
+FAKE_SCRIPT = """import sys, time
+from pathlib import Path
+args = sys.argv[1:]
+run = Path(args[args.index("--out") + 1]) / "fake" / "seed0"
+run.mkdir(parents=True, exist_ok=True)
+if "--resume" in args and (run / "checkpoint.pt").exists():
+    print(f"[fake] resumed from {run / 'checkpoint.pt'} at step 3")
+time.sleep(0.3)
+(run / "summary.json").write_text("{}")
+print(f"summary: {run / 'summary.json'}")
+"""
+
+
+def test_a_resumed_run_sums_its_attempts_time_and_a_fresh_restart_does_not(tmp_path, monkeypatch):
+    """launch.execute on a scripted strategy: an unfinished entry is run again with --resume; the time of
+    an attempt that continued from its checkpoint adds the earlier attempt's (marked partial when that
+    entry kept none), one that found no checkpoint started fresh: its time is its own, not marked resumed."""
+    from common import launch
+    (tmp_path / "strategies").mkdir()
+    (tmp_path / "strategies" / "fake.py").write_text(FAKE_SCRIPT)
+    monkeypatch.setattr(launch, "REPO", tmp_path)
+    root, logs = tmp_path / "runs", tmp_path / "logs"
+    logs.mkdir()
+    interrupted = {"status": "interrupted", "seconds": 100.0, "cpu_seconds": 90.0, "settings": ["s"]}
+
+    def attempt(entry):
+        index = {"k": dict(entry)} if entry else {}
+        return launch.execute("k", ["fake"], root, ["s"], 1, index, logs)
+
+    first = attempt(None)
+    assert first["status"] == "ok" and 0.3 <= first["seconds"] < 100 and "resumed" not in first
+    fresh = attempt(interrupted)                      # no checkpoint: it started again from nothing
+    assert fresh["status"] == "ok" and fresh["seconds"] < 100 and fresh["cpu_seconds"] < 90
+    assert "resumed" not in fresh and "seconds_partial" not in fresh
+    (root / "fake" / "seed0" / "checkpoint.pt").write_bytes(b"")
+    continued = attempt(interrupted)
+    assert continued["resumed"] and "seconds_partial" not in continued
+    assert continued["seconds"] >= 100.3 and continued["cpu_seconds"] >= 90
+    timeless = attempt({"status": "interrupted", "settings": ["s"]})   # older code kept no time
+    assert timeless["resumed"] and timeless["seconds_partial"] and timeless["seconds"] < 100
+    assert "resumed from" in (logs / "k.log").read_text()  # the log keeps every attempt
 
 
 def test_recorded_arguments_hold_repository_paths_relative():
