@@ -428,10 +428,9 @@ def verdict_section(result, tasks, lead=()):
         f"resamples seeds and test clips ({result['n_boot']} replicates; p: twice the smaller tail beyond 0). "
         "P(better): rliable's probability of improvement (per task, a run of the row beats a run of the "
         "baseline; mean over tasks) with its bootstrap interval. halves: Δ on seeds 0-4 / 5-9 (-: none run yet). "
-        "A difference is "
-        "called when its Holm p is below the level, and replicated when both halves have its sign; a row not "
-        "called shows the largest difference its interval allows (no call: Δ within ±b: the interval lies inside ±b, "
-        "so a difference in either direction larger than b is unlikely; it is no proof of equality).",
+        "A difference is called when its Holm p is below the level, and replicated when both halves have its sign; "
+        "a row not called shows the largest difference its interval allows (no call: Δ within ±b: the interval "
+        "lies inside ±b, so a difference in either direction larger than b is unlikely; it is no proof of equality).",
         "",
         f"- power: with {result['seeds']} seeds and the measured seed SD of a paired difference "
         f"{result['seed_sd']:.4f} AP (median over the primary rows), the paired t-test at Holm's strictest step "

@@ -297,7 +297,7 @@ def execute(key, cmd_tail, root, settings, threads, index, log_dir, fingerprint=
     if entry:  # started before and not finished: continue it
         cmd.append("--resume")
     log = log_dir / (slug(key) + ".log")
-    earlier_log = log.stat().st_size if entry and log.exists() else 0  # this attempt's lines start here
+    attempt_starts = log.stat().st_size if entry and log.exists() else 0  # this attempt's lines start here
     t0 = time.time()
     index[key] = {"status": "running", "settings": settings}
     with open(log, "a" if entry else "w") as f:  # a resumed run's log keeps its earlier attempts
@@ -313,7 +313,7 @@ def execute(key, cmd_tail, root, settings, threads, index, log_dir, fingerprint=
     written = [x.split("summary: ", 1)[1] for x in lines if x.startswith("summary: ")]
     # a run resumed from its checkpoint: its time is the sum over its attempts (an interrupted entry holds the
     # earlier ones'); one that found no checkpoint started fresh, and its time is this attempt's
-    attempt = log.read_bytes()[earlier_log:].decode(errors="replace")
+    attempt = log.read_bytes()[attempt_starts:].decode(errors="replace")
     resumed = bool(entry) and any(mark in attempt for mark in RESUMED_MARKS)
     earlier = {k: (entry or {}).get(k, 0.0) if resumed else 0.0 for k in ("seconds", "cpu_seconds")}
     spent = {"seconds": round(earlier["seconds"] + time.time() - t0, 1),
