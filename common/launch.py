@@ -308,14 +308,15 @@ def execute(key, cmd_tail, root, settings, threads, index, log_dir, fingerprint=
             returncode, cpu_seconds = wait_with_cpu(proc)
         finally:
             RUNNING.discard(proc)
-    lines = [x for x in log.read_text().splitlines() if x.strip()]
+    text = log.read_bytes()
+    lines = [x for x in text.decode().splitlines() if x.strip()]
     # every script ends by printing "summary: <path>" (Run.finish)
     written = [x.split("summary: ", 1)[1] for x in lines if x.startswith("summary: ")]
     # a run resumed from its checkpoint: its time is the sum over its attempts (an interrupted entry holds the
     # earlier ones'); one that found no checkpoint started fresh, and its time is this attempt's
-    attempt = log.read_bytes()[attempt_starts:].decode(errors="replace")
+    attempt = text[attempt_starts:].decode(errors="replace")
     resumed = bool(entry) and any(mark in attempt for mark in RESUMED_MARKS)
-    earlier = {k: (entry or {}).get(k, 0.0) if resumed else 0.0 for k in ("seconds", "cpu_seconds")}
+    earlier = {k: entry.get(k, 0.0) if resumed else 0.0 for k in ("seconds", "cpu_seconds")}
     spent = {"seconds": round(earlier["seconds"] + time.time() - t0, 1),
              "cpu_seconds": round(earlier["cpu_seconds"] + cpu_seconds, 1)}
     if returncode == 0 and written and Path(written[-1]).exists():
