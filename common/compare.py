@@ -683,12 +683,19 @@ def header_text(info):
                      f"time (wall-clock per run, summed over runs that may have run side by side) and "
                      f"{c['cpu_seconds'] / 3600:.2f} h of CPU")
         for name, f in c.get("families", {}).items():
+            failed = f.get("failed", 0)
             lines.append(f"  - {name}: {f['done']} of {f['planned']} planned runs finished"
-                         + (" (complete)" if f["done"] == f["planned"] else "")
+                         + (f", {failed} failed" if failed else "")
+                         + (" (complete)" if f["done"] == f["planned"] else
+                            " (every run ran)" if f["done"] + failed == f["planned"] else "")
                          + f", {f['seconds'] / 3600:.2f} h of run time and {f['cpu_seconds'] / 3600:.2f} h of CPU")
-        if c.get("planned") and c.get("planned_done", c["planned"]) < c["planned"]:
-            lines.append(f"- **unfinished grid: {c['planned_done']} of {c['planned']} planned runs finished.** A row with "
+        done, failed = c.get("planned_done", c.get("planned")), c.get("planned_failed", 0)
+        if c.get("planned") and done + failed < c["planned"]:
+            lines.append(f"- **unfinished grid: {done} of {c['planned']} planned runs finished.** A row with "
                          "fewer seeds than listed is partial; a row without finished runs is absent")
+        elif failed:  # a failed run is no finished run, but the grid has nothing left to run
+            lines.append(f"- every planned run ran: {done} finished, {failed} failed (the tables show each failure's "
+                         "error; the next `make compare` runs them again)")
     lines.append("")
     return "\n".join(lines)
 
@@ -1007,9 +1014,10 @@ def time_summed(entries):
 
 
 def family_cost(index, keys):
-    """How many of the planned runs `keys` finished, and their summed run time and CPU."""
+    """How many of the planned runs `keys` finished and failed, and the finished ones' summed run time and CPU."""
     done = [index[k] for k in keys if index.get(k, {}).get("status") == "ok"]
-    return {"planned": len(keys), "done": len(done), **time_summed(done)}
+    failed = sum(index.get(k, {}).get("status") == "failed" for k in keys)
+    return {"planned": len(keys), "done": len(done), "failed": failed, **time_summed(done)}
 
 
 def compare_one(args, rows, seeds, tune, extra, root, model_size, select_metric, tables=True):
@@ -1122,7 +1130,8 @@ def compare_one(args, rows, seeds, tune, extra, root, model_size, select_metric,
     # what the finished runs of this table cost, summed over every session that made them
     finished = [e for k, e in index.items() if k != "chosen" and isinstance(e, dict) and e.get("status") == "ok"]
     cost = {"runs": len(finished), **time_summed(finished), "planned": progress.total,
-            "planned_done": sum(index.get(k, {}).get("status") == "ok" for k in planned)}
+            "planned_done": sum(index.get(k, {}).get("status") == "ok" for k in planned),
+            "planned_failed": sum(index.get(k, {}).get("status") == "failed" for k in planned)}
     primary = {row_key(*r) for r in primary_rows(rows)}
     if primary and primary != {row_key(*r) for r in rows}:  # both families: what each has done and cost
         cost["families"] = {name: family_cost(index, [k for k, r in planned.items() if (r in primary) == is_primary])

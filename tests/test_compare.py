@@ -303,7 +303,15 @@ def test_the_cost_line_states_only_what_was_measured():
                                 "exploratory rows": compare.family_cost(index, ["b", "d"])}
     text = compare.header_text(info)
     assert "  - primary family: 2 of 2 planned runs finished (complete), 1.50 h of run time and 0.75 h of CPU" in text
-    assert "  - exploratory rows: 0 of 2 planned runs finished, 0.00 h of run time" in text
+    assert "  - exploratory rows: 0 of 2 planned runs finished, 1 failed, 0.00 h of run time" in text
+    # every planned run ran, one of them failed: not "unfinished", and the failure is counted
+    info["cost"].update(planned_done=5, planned_failed=1)
+    index["d"] = {"status": "ok", "seconds": 0, "cpu_seconds": 0}
+    info["cost"]["families"]["exploratory rows"] = compare.family_cost(index, ["b", "d"])
+    text = compare.header_text(info)
+    assert "unfinished grid" not in text
+    assert "- every planned run ran: 5 finished, 1 failed" in text
+    assert "  - exploratory rows: 1 of 2 planned runs finished, 1 failed (every run ran)," in text
 
 
 def test_the_eta_leaves_out_the_runs_already_recorded(capsys):
