@@ -275,7 +275,7 @@ def save_index(index, path):
     stored = {key: ({k: relative(v) if k in RECORD_PATHS else v for k, v in entry.items()}
                     if isinstance(entry, dict) and key != "chosen" else entry) for key, entry in index.items()}
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(stored, indent=1))
+    tmp.write_text(json.dumps(stored, indent=1) + "\n")  # as committed: a redraw leaves the file unchanged
     tmp.replace(path)
 
 

@@ -92,8 +92,11 @@ def test_tiny_compare_end_to_end_and_reuse(tiny_data, tmp_path, capsys):
     (tmp_path / "compare.md").unlink()
     (tmp_path / "compare_ap.png").unlink()
     logs = {p: p.stat().st_mtime for p in (tmp_path / "runs/quick/logs").iterdir()}
+    index = (tmp_path / "runs/quick/index.json").read_bytes()
     compare.main(argv + ["--plot-only"])
     assert (tmp_path / "compare.md").read_text() == md and (tmp_path / "compare_ap.png").exists()
+    # the index it rewrites is byte for byte the one before, ending in a newline (no diff on committed records)
+    assert (tmp_path / "runs/quick/index.json").read_bytes() == index and index.endswith(b"}\n")
     assert {p: p.stat().st_mtime for p in (tmp_path / "runs/quick/logs").iterdir()} == logs
 
 
