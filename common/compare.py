@@ -1129,9 +1129,9 @@ def compare_one(args, rows, seeds, tune, extra, root, model_size, select_metric,
            "save": save, "root": root}
     # what the finished runs of this table cost, summed over every session that made them
     finished = [e for k, e in index.items() if k != "chosen" and isinstance(e, dict) and e.get("status") == "ok"]
+    whole = family_cost(index, list(planned))
     cost = {"runs": len(finished), **time_summed(finished), "planned": progress.total,
-            "planned_done": sum(index.get(k, {}).get("status") == "ok" for k in planned),
-            "planned_failed": sum(index.get(k, {}).get("status") == "failed" for k in planned)}
+            "planned_done": whole["done"], "planned_failed": whole["failed"]}
     primary = {row_key(*r) for r in primary_rows(rows)}
     if primary and primary != {row_key(*r) for r in rows}:  # both families: what each has done and cost
         cost["families"] = {name: family_cost(index, [k for k, r in planned.items() if (r in primary) == is_primary])
